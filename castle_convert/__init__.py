@@ -1,0 +1,18 @@
+"""castle-convert: turn pretrained Vision Transformers into Castling-ViT linear-angular attention.
+
+Public API::
+
+    import castle_convert as cc
+    student = cc.convert(model)          # training form, teacher-equivalent at step 0
+    deployable = cc.finalize(student)    # inference form, parity-checked
+    print(cc.inspect(model).format())    # what would be converted, MACs before/after
+"""
+
+from castle_convert.config import CastlingConfig, ConfigError
+from castle_convert.convert import (ConversionError, FinalizeError, InspectReport, convert, finalize,
+                                    inspect, set_schedule)
+
+__version__ = "0.1.0"
+
+__all__ = ["CastlingConfig", "ConfigError", "ConversionError", "FinalizeError", "InspectReport",
+           "convert", "finalize", "inspect", "set_schedule", "__version__"]

@@ -1,0 +1,143 @@
+"""Model-family adapters: find a family's softmax attentions, describe them as
+:class:`~castle_convert.attention.SoftmaxAttentionSpec`, and put converted modules in place.
+
+Each adapter module exposes ``NAME``, ``SUPPORTED`` (human-readable attention classes),
+``applies(model)``, ``scan(model) -> Scan`` and ``example_inputs(model, batch, generator)``.
+Adapters know nothing about training.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from castle_convert.attention.base import CastlingModule, GridTracker, SoftmaxAttentionSpec
+
+
+@dataclass
+class Candidate:
+    """A softmax attention that can be converted."""
+
+    name: str                                        # module path, e.g. "blocks.3.attn"
+    module: nn.Module
+    build_spec: Callable[[GridTracker], SoftmaxAttentionSpec]
+    wrap: Callable[[CastlingModule], nn.Module] = lambda m: m   # family call-convention shim
+    backbone: str = ""                               # path of the backbone it belongs to
+
+
+@dataclass
+class Rejected:
+    """A module that looks like attention but cannot be converted, with the reason."""
+
+    name: str
+    module: nn.Module
+    reason: str
+
+
+@dataclass
+class Backbone:
+    """A ViT backbone: where its images enter (for the patch grid) and its geometry."""
+
+    name: str
+    patch_embed: nn.Module
+    patch_size: tuple[int, int]
+    num_prefix_tokens: int
+    pad: bool = False
+
+
+@dataclass
+class Scan:
+    adapter: str
+    candidates: list[Candidate] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    backbones: list[Backbone] = field(default_factory=list)
+
+
+def _adapters():
+    from castle_convert.adapters import hf_vit, timm_vit
+    return [timm_vit, hf_vit]
+
+
+def adapter_for(model: nn.Module):
+    """The adapter module whose family ``model`` belongs to, or None."""
+    for adapter in _adapters():
+        if adapter.applies(model):
+            return adapter
+    return None
+
+
+def supported_classes() -> list[str]:
+    return [cls for adapter in _adapters() for cls in adapter.SUPPORTED]
+
+
+def attention_problem(module: nn.Module) -> Optional[str]:
+    """Why an attention-like module is an unsupported variant (None if nothing is recognised)."""
+    cls = type(module).__name__
+    attrs = set(dir(module))
+    if attrs & {"relative_position_bias_table", "relative_position_index", "rel_pos",
+                "rel_pos_h", "rel_pos_w"} or "relpos" in cls.lower():
+        return "relative position bias (the bias needs the N×N attention matrix)"
+    try:
+        forward_args = set(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        forward_args = set()
+    if "rope" in attrs or "rope" in forward_args or "rope" in cls.lower() or "rotary" in cls.lower():
+        return "rotary position embedding (RoPE) applied inside attention"
+    if {"proj_l", "proj_w"} <= attrs:
+        return "talking-heads attention (mixes the N×N attention maps across heads)"
+    if getattr(module, "num_kv_heads", None) not in (None, getattr(module, "num_heads", None)):
+        return "grouped-query attention (fewer key/value heads than query heads)"
+    return None
+
+
+def looks_like_attention(module: nn.Module) -> bool:
+    cls = type(module).__name__.lower()
+    return ("attention" in cls or cls.endswith("attn")) and any(
+        isinstance(m, nn.Linear) for m in module.children())
+
+
+def fused_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """One Linear computing ``cat([p(x) for p in parts], -1)`` exactly."""
+    w = torch.cat([p.weight.detach() for p in parts], 0)
+    has_bias = any(p.bias is not None for p in parts)
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(w)
+        if has_bias:
+            fused.bias.copy_(torch.cat([
+                p.bias.detach() if p.bias is not None
+                else torch.zeros(p.out_features, device=w.device, dtype=w.dtype) for p in parts]))
+    fused.weight.requires_grad_(parts[0].weight.requires_grad)
+    return fused
+
+
+def example_inputs(model: nn.Module, batch: int = 2, generator: Optional[torch.Generator] = None,
+                   img_size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """A random image batch ``(B, C, H, W)`` of the size the model expects (or ``img_size``).
+
+    On a meta-device model the batch is an empty meta tensor (shapes only, for MAC counting).
+    """
+    adapter = adapter_for(model)
+    c, h, w = adapter.input_size(model)
+    if img_size is not None:
+        h, w = img_size
+    p = next(model.parameters())
+    if p.device.type == "meta":
+        return torch.empty(batch, c, h, w, device="meta", dtype=p.dtype)
+    return torch.randn(batch, c, h, w, generator=generator, dtype=p.dtype).to(p.device)
+
+
+def group_by_reason(items: list[Rejected]) -> list[str]:
+    """One line per (class, reason): ``blocks.0.attn … blocks.11.attn (12× Attention): reason``."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in items:
+        groups.setdefault((type(r.module).__name__, r.reason), []).append(r.name)
+    lines = []
+    for (cls, reason), names in groups.items():
+        where = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]} ({len(names)}×)"
+        lines.append(f"{where} [{cls}]: {reason}")
+    return lines

@@ -1,0 +1,169 @@
+"""Hugging Face transformers ViT, DeiT and DINOv2 (with or without registers).
+
+Written against module structure, not classes, so both attention layouts convert:
+  * before transformers 5.9: ``XAttention(attention=XSelfAttention(query, key, value), output=XSelfOutput(dense))``
+  * from 5.9 on:             ``XAttention(q_proj, k_proj, v_proj, o_proj)``
+The whole ``XAttention`` is replaced by a shim that keeps the family's call/return convention.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from castle_convert.adapters import (Backbone, Candidate, Rejected, Scan, attention_problem,
+                                     fused_linear, looks_like_attention)
+from castle_convert.attention.base import CastlingModule, GridTracker, SoftmaxAttentionSpec
+
+NAME = "transformers"
+MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers")
+SUPPORTED = [f"transformers {t} self-attention ({'/'.join(['query,key,value', 'q_proj,k_proj,v_proj'])})"
+             for t in MODEL_TYPES]
+
+
+class HFAttentionShim(nn.Module):
+    """Calls a castling attention with the transformers attention signature.
+
+    ``returns_tuple`` mirrors the replaced module: ``(out, None)`` (5.9+) or ``out`` (older).
+    """
+
+    def __init__(self, attn: CastlingModule, returns_tuple: bool):
+        super().__init__()
+        self.attn = attn
+        self.returns_tuple = returns_tuple
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                head_mask: Optional[torch.Tensor] = None, output_attentions: bool = False,
+                **kwargs: Any):
+        if head_mask is not None or (attention_mask is not None and not _is_noop_mask(attention_mask)):
+            raise NotImplementedError(
+                "linear attention cannot apply an attention_mask/head_mask that hides tokens")
+        out = self.attn(hidden_states)                                   # (B, N, dim)
+        return (out, None) if self.returns_tuple else out
+
+
+def _is_noop_mask(mask: torch.Tensor) -> bool:
+    """transformers may build an all-visible bidirectional mask (e.g. while tracing); allow it.
+
+    Under torch.compile / torch.export the mask is built from shapes only (no padding exists for
+    images), so it is not inspected there.
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(mask, torch.fx.Proxy):
+        return True
+    if mask.dtype == torch.bool:
+        return bool(mask.all())
+    return bool((mask == 0).all())
+
+
+def applies(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return config is not None and type(model).__module__.startswith("transformers.")
+
+
+def _layout(m: nn.Module) -> Optional[str]:
+    if all(isinstance(getattr(m, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return "qkvo"
+    sa, out = getattr(m, "attention", None), getattr(m, "output", None)
+    if sa is not None and out is not None and isinstance(getattr(out, "dense", None), nn.Linear) and all(
+            isinstance(getattr(sa, n, None), nn.Linear) for n in ("query", "key", "value")):
+        return "self_output"
+    return None
+
+
+def _num_prefix_tokens(embeddings: nn.Module) -> int:
+    n = 1 if getattr(embeddings, "cls_token", None) is not None else 0
+    n += 1 if getattr(embeddings, "distillation_token", None) is not None else 0
+    reg = getattr(embeddings, "register_tokens", None)
+    return n + (reg.shape[1] if reg is not None else 0)
+
+
+def _returns_tuple(attn: nn.Module, dim: int, n_tokens: int) -> bool:
+    """Probe the original module once on a tiny input to learn its return convention."""
+    p = next(attn.parameters())
+    was_training = attn.training
+    attn.eval()
+    with torch.no_grad():
+        out = attn(torch.zeros(1, n_tokens, dim, device=p.device, dtype=p.dtype))
+    attn.train(was_training)
+    return isinstance(out, tuple)
+
+
+def _spec_builder(attn: nn.Module, layout: str, config, num_prefix_tokens: int):
+    def build(grid: GridTracker) -> SoftmaxAttentionSpec:
+        if layout == "qkvo":
+            q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+            heads = attn.num_attention_heads
+            head_dim = getattr(attn, "head_dim", q.out_features // heads)
+            scale = float(getattr(attn, "scaling", head_dim ** -0.5))
+            attn_drop, proj_drop = float(getattr(attn, "attention_dropout", 0.0)), 0.0
+        else:
+            sa = attn.attention
+            q, k, v, o = sa.query, sa.key, sa.value, attn.output.dense
+            heads = getattr(sa, "num_attention_heads", config.num_attention_heads)
+            head_dim = getattr(sa, "attention_head_size", q.out_features // heads)
+            scale = float(getattr(sa, "scaling", head_dim ** -0.5))
+            drop = getattr(sa, "dropout", None)
+            attn_drop = float(drop.p if isinstance(drop, nn.Dropout)
+                              else getattr(sa, "dropout_prob", config.attention_probs_dropout_prob))
+            out_drop = getattr(attn.output, "dropout", None)
+            proj_drop = float(out_drop.p) if isinstance(out_drop, nn.Dropout) else 0.0
+        return SoftmaxAttentionSpec(
+            dim=q.in_features, num_heads=int(heads), head_dim=int(head_dim), scale=scale,
+            qkv=fused_linear([q, k, v]), proj=o, num_prefix_tokens=num_prefix_tokens, grid=grid,
+            q_norm=nn.Identity(), k_norm=nn.Identity(), out_norm=nn.Identity(),
+            attn_drop=attn_drop, proj_drop=proj_drop)
+    return build
+
+
+def scan(model: nn.Module) -> Scan:
+    result = Scan(adapter=NAME)
+    config = model.config
+    model_type = getattr(config, "model_type", "?")
+    owned: set[int] = set()
+    base = getattr(model, "base_model", model)
+    base_name = "" if base is model else next(n for n, m in model.named_modules() if m is base)
+    embeddings = getattr(base, "embeddings", None)
+    if model_type in MODEL_TYPES and embeddings is not None and hasattr(embeddings, "patch_embeddings"):
+        n_prefix = _num_prefix_tokens(embeddings)
+        pe = embeddings.patch_embeddings
+        patch = getattr(pe, "patch_size", config.patch_size)
+        patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+        result.backbones.append(Backbone(name=base_name, patch_embed=pe, patch_size=patch,
+                                         num_prefix_tokens=n_prefix))
+        for name, m in base.named_modules(prefix=base_name):
+            layout = _layout(m)
+            if layout is None or any(name.startswith(c.name + ".") for c in result.candidates):
+                continue
+            problem = attention_problem(m) or (attention_problem(m.attention) if layout == "self_output" else None)
+            if problem:
+                result.rejected.append(Rejected(name=name, module=m, reason=problem))
+                continue
+            owned.update(id(x) for x in m.modules())
+            dim = (m.q_proj if layout == "qkvo" else m.attention.query).in_features
+            returns_tuple = _returns_tuple(m, dim, n_prefix + 4)
+            result.candidates.append(Candidate(
+                name=name, module=m, backbone=base_name,
+                build_spec=_spec_builder(m, layout, config, n_prefix),
+                wrap=lambda inner, rt=returns_tuple: HFAttentionShim(inner, rt)))
+    for name, m in model.named_modules():
+        if id(m) in owned or not looks_like_attention(m):
+            continue
+        if any(name.startswith(r.name + ".") for r in result.rejected):
+            continue
+        problem = attention_problem(m)
+        if problem is None:
+            problem = (f"transformers model_type '{model_type}' is not supported "
+                       f"(supported: {', '.join(MODEL_TYPES)})" if model_type not in MODEL_TYPES
+                       else f"{type(m).__name__} does not have a known attention layout")
+        result.rejected.append(Rejected(name=name, module=m, reason=problem))
+    return result
+
+
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    cfg = model.config
+    size = getattr(cfg, "image_size", 224)
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(getattr(cfg, "num_channels", 3)), int(h), int(w)
+

@@ -1,0 +1,94 @@
+"""timm Vision Transformers: vit_*, deit_* (incl. distilled), deit3_*, register-token and
+DINOv2-style models, qk_norm models — every ``timm.layers.attention.Attention`` inside a
+backbone that has ``patch_embed``, ``blocks`` and ``num_prefix_tokens``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from castle_convert.adapters import (Backbone, Candidate, Rejected, Scan, attention_problem,
+                                     looks_like_attention)
+from castle_convert.attention.base import GridTracker, SoftmaxAttentionSpec
+
+NAME = "timm"
+SUPPORTED = ["timm.layers.attention.Attention (vit_*, deit_*, deit3_*, *_reg*, *_dinov2, qk_norm)"]
+
+
+def _attention_cls():
+    from timm.layers.attention import Attention
+    return Attention
+
+
+def applies(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("timm.") or any(
+        type(m).__module__.startswith("timm.") for m in model.modules())
+
+
+def _backbones(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules()
+            if hasattr(m, "patch_embed") and hasattr(m, "blocks") and hasattr(m, "num_prefix_tokens")]
+
+
+def _spec_builder(attn: nn.Module, num_prefix_tokens: int):
+    def build(grid: GridTracker) -> SoftmaxAttentionSpec:
+        return SoftmaxAttentionSpec(
+            dim=attn.qkv.in_features, num_heads=attn.num_heads, head_dim=attn.head_dim,
+            scale=float(attn.scale), qkv=attn.qkv, proj=attn.proj,
+            num_prefix_tokens=num_prefix_tokens, grid=grid, q_norm=attn.q_norm,
+            k_norm=attn.k_norm, out_norm=attn.norm, out_gate=getattr(attn, "gate", None),
+            attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p)
+    return build
+
+
+def scan(model: nn.Module) -> Scan:
+    Attention = _attention_cls()
+    result = Scan(adapter=NAME)
+    owned: set[int] = set()
+    for bname, backbone in _backbones(model):
+        pe = backbone.patch_embed
+        patch = tuple(getattr(pe, "patch_size", (0, 0)))
+        result.backbones.append(Backbone(name=bname, patch_embed=pe, patch_size=patch,
+                                         num_prefix_tokens=int(backbone.num_prefix_tokens),
+                                         pad=bool(getattr(pe, "dynamic_img_pad", False))))
+        for name, m in backbone.blocks.named_modules(prefix=f"{bname}.blocks" if bname else "blocks"):
+            if id(m) in owned:
+                continue
+            if type(m) is Attention:
+                owned.add(id(m))
+                result.candidates.append(Candidate(
+                    name=name, module=m, backbone=bname,
+                    build_spec=_spec_builder(m, int(backbone.num_prefix_tokens))))
+    for name, m in model.named_modules():
+        if id(m) in owned or not (type(m) is Attention or looks_like_attention(m)):
+            continue
+        if any(name.startswith(c.name + ".") for c in result.candidates):
+            continue
+        problem = attention_problem(m)
+        if problem is None and type(m) is Attention:
+            problem = "it is not inside a ViT backbone with a patch grid (patch_embed + blocks)"
+        if problem is None:
+            problem = f"{type(m).__module__}.{type(m).__name__} is not an attention class the timm adapter knows"
+        result.rejected.append(Rejected(name=name, module=m, reason=problem))
+    return result
+
+
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model expects by default."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" in cfg:
+        c, h, w = cfg["input_size"]
+    else:
+        c, (h, w) = 3, (224, 224)
+    for _, backbone in _backbones(model):
+        pe = backbone.patch_embed
+        if getattr(pe, "img_size", None) is not None:
+            h, w = pe.img_size
+        proj = getattr(pe, "proj", None)
+        if isinstance(proj, nn.Conv2d):
+            c = proj.in_channels
+        break
+    return int(c), int(h), int(w)
+

@@ -1,0 +1,102 @@
+"""What every attention kind shares: the description of the softmax attention it replaces,
+the patch-grid tracker, and the interface of training and inference forms.
+
+Nothing here knows about timm or transformers: adapters fill a :class:`SoftmaxAttentionSpec`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class GridTracker:
+    """Remembers the patch grid (rows, cols) of the image being processed.
+
+    Adapters register :meth:`hook` as a forward pre-hook on the model's patch embedding, so the
+    grid is known at forward time for any input size (dynamic / non-square images). Attention
+    modules of one model share one tracker. It is a plain object (no tensors, no parameters).
+    """
+
+    def __init__(self, patch_size: tuple[int, int], pad: bool = False) -> None:
+        self.patch_size = (int(patch_size[0]), int(patch_size[1]))
+        self.pad = pad
+        self.hw: Optional[tuple[int, int]] = None
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        ph, pw = self.patch_size
+        if self.pad:
+            return (height + ph - 1) // ph, (width + pw - 1) // pw
+        return height // ph, width // pw
+
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        images = args[0] if args else next(iter(kwargs.values()))
+        self.hw = self.grid_for(images.shape[-2], images.shape[-1])  # images: (B, C, H, W)
+
+    def resolve(self, num_patches: int) -> tuple[int, int]:
+        """Grid for ``num_patches`` tokens: the tracked one, else a square one."""
+        hw = self.hw
+        if hw is not None and hw[0] * hw[1] == num_patches:
+            return hw
+        side = math.isqrt(num_patches)
+        if side * side != num_patches:
+            raise ValueError(
+                f"cannot place {num_patches} patch tokens on a grid: the image size was not seen "
+                "by the patch embedding (call the whole model, not a sub-module) and the count "
+                "is not a square")
+        return side, side
+
+
+@dataclass
+class SoftmaxAttentionSpec:
+    """Everything a castling kind needs from a pretrained softmax self-attention.
+
+    The modules are the pretrained ones, reused as they are (weights shared, not copied).
+    ``qkv`` is one fused projection ``dim -> 3·heads·head_dim`` (adapters fuse separate q/k/v).
+    """
+
+    dim: int
+    num_heads: int
+    head_dim: int
+    scale: float
+    qkv: nn.Linear
+    proj: nn.Linear
+    num_prefix_tokens: int
+    grid: GridTracker
+    q_norm: nn.Module
+    k_norm: nn.Module
+    out_norm: nn.Module          # applied to the merged heads before proj (timm scale_norm)
+    out_gate: Optional[nn.Linear] = None  # timm gated attention: x * sigmoid(out_gate(input))
+    attn_drop: float = 0.0
+    proj_drop: float = 0.0
+
+
+class CastlingModule(nn.Module):
+    """Base of every converted attention (training and inference forms)."""
+
+    is_training_form: bool = False
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, head_dim={self.head_dim}, "
+                f"prefix_tokens={self.num_prefix_tokens}")
+
+
+class CastlingTrainingForm(CastlingModule):
+    """A training form carries the auxiliary softmax branch and its schedule state."""
+
+    is_training_form = True
+
+    aux_gate: float
+    threshold: float
+
+    def set_schedule(self, gate: float, threshold: float) -> None:
+        """Set the blend gate g_t (1 → 0) and the mask threshold τ_t (in units of 1/N)."""
+        self.aux_gate = float(gate)
+        self.threshold = float(threshold)
+
+    def to_inference(self) -> CastlingModule:  # pragma: no cover - abstract
+        raise NotImplementedError

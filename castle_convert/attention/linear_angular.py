@@ -1,0 +1,206 @@
+"""Linear-angular attention (Castling-ViT, arXiv 2211.10526), training and inference forms.
+
+Per head, with q, k, v from the pretrained projections (DESIGN.md §2)::
+
+    LA(V)  = ½·V + (1/π)·Q̂ (K̂ᵀ V)             # O(N·d²), never N×N
+    DW(V)  = depthwise conv of V (patch grid or token sequence)
+    AUX(V) = (M ⊙ softmax(Q Kᵀ·scale)) V       # training form only
+
+    blend: out = g·AUX + (1-g)·(γ·normalize(LA) + DW)     g = 1, M = 1  →  softmax attention
+    sum:   out = γ·normalize(LA + g·AUX) + DW              (reference-code style)
+    inference: out = γ·normalize(LA) + DW                  then out_norm, out_gate, proj
+
+``normalize`` is an L2 norm per token per head. LA is computed on ``V/√N``: normalize() removes
+the factor, and it keeps K̂ᵀV inside the fp16 range at high token counts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from castle_convert.attention.base import (CastlingModule, CastlingTrainingForm,
+                                           SoftmaxAttentionSpec)
+from castle_convert.attention.dwconv import build_dw
+from castle_convert.config import CastlingConfig
+
+INV_PI = 1.0 / math.pi
+
+
+def angular_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float,
+                   extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """normalize(½·V + (1/π)·Q̂(K̂ᵀV) [+ extra]) per token per head. q, k, v: (B, h, N, d)."""
+    c = v.shape[-2] ** -0.5                                           # 1/√N, removed by normalize
+    vs = v * c                                                        # (B, h, N, d)
+    qh = F.normalize(q, dim=-1, eps=eps)                              # (B, h, N, d)
+    kh = F.normalize(k, dim=-1, eps=eps)                              # (B, h, N, d)
+    kv = kh.transpose(-2, -1) @ vs                                    # (B, h, d, d)
+    la = torch.baddbmm(vs.flatten(0, 1), qh.flatten(0, 1), kv.flatten(0, 1),
+                       beta=0.5, alpha=INV_PI).view_as(vs)            # (B, h, N, d)
+    if extra is not None:
+        la = la + extra * c
+    return F.normalize(la, dim=-1, eps=eps)                           # (B, h, N, d)
+
+
+class _LinearAngularParts(CastlingModule):
+    """Modules and helpers shared by both forms (same state_dict keys in both)."""
+
+    def _init_parts(self, *, dim: int, num_heads: int, head_dim: int, scale: float,
+                    num_prefix_tokens: int, qkv: nn.Linear, proj: nn.Linear, q_norm: nn.Module,
+                    k_norm: nn.Module, out_norm: nn.Module, out_gate: Optional[nn.Linear],
+                    dw: Optional[nn.Module], gamma: nn.Parameter, proj_drop: float, eps: float,
+                    combine: str) -> None:
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.num_prefix_tokens = num_prefix_tokens
+        self.eps = eps
+        self.combine = combine
+        self.qkv = qkv
+        self.q_norm = q_norm
+        self.k_norm = k_norm
+        self.gamma = gamma                                            # (h,)
+        self.dw = dw
+        self.norm = out_norm
+        self.out_gate = out_gate
+        self.proj = proj
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _qkv(self, x: torch.Tensor):
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)   # (B, N, 3, h, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                      # each (B, h, N, d)
+        v_tokens = qkv[:, :, 2].flatten(2)                                   # (B, N, C) view
+        return self.q_norm(q), self.k_norm(k), v, v_tokens
+
+    def _merge(self, heads: torch.Tensor) -> torch.Tensor:
+        B, h, N, d = heads.shape                                             # (B, h, N, d)
+        return heads.transpose(1, 2).reshape(B, N, h * d)                    # (B, N, C)
+
+    def _gamma(self) -> torch.Tensor:
+        return self.gamma.view(1, -1, 1, 1)                                  # (1, h, 1, 1)
+
+    def _dw(self, v_tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        return None if self.dw is None else self.dw(v_tokens)               # (B, N, C)
+
+    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        out = self.norm(out)                                                 # (B, N, C)
+        if self.out_gate is not None:
+            out = out * self.out_gate(x).sigmoid()
+        return self.proj_drop(self.proj(out))                                # (B, N, dim)
+
+    @staticmethod
+    def _check_mask(attn_mask, is_causal) -> None:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError(
+                "linear-angular attention has no attention matrix to mask: attn_mask/is_causal "
+                "are not supported (vision models do not pass them)")
+
+
+class LinearAngularAttentionInference(_LinearAngularParts):
+    """Inference form: ``proj(γ·normalize(LA) + DW)``. No softmax, no mask, nothing N×N."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        self._check_mask(attn_mask, is_causal)
+        q, k, v, v_tokens = self._qkv(x)                                    # (B, h, N, d)
+        out = self._merge(self._gamma() * angular_linear(q, k, v, self.eps))  # (B, N, C)
+        dw = self._dw(v_tokens)
+        if dw is not None:
+            out = out + dw
+        return self._output(x, out)
+
+
+class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
+    """Training form: linear-angular + DW, blended with the annealed masked-softmax branch."""
+
+    def __init__(self, spec: SoftmaxAttentionSpec, config: CastlingConfig):
+        super().__init__()
+        C = spec.num_heads * spec.head_dim
+        self._init_parts(
+            dim=spec.dim, num_heads=spec.num_heads, head_dim=spec.head_dim, scale=spec.scale,
+            num_prefix_tokens=spec.num_prefix_tokens, qkv=spec.qkv, proj=spec.proj,
+            q_norm=spec.q_norm, k_norm=spec.k_norm, out_norm=spec.out_norm,
+            out_gate=spec.out_gate,
+            dw=build_dw(config.dw, config.dw_kernel, C, spec.num_heads, spec.num_prefix_tokens,
+                        spec.grid),
+            gamma=nn.Parameter(torch.ones(spec.num_heads, device=spec.qkv.weight.device,
+                                          dtype=spec.qkv.weight.dtype)),
+            proj_drop=spec.proj_drop, eps=config.eps, combine=config.combine)
+        self.attn_drop = nn.Dropout(spec.attn_drop)
+        self.set_schedule(config.gate, config.threshold)
+        self.last_mask_density: Optional[torch.Tensor] = None
+        self._calib: Optional[list] = None        # [sum of per-head norms (h,), count] while calibrating
+
+    @classmethod
+    def from_pretrained_attention(cls, spec: SoftmaxAttentionSpec,
+                                  config: CastlingConfig) -> "LinearAngularAttention":
+        """Build the training form around a pretrained softmax attention's modules."""
+        return cls(spec, config)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", combine={self.combine}, "
+                f"gate={self.aux_gate:g}, threshold={self.threshold:g}")
+
+    # -- auxiliary masked-softmax branch -------------------------------------------------------
+    def _aux(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        N = q.shape[-2]
+        drop = self.attn_drop.p if self.training else 0.0
+        if self.threshold <= 0.0:                                  # M = all ones: plain softmax
+            self.last_mask_density = torch.ones((), device=q.device)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+        attn = (q * self.scale) @ k.transpose(-2, -1)                      # (B, h, N, N)
+        attn = attn.softmax(dim=-1)
+        keep = attn >= (self.threshold / N)                                # τ in units of 1/N
+        self.last_mask_density = keep.float().mean().detach()
+        attn = self.attn_drop(attn * keep)
+        return attn @ v                                                     # (B, h, N, d)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        self._check_mask(attn_mask, is_causal)
+        g = self.aux_gate
+        q, k, v, v_tokens = self._qkv(x)                                    # (B, h, N, d)
+        aux = self._aux(q, k, v) if (g > 0.0 or self._calib is not None) else None
+        if self._calib is not None:                                         # teacher output norms
+            self._calib[0] += aux.detach().float().norm(dim=-1).mean(dim=(0, 2))  # (h,)
+            self._calib[1] += 1
+        dw = self._dw(v_tokens)                                             # (B, N, C) or None
+        if self.combine == "sum":
+            extra = g * aux if (aux is not None and g > 0.0) else None
+            out = self._merge(self._gamma() * angular_linear(q, k, v, self.eps, extra))
+            if dw is not None:
+                out = out + dw
+        else:                                                               # blend
+            lin = self._merge(self._gamma() * angular_linear(q, k, v, self.eps))  # (B, N, C)
+            if dw is not None:
+                lin = lin + dw
+            out = lin if g <= 0.0 else g * self._merge(aux) + (1.0 - g) * lin
+        return self._output(x, out)
+
+    # -- calibration of γ ----------------------------------------------------------------------
+    def start_calibration(self) -> None:
+        self._calib = [torch.zeros(self.num_heads, device=self.gamma.device), 0]
+
+    def finish_calibration(self) -> None:
+        total, count = self._calib
+        self._calib = None
+        if count:
+            with torch.no_grad():
+                self.gamma.copy_((total / count).clamp_min(self.eps).to(self.gamma.dtype))
+
+    # -- inference form ------------------------------------------------------------------------
+    def to_inference(self) -> LinearAngularAttentionInference:
+        inf = LinearAngularAttentionInference()
+        inf._init_parts(
+            dim=self.dim, num_heads=self.num_heads, head_dim=self.head_dim, scale=self.scale,
+            num_prefix_tokens=self.num_prefix_tokens, qkv=self.qkv, proj=self.proj,
+            q_norm=self.q_norm, k_norm=self.k_norm, out_norm=self.norm, out_gate=self.out_gate,
+            dw=self.dw, gamma=self.gamma, proj_drop=self.proj_drop.p, eps=self.eps,
+            combine=self.combine)
+        return inf.train(self.training)

@@ -1,0 +1,89 @@
+"""CastlingConfig: what `convert()` builds, validated before anything is touched."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+COMBINES = ("blend", "sum")
+DW_MODES = ("2d", "1d", "none")
+GAMMA_INITS = ("calibrate", "one")
+
+
+class ConfigError(ValueError):
+    """A CastlingConfig (or recipe) field has a value we cannot use."""
+
+
+@dataclass
+class CastlingConfig:
+    """Settings of the attention that replaces each softmax self-attention.
+
+    Attributes:
+        kind: attention kind, a key of ``castle_convert.attention.KINDS``.
+        combine: ``blend`` (``g·AUX + (1-g)·(γ·normalize(LA) + DW)``, teacher-equivalent at g=1)
+            or ``sum`` (paper/reference style ``γ·normalize(LA + g·AUX) + DW``).
+        dw: ``2d`` depthwise conv over the patch grid, ``1d`` per-head conv along the token
+            sequence (the reference code's layout), or ``none``.
+        dw_kernel: kernel size of the depthwise conv (odd).
+        gate: initial auxiliary-branch gate g (1 = pure softmax in ``blend``).
+        threshold: initial mask threshold, in units of uniform attention 1/N: entries of the
+            softmax below ``threshold / N`` are masked out of the auxiliary branch. 0 = keep all.
+        gamma_init: ``calibrate`` sets the per-head output scale γ to the mean norm of the
+            teacher's per-head attention output on a calibration batch; ``one`` sets γ = 1.
+        eps: epsilon of every normalisation.
+    """
+
+    kind: str = "linear_angular"
+    combine: str = "blend"
+    dw: str = "2d"
+    dw_kernel: int = 3
+    gate: float = 1.0
+    threshold: float = 0.0
+    gamma_init: str = "calibrate"
+    eps: float = 1e-6
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        from castle_convert.attention import KINDS  # registry; lazy to keep config import-light
+
+        def bad(name: str, value: Any, fix: str) -> ConfigError:
+            return ConfigError(f"CastlingConfig.{name}={value!r} is invalid: {fix}")
+
+        if self.kind not in KINDS:
+            raise bad("kind", self.kind, f"choose one of {sorted(KINDS)}")
+        if self.combine not in COMBINES:
+            raise bad("combine", self.combine, f"choose one of {list(COMBINES)}")
+        if self.dw not in DW_MODES:
+            raise bad("dw", self.dw, f"choose one of {list(DW_MODES)}")
+        if not isinstance(self.dw_kernel, int) or isinstance(self.dw_kernel, bool) or self.dw_kernel < 1 \
+                or self.dw_kernel % 2 == 0:
+            raise bad("dw_kernel", self.dw_kernel, "use a positive odd integer such as 3 (2d) or 9 (1d)")
+        if not (0.0 <= float(self.gate) <= 1.0):
+            raise bad("gate", self.gate, "use a value in [0, 1]")
+        if float(self.threshold) < 0.0:
+            raise bad("threshold", self.threshold, "use a value >= 0 (in units of 1/N)")
+        if self.gamma_init not in GAMMA_INITS:
+            raise bad("gamma_init", self.gamma_init, f"choose one of {list(GAMMA_INITS)}")
+        if not (0.0 < float(self.eps) < 1e-2):
+            raise bad("eps", self.eps, "use a small positive value such as 1e-6")
+        if self.extra:
+            raise ConfigError(f"CastlingConfig got unknown fields {sorted(self.extra)}; "
+                              f"valid fields are {self.field_names()}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "CastlingConfig":
+        """Build from a plain mapping (recipe section, config.json); unknown keys are errors."""
+        data = dict(data or {})
+        known = {k: data.pop(k) for k in list(data) if k in cls.field_names()}
+        return cls(**known, extra=data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.field_names()}

@@ -1,0 +1,314 @@
+"""convert / finalize / inspect: walk a model, dispatch to its family adapter, validate first.
+
+Module surgery in the style of PEFT's ``inject_adapter`` and torchao's ``quantize_``; finalize in
+the style of timm's ``reparameterize_model`` (each training form knows its inference form).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from castle_convert import adapters
+from castle_convert.attention import KINDS, CastlingModule, CastlingTrainingForm, GridTracker
+from castle_convert.config import CastlingConfig
+
+FilterFn = Callable[[str, nn.Module], bool]
+
+
+class ConversionError(ValueError):
+    """The model cannot be converted (as it is); the message says why and what to do."""
+
+
+class FinalizeError(RuntimeError):
+    """The inference form does not reproduce the training form."""
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    return f"{type(model).__name__}" + (f" ({name})" if name else "")
+
+
+def castling_modules(model: nn.Module) -> Iterator[tuple[str, CastlingModule]]:
+    """Every converted attention (training or inference form) with its path."""
+    for name, m in model.named_modules():
+        if isinstance(m, CastlingModule):
+            yield name, m
+
+
+def training_forms(model: nn.Module) -> list[tuple[str, CastlingTrainingForm]]:
+    return [(n, m) for n, m in castling_modules(model) if isinstance(m, CastlingTrainingForm)]
+
+
+def set_schedule(model: nn.Module, gate: float, threshold: float) -> None:
+    """Set the auxiliary gate g_t and mask threshold τ_t (units of 1/N) of every training form."""
+    for _, m in training_forms(model):
+        m.set_schedule(gate, threshold)
+
+
+def primary_output(out: Any) -> torch.Tensor:
+    """Logits (or final features) from a timm tensor / transformers ModelOutput / tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(out).__name__}")
+
+
+def _resolve_config(config: Union[CastlingConfig, Mapping, None], **overrides: Any) -> CastlingConfig:
+    if config is None:
+        config = CastlingConfig()
+    elif isinstance(config, Mapping):
+        config = CastlingConfig.from_dict(config)
+    elif not isinstance(config, CastlingConfig):
+        raise TypeError(f"config must be a CastlingConfig or a dict, got {type(config).__name__}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides:
+        config = CastlingConfig.from_dict({**config.to_dict(), **overrides})
+    return config
+
+
+def _plan(model: nn.Module, filter_fn: Optional[FilterFn]):
+    """Scan and validate without modifying anything; returns (adapter, scan, candidates)."""
+    converted = [n for n, _ in castling_modules(model)]
+    if converted:
+        raise ConversionError(
+            f"{_model_name(model)} is already converted ({len(converted)} castling attention modules, "
+            f"e.g. '{converted[0]}'). Convert the original softmax model, or call finalize() on this one.")
+    adapter = adapters.adapter_for(model)
+    if adapter is None:
+        raise ConversionError(
+            f"{_model_name(model)} is not a model family castle_convert knows (timm or Hugging Face "
+            f"transformers). Supported attention classes: {'; '.join(adapters.supported_classes())}.")
+    scan = adapter.scan(model)
+    keep = (lambda c: True) if filter_fn is None else (lambda c: filter_fn(c.name, c.module))
+    candidates = [c for c in scan.candidates if keep(c)]
+    rejected = [r for r in scan.rejected if keep(r)]
+    if rejected:
+        lines = "\n".join(f"  - {line}" for line in adapters.group_by_reason(rejected))
+        raise ConversionError(
+            f"{_model_name(model)} has attention modules that cannot be converted to linear attention:\n"
+            f"{lines}\nNothing was modified. Use a model with plain softmax self-attention, or pass "
+            "filter_fn to convert only the supported modules.")
+    if not candidates:
+        raise ConversionError(
+            f"{_model_name(model)} has no supported attention to convert. Supported attention "
+            f"classes: {'; '.join(adapters.supported_classes())}.")
+    return adapter, scan, candidates
+
+
+# -- convert -------------------------------------------------------------------------------------
+
+def convert(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = None, *,
+            inplace: bool = False, filter_fn: Optional[FilterFn] = None,
+            calibration_inputs: Optional[torch.Tensor] = None, **overrides: Any) -> nn.Module:
+    """Replace every softmax self-attention of ``model`` with the Castling training form.
+
+    With the default ``combine='blend'``, ``gate=1`` and ``threshold=0`` the result computes the
+    same logits as ``model`` (teacher-equivalent start). Everything is validated before anything
+    is modified; with ``inplace=False`` (default) ``model`` itself is never touched.
+
+    Args:
+        config: a :class:`CastlingConfig` or dict; keyword ``overrides`` (e.g. ``kind=...``,
+            ``combine=...``) replace its fields.
+        filter_fn: ``(name, module) -> bool`` to convert only some attentions.
+        calibration_inputs: image batch used to initialise γ (``gamma_init='calibrate'``);
+            default: a fixed-seed random batch at the model's input size.
+    """
+    config = _resolve_config(config, **overrides)
+    _plan(model, filter_fn)                                   # raises before any change
+    if not inplace:
+        model = copy.deepcopy(model)
+    adapter, scan, candidates = _plan(model, filter_fn)
+    kind = KINDS[config.kind]
+    grids: dict[str, GridTracker] = {}
+    for bb in scan.backbones:
+        grids[bb.name] = GridTracker(bb.patch_size, pad=bb.pad)
+        bb.patch_embed.register_forward_pre_hook(grids[bb.name].hook, with_kwargs=True)
+    for cand in candidates:
+        new = kind.from_pretrained_attention(cand.build_spec(grids[cand.backbone]), config)
+        new.train(cand.module.training)
+        model.set_submodule(cand.name, cand.wrap(new))
+    model.castling_config = config
+    if config.gamma_init == "calibrate" and next(model.parameters()).device.type != "meta":
+        calibrate(model, calibration_inputs)
+    return model
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, inputs: Optional[torch.Tensor] = None) -> None:
+    """Set each head's output scale γ to the mean norm of the teacher's attention output.
+
+    Runs the model once on ``inputs`` with every training form passing the softmax (teacher)
+    output through, so each layer sees teacher activations.
+    """
+    modules = [m for _, m in training_forms(model)]
+    if inputs is None:
+        inputs = adapters.example_inputs(model, batch=4, generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    model.eval()
+    for m in modules:
+        m.start_calibration()
+    try:
+        model(inputs)
+        for m in modules:
+            m.finish_calibration()
+    finally:
+        for m in modules:
+            m._calib = None
+        model.train(was_training)
+
+
+# -- finalize ------------------------------------------------------------------------------------
+
+def _parity_inputs(model: nn.Module) -> torch.Tensor:
+    return adapters.example_inputs(model, batch=2, generator=torch.Generator().manual_seed(1234))
+
+
+@torch.no_grad()
+def _eval_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        return primary_output(model(x)).float()
+    finally:
+        model.train(was_training)
+
+
+def finalize(model: nn.Module, *, inplace: bool = False, check: bool = True,
+             atol: Optional[float] = None, inputs: Optional[torch.Tensor] = None) -> nn.Module:
+    """Swap every training form for its inference form and verify parity.
+
+    The auxiliary softmax branch, its mask and its schedule state are dropped. The result is
+    compared with the training form at gate 0 on a random batch (or ``inputs``); if the largest
+    absolute logit difference exceeds ``atol`` (1e-4 for fp32) a :class:`FinalizeError` is raised
+    and ``model`` is left as it was.
+    """
+    forms = training_forms(model)
+    if not forms:
+        if any(True for _ in castling_modules(model)):
+            raise ConversionError(f"{_model_name(model)} is already finalized (inference form).")
+        raise ConversionError(f"{_model_name(model)} has no castling attention: call convert() first.")
+    meta = next(model.parameters()).device.type == "meta"
+    check = check and not meta
+    reference = None
+    if check:
+        x = _parity_inputs(model) if inputs is None else inputs
+        saved = [(m.aux_gate, m.threshold) for _, m in forms]
+        set_schedule(model, 0.0, 0.0)
+        try:
+            reference = _eval_logits(model, x)
+        finally:
+            for (_, m), (g, t) in zip(forms, saved):
+                m.set_schedule(g, t)
+    out = model if inplace else copy.deepcopy(model)
+    for name, _ in forms:
+        out.set_submodule(name, out.get_submodule(name).to_inference())
+    if check:
+        got = _eval_logits(out, x)
+        diff = (got - reference).abs().max().item()
+        dtype = next(model.parameters()).dtype
+        tol = atol if atol is not None else (1e-4 if dtype == torch.float32 else 2e-2)
+        if not diff <= tol:                                       # also catches NaN
+            if inplace:
+                for name, m in forms:
+                    out.set_submodule(name, m)
+            raise FinalizeError(
+                f"finalize parity check failed: max |Δlogits| = {diff:.3g} > {tol:g} between the "
+                "inference form and the training form at gate 0. The model was not changed.")
+        out.castling_parity = diff
+    return out
+
+
+# -- inspect -------------------------------------------------------------------------------------
+
+@dataclass
+class InspectReport:
+    model: str
+    adapter: str
+    input_size: tuple[int, int, int]
+    tokens: int
+    converted: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    error: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+        return asdict(self)
+
+    def format(self) -> str:
+        lines = [f"model:      {self.model}  [{self.adapter} adapter]",
+                 f"input:      {self.input_size[0]}x{self.input_size[1]}x{self.input_size[2]}  "
+                 f"({self.tokens} tokens)"]
+        lines.append(f"converted:  {len(self.converted)} attention modules")
+        for c in self.converted:
+            lines.append(f"  + {c['name']:<32} {c['class']:<16} heads={c['heads']} head_dim={c['head_dim']} "
+                         f"prefix_tokens={c['prefix_tokens']}")
+        if self.error:
+            lines.append(f"cannot convert: {self.error}")
+            return "\n".join(lines)
+        ratio = self.macs_after / self.macs_before if self.macs_before else float("nan")
+        lines += [
+            f"{'':<12}{'original':>14}{'castling':>14}{'ratio':>8}",
+            f"{'params':<12}{self.params_before / 1e6:>13.2f}M{self.params_after / 1e6:>13.2f}M"
+            f"{self.params_after / max(self.params_before, 1):>8.3f}",
+            f"{'MACs':<12}{self.macs_before / 1e9:>13.3f}G{self.macs_after / 1e9:>13.3f}G{ratio:>8.3f}",
+        ]
+        return "\n".join(lines)
+
+
+def inspect(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = None, *,
+            img_size: Optional[tuple[int, int]] = None, filter_fn: Optional[FilterFn] = None,
+            **overrides: Any) -> InspectReport:
+    """Dry run: what would be converted, and parameters / MACs before and after.
+
+    Works on a meta-device copy (shapes only): no weights are needed, nothing is computed,
+    ``model`` is not modified.
+    """
+    from castle_convert.bench import count_macs
+
+    config = _resolve_config(config, **overrides)
+    meta = copy.deepcopy(model).to("meta")
+    adapter = adapters.adapter_for(meta)
+    x = adapters.example_inputs(meta, batch=1, img_size=img_size) if adapter else None
+    report = InspectReport(model=_model_name(model), adapter=adapter.NAME if adapter else "none",
+                           input_size=tuple(x.shape[1:]) if x is not None else (0, 0, 0), tokens=0)
+    if adapter is not None:
+        scan = adapter.scan(meta)
+        for c in scan.candidates:
+            spec = c.build_spec(GridTracker((1, 1)))
+            report.converted.append(dict(name=c.name, **{"class": type(c.module).__name__},
+                                         heads=spec.num_heads, head_dim=spec.head_dim,
+                                         prefix_tokens=spec.num_prefix_tokens))
+        report.rejected = [dict(name=r.name, reason=r.reason, **{"class": type(r.module).__name__})
+                           for r in scan.rejected]
+        if scan.backbones:
+            bb = scan.backbones[0]
+            gh, gw = GridTracker(bb.patch_size, bb.pad).grid_for(x.shape[-2], x.shape[-1])
+            report.tokens = gh * gw + bb.num_prefix_tokens
+    report.params_before = sum(p.numel() for p in meta.parameters())
+    try:
+        converted = finalize(convert(meta, config, inplace=True, filter_fn=filter_fn, gamma_init="one"),
+                             inplace=True, check=False)
+    except ConversionError as e:
+        report.error = str(e)
+        return report
+    report.macs_before = count_macs(copy.deepcopy(model).to("meta"), x)
+    report.params_after = sum(p.numel() for p in converted.parameters())
+    report.macs_after = count_macs(converted, x)
+    return report

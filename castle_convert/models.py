@@ -1,0 +1,142 @@
+"""Resolve what a user names on the command line to a model: a timm name (or alias), a local
+Hugging Face model directory, or a local timm checkpoint file. Nothing is downloaded unless the
+user asks for pretrained weights by hub name (and then only from the local cache when offline).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Optional
+
+from torch import nn
+
+ALIASES = {
+    "deit_tiny": "deit_tiny_patch16_224",
+    "deit_small": "deit_small_patch16_224",
+    "deit_base": "deit_base_patch16_224",
+}
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+class ModelLoadError(ValueError):
+    """The named model cannot be found or loaded; the message says how to fix it."""
+
+
+def resolve_name(name: str) -> str:
+    return ALIASES.get(name, name)
+
+
+def _close_matches(name: str) -> list[str]:
+    import timm
+    pool = list(ALIASES) + timm.list_models()
+    return difflib.get_close_matches(name, pool, n=5, cutoff=0.6)
+
+
+def _checkpoint_keys(path: Path) -> dict[str, tuple]:
+    """Tensor names and shapes of a checkpoint, read without unpickling arbitrary objects."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    import torch
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+
+
+def _timm_from_checkpoint(path: Path, arch: Optional[str], pretrained: bool, **kwargs) -> nn.Module:
+    import timm
+    if not arch:
+        raise ModelLoadError(
+            f"{path} is a checkpoint file; name its architecture with --arch (e.g. --arch deit_small_patch16_224)")
+    arch = resolve_name(arch)
+    if not timm.is_model(arch):
+        raise ModelLoadError(_unknown_message(arch))
+    try:
+        shapes = _checkpoint_keys(path)
+    except Exception as e:  # noqa: BLE001 - any read failure is reported with the file name
+        raise ModelLoadError(f"cannot read checkpoint {path}: {e}") from e
+    head = shapes.get("head.weight")
+    if head is not None and "num_classes" not in kwargs:
+        kwargs["num_classes"] = head[0]
+    if not pretrained:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+
+
+def _hf_from_dir(path: Path, pretrained: bool, img_size: Optional[int]) -> nn.Module:
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+    config = AutoConfig.from_pretrained(path)
+    if img_size is not None:
+        config.image_size = img_size
+    archs = getattr(config, "architectures", None) or []
+    auto = AutoModelForImageClassification if any("ImageClassification" in a for a in archs) else AutoModel
+    if not pretrained:
+        return auto.from_config(config)
+    return auto.from_pretrained(path, config=config, ignore_mismatched_sizes=img_size is not None)
+
+
+def _timm_from_dir(path: Path, config: dict, pretrained: bool, **kwargs) -> nn.Module:
+    import timm
+    arch = config["architecture"]
+    weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()), None)
+    if "num_classes" in config:
+        kwargs.setdefault("num_classes", config["num_classes"])
+    if not pretrained:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    if weights is None:
+        raise ModelLoadError(f"{path} has a timm config.json but no model.safetensors / pytorch_model.bin")
+    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **kwargs)
+
+
+def _unknown_message(name: str) -> str:
+    close = _close_matches(name)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return (f"unknown model '{name}': not a timm model name, an alias ({', '.join(ALIASES)}), "
+            f"a local Hugging Face model directory or a checkpoint file.{hint}")
+
+
+def load_model(spec: str, *, arch: Optional[str] = None, pretrained: bool = True,
+               img_size: Optional[int] = None) -> nn.Module:
+    """Build the model that ``spec`` names.
+
+    Args:
+        spec: timm model name or alias (``deit_small``), a local Hugging Face / timm model
+            directory, or a local checkpoint file (then ``arch`` names its timm architecture).
+        pretrained: load weights; ``False`` builds the architecture only (for ``inspect``).
+        img_size: build for this input resolution (timm ``img_size``, HF ``image_size``).
+    """
+    timm_kwargs = {} if img_size is None else {"img_size": img_size}
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.exists():
+            raise ModelLoadError(f"directory {path} has no config.json: expected a Hugging Face "
+                                 "model directory (save_pretrained) or a timm model directory")
+        config = json.loads(cfg_file.read_text())
+        if "architecture" in config:
+            return _timm_from_dir(path, config, pretrained, **timm_kwargs)
+        return _hf_from_dir(path, pretrained, img_size)
+    if path.is_file():
+        return _timm_from_checkpoint(path, arch, pretrained, **timm_kwargs)
+    if path.suffix in CHECKPOINT_SUFFIXES or "/" in spec:
+        raise ModelLoadError(f"no such file or directory: {spec}")
+
+    import timm
+    name = resolve_name(spec)
+    if not timm.is_model(name):
+        raise ModelLoadError(_unknown_message(spec))
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **timm_kwargs)
+    try:
+        return timm.create_model(name, pretrained=True, **timm_kwargs)
+    except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
+        raise ModelLoadError(
+            f"could not load pretrained weights for '{name}' ({type(e).__name__}: {str(e)[:200]}). "
+            "No model hub is reachable from here: pass a local checkpoint file with --arch, or a "
+            "local Hugging Face model directory.") from e

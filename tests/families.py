@@ -1,0 +1,62 @@
+"""The table of model families every shared check runs on: tiny random models from configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, dynamic_img_size=True)
+
+
+@dataclass
+class Family:
+    id: str
+    build: Callable[[], nn.Module]
+    size: int                 # native input resolution
+    patch: int
+    prefix_tokens: int
+    hf: bool = False
+
+    def __call__(self, model: nn.Module, x: torch.Tensor):
+        """Forward with the family's own convention; HF interpolates position embeddings."""
+        if self.hf:
+            return model(x, interpolate_pos_encoding=True)
+        return model(x)
+
+
+def _timm(name: str, **kw) -> Callable[[], nn.Module]:
+    def build():
+        import timm
+        torch.manual_seed(0)
+        return timm.create_model(name, pretrained=False, **{**TINY, **kw}).eval()
+    return build
+
+
+def _hf(model_cls: str, config_cls: str, **kw) -> Callable[[], nn.Module]:
+    def build():
+        import transformers
+        torch.manual_seed(0)
+        cfg = getattr(transformers, config_cls)(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+            **kw)
+        return getattr(transformers, model_cls)(cfg).eval()
+    return build
+
+
+FAMILIES = [
+    Family("timm-vit", _timm("test_vit", num_classes=10), 32, 8, 1),
+    Family("timm-deit-distilled", _timm("deit_tiny_distilled_patch16_224", num_classes=10), 32, 8, 2),
+    Family("timm-deit3", _timm("deit3_small_patch16_224", num_classes=10), 32, 8, 1),
+    Family("timm-reg4-dinov2", _timm("vit_small_patch14_reg4_dinov2", img_size=28, patch_size=7,
+                                     num_classes=0), 28, 7, 5),
+    Family("timm-qknorm", _timm("vit_tiny_patch16_224", qk_norm=True, num_classes=10), 32, 8, 1),
+    Family("hf-vit", _hf("ViTForImageClassification", "ViTConfig", intermediate_size=64, num_labels=10),
+           32, 8, 1, hf=True),
+    Family("hf-deit", _hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", intermediate_size=64,
+                          num_labels=10), 32, 8, 2, hf=True),
+    Family("hf-dinov2-registers", _hf("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", mlp_ratio=2,
+                                      num_register_tokens=2), 32, 8, 3, hf=True),
+]
