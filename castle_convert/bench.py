@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from castle_convert import adapters
+
 
 @torch.no_grad()
 def count_macs(model: nn.Module, inputs: torch.Tensor) -> int:
@@ -18,7 +20,7 @@ def count_macs(model: nn.Module, inputs: torch.Tensor) -> int:
     model.eval()
     try:
         with FlopCounterMode(display=False) as counter:
-            model(inputs)
+            adapters.forward(model, inputs)
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2

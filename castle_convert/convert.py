@@ -161,7 +161,7 @@ def calibrate(model: nn.Module, inputs: Optional[torch.Tensor] = None) -> None:
     for m in modules:
         m.start_calibration()
     try:
-        model(inputs)
+        adapters.forward(model, inputs)
         for m in modules:
             m.finish_calibration()
     finally:
@@ -181,7 +181,7 @@ def _eval_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:
-        return primary_output(model(x)).float()
+        return primary_output(adapters.forward(model, x)).float()
     finally:
         model.train(was_training)
 

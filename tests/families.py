@@ -26,6 +26,12 @@ class Family:
             return model(x, interpolate_pos_encoding=True)
         return model(x)
 
+    def features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """All token features (B, N, C): every layer's every token reaches them."""
+        if self.hf:
+            return model.base_model(x, interpolate_pos_encoding=True).last_hidden_state
+        return model.forward_features(x)
+
 
 def _timm(name: str, **kw) -> Callable[[], nn.Module]:
     def build():

@@ -2,7 +2,8 @@
 :class:`~castle_convert.attention.SoftmaxAttentionSpec`, and put converted modules in place.
 
 Each adapter module exposes ``NAME``, ``SUPPORTED`` (human-readable attention classes),
-``applies(model)``, ``scan(model) -> Scan`` and ``example_inputs(model, batch, generator)``.
+``applies(model)``, ``scan(model) -> Scan``, ``input_size(model) -> (C, H, W)`` and
+``forward(model, images)`` (the family's calling convention for any image size).
 Adapters know nothing about training.
 """
 
@@ -75,9 +76,18 @@ def supported_classes() -> list[str]:
 
 
 def attention_problem(module: nn.Module) -> Optional[str]:
-    """Why an attention-like module is an unsupported variant (None if nothing is recognised)."""
+    """Why an attention-like module (or one inside it) is an unsupported variant, else None."""
+    for sub in module.modules():
+        problem = _variant_problem(sub)
+        if problem:
+            return problem
+    return None
+
+
+def _variant_problem(module: nn.Module) -> Optional[str]:
     cls = type(module).__name__
-    attrs = set(dir(module))
+    attrs = {a for a in (set(vars(module)) | set(module._modules) | set(module._parameters)
+                         | set(module._buffers)) if getattr(module, a, None) is not None}
     if attrs & {"relative_position_bias_table", "relative_position_index", "rel_pos",
                 "rel_pos_h", "rel_pos_w"} or "relpos" in cls.lower():
         return "relative position bias (the bias needs the N×N attention matrix)"
@@ -113,6 +123,12 @@ def fused_linear(parts: list[nn.Linear]) -> nn.Linear:
                 else torch.zeros(p.out_features, device=w.device, dtype=w.dtype) for p in parts]))
     fused.weight.requires_grad_(parts[0].weight.requires_grad)
     return fused
+
+
+def forward(model: nn.Module, images: torch.Tensor):
+    """Run ``model`` on an image batch with its family's calling convention."""
+    adapter = adapter_for(model)
+    return adapter.forward(model, images) if adapter is not None else model(images)
 
 
 def example_inputs(model: nn.Module, batch: int = 2, generator: Optional[torch.Generator] = None,

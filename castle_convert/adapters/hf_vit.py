@@ -161,6 +161,12 @@ def scan(model: nn.Module) -> Scan:
     return result
 
 
+def forward(model: nn.Module, images: torch.Tensor):
+    """Call the model on images of any size (position embeddings interpolated when needed)."""
+    _, h, w = input_size(model)
+    return model(images, interpolate_pos_encoding=tuple(images.shape[-2:]) != (h, w))
+
+
 def input_size(model: nn.Module) -> tuple[int, int, int]:
     cfg = model.config
     size = getattr(cfg, "image_size", 224)

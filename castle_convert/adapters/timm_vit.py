@@ -75,6 +75,10 @@ def scan(model: nn.Module) -> Scan:
     return result
 
 
+def forward(model: nn.Module, images: torch.Tensor):
+    return model(images)
+
+
 def input_size(model: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) the model expects by default."""
     cfg = getattr(model, "pretrained_cfg", None) or {}

@@ -1,0 +1,152 @@
+"""Shared checks, run on every model family of tests/families.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import castle_convert as cc
+from castle_convert.attention import CastlingModule, CastlingTrainingForm, GridTracker
+from castle_convert.convert import primary_output
+
+
+def _inputs(family, batch=2, w_extra=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, family.size, family.size + w_extra, generator=g)
+
+
+@torch.no_grad()
+def _out(family, model, x):
+    return primary_output(family(model, x)).float()
+
+
+def _perturb(model, seed=0):
+    """Move γ and DW weights off their init so the checks exercise them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma") or ".dw." in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_teacher_equivalent_start(family):
+    teacher = family.build()
+    student = cc.convert(teacher)
+    n = sum(isinstance(m, CastlingTrainingForm) for m in student.modules())
+    assert n == 2, "every attention of the 2-layer model is converted"
+    assert not any(isinstance(m, CastlingModule) for m in teacher.modules()), "original untouched"
+    for x in (_inputs(family), _inputs(family, w_extra=2 * family.patch, seed=1)):
+        diff = (_out(family, teacher, x) - _out(family, student.eval(), x)).abs().max().item()
+        assert diff <= 1e-5, f"logits differ by {diff} at the teacher-equivalent start"
+
+
+def _backward(family, model, x):
+    loss = primary_output(family(model, x)).float().pow(2).mean()
+    loss = loss + family.features(model, x).float().pow(2).mean()   # reaches last-layer patch tokens
+    loss.backward()
+    return {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+
+
+def test_every_parameter_gets_a_gradient(family):
+    teacher = family.build().train()
+    student = cc.convert(teacher)
+    cc.set_schedule(student, gate=0.5, threshold=1.0)          # both branches live, mask active
+    x = _inputs(family)
+    unused_in_teacher = _backward(family, teacher, x)          # e.g. HF's mask_token
+    missing = _backward(family, student, x) - unused_in_teacher
+    assert not missing, f"no gradient for {missing}"
+    for name, p in student.named_parameters():
+        if p.grad is None:
+            continue
+        assert torch.isfinite(p.grad).all(), name
+        if name.endswith("gamma") or ".dw." in name:
+            assert p.grad.abs().sum() > 0, f"castling parameter {name} has a zero gradient"
+    densities = [m.last_mask_density for m in student.modules() if isinstance(m, CastlingTrainingForm)]
+    assert all(0.0 < float(d) < 1.0 for d in densities), densities
+
+
+def test_finalize_parity(family):
+    student = cc.convert(family.build())
+    _perturb(student)
+    cc.set_schedule(student, gate=0.3, threshold=1.0)
+    final = cc.finalize(student)
+    assert final.castling_parity <= 1e-4
+    cc.set_schedule(student, gate=0.0, threshold=0.0)
+    for x in (_inputs(family, seed=3), _inputs(family, w_extra=family.patch, seed=4)):
+        diff = (_out(family, student.eval(), x) - _out(family, final.eval(), x)).abs().max().item()
+        assert diff <= 1e-4, diff
+    assert any(isinstance(m, CastlingTrainingForm) for m in student.modules()), "finalize copies by default"
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: set[str] = set()
+        self.shapes: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.add(str(func.overloadpacket))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def test_inference_form_is_clean(family):
+    final = cc.finalize(cc.convert(family.build()))
+    allowed = ("qkv.", "q_norm.", "k_norm.", "norm.", "proj.", "out_gate.", "gamma", "dw.conv.weight")
+    for name, m in final.named_modules():
+        if isinstance(m, CastlingModule):
+            extra = [k for k in m.state_dict() if not k.startswith(allowed)]
+            assert not extra, f"{name} keeps non-inference state {extra}"
+            assert not m.__dict__.get("_buffers"), f"{name} has buffers {list(m._buffers)}"
+    assert not any(isinstance(m, CastlingTrainingForm) for m in final.modules())
+    x = _inputs(family, batch=1, w_extra=2 * family.patch)
+    n_tokens = (x.shape[-2] // family.patch) * (x.shape[-1] // family.patch) + family.prefix_tokens
+    rec = _OpRecorder()
+    with rec, torch.no_grad():
+        family(final, x)
+    assert not [op for op in rec.ops if "softmax" in op or "scaled_dot_product" in op], rec.ops
+    assert not [s for s in rec.shapes if len(s) >= 2 and s[-1] == n_tokens and s[-2] == n_tokens], \
+        "an N×N tensor was formed"
+
+
+def test_compile_fullgraph_and_export(family):
+    final = cc.finalize(cc.convert(family.build())).eval()
+    x = _inputs(family)
+    ref = _out(family, final, x)
+    compiled = torch.compile(final, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got = primary_output(compiled(x)).float()
+    assert (got - ref).abs().max() <= 1e-5
+    exported = torch.export.export(final, (x,))
+    with torch.no_grad():
+        got = primary_output(exported.module()(x)).float()
+    assert (got - ref).abs().max() <= 1e-5
+
+
+def test_non_square_grid(family):
+    student = cc.convert(family.build())
+    grid: GridTracker = next(m for m in student.modules() if isinstance(m, CastlingTrainingForm)).dw.grid
+    x = _inputs(family, w_extra=3 * family.patch)               # (H, W) = (s, s + 3p)
+    _perturb(student)
+    cc.set_schedule(student, gate=0.0, threshold=0.0)
+    final = cc.finalize(student, inputs=x)
+    out = _out(family, final, x)
+    assert grid.hw is not None and torch.isfinite(out).all()
+    hw = next(m for m in final.modules() if isinstance(m, CastlingModule)).dw.grid.hw
+    assert hw == (family.size // family.patch, family.size // family.patch + 3)
+
+
+@pytest.mark.parametrize("form", ["training", "inference"])
+def test_bf16_autocast_is_finite(family, form):
+    model = cc.convert(family.build())
+    cc.set_schedule(model, gate=0.5, threshold=1.0)
+    if form == "inference":
+        model = cc.finalize(model)
+    x = _inputs(family) * 30                                   # large activations on purpose
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _out(family, model.eval(), x)
+    assert torch.isfinite(out).all()
