@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 import click
 
 from castle_convert.config import ConfigError
 from castle_convert.convert import ConversionError, FinalizeError
+from castle_convert.data import DataError
+from castle_convert.distill.loop import ResumeError
+from castle_convert.export.save import OutputExistsError
 from castle_convert.models import ModelLoadError
 
-USER_ERRORS = (ModelLoadError, ConversionError, FinalizeError, ConfigError)
+USER_ERRORS = (ModelLoadError, ConversionError, FinalizeError, ConfigError, DataError, ResumeError,
+               OutputExistsError)
 
 
 class _Group(click.Group):
-    """Turns the library's user-facing errors into one-line messages instead of tracebacks."""
+    """``castle-convert MODEL ...`` (no sub-command) runs ``distill``; the library's user-facing
+    errors become one-line messages instead of tracebacks."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help", "--version"):
+            args = ["distill", *args]
+        elif not args:
+            args = ["distill"]
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -29,6 +42,40 @@ class _Group(click.Group):
 @click.version_option(package_name="castle-convert")
 def main() -> None:
     """Convert pretrained Vision Transformers to Castling-ViT linear-angular attention."""
+
+
+@main.command("distill")
+@click.argument("model", required=False)
+@click.option("--recipe", "recipe_name", default="quick", show_default=True,
+              help="Recipe name (recipes/NAME.yaml) or path to a YAML file.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe key, e.g. --set optim.lr=1e-4 --set castling.dw=1d.")
+@click.option("--data", "data_spec", help="DIR (train/ + val/ image folders), hf:NAME[:CONFIG], or fashion-mnist.")
+@click.option("--output", type=click.Path(path_type=Path), help="Output directory (default runs/MODEL-RECIPE).")
+@click.option("--arch", help="timm architecture of a checkpoint file MODEL.")
+@click.option("--attention", "kind", help="Attention kind (overrides castling.kind).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def distill_cmd(model: Optional[str], recipe_name: str, overrides: tuple[str, ...], data_spec: Optional[str],
+                output: Optional[Path], arch: Optional[str], kind: Optional[str], resume: bool, overwrite: bool,
+                no_progress: bool) -> None:
+    """Convert MODEL, distil it against the original, write the inference-only checkpoint.
+
+    MODEL: a timm name or alias, a local Hugging Face model directory, a checkpoint file (with
+    --arch), or the built-in fmnist_vit (default of the quick recipe; trained and cached on first use).
+    """
+    from castle_convert.recipes import load_recipe
+    from castle_convert.run import format_table, run
+
+    sets = list(overrides) + ([f"castling.kind={kind}"] if kind else [])
+    recipe = load_recipe(recipe_name, sets)
+    result = run(model, recipe, data_spec=data_spec, output=output, arch=arch, resume=resume,
+                 overwrite=overwrite, progress=not no_progress)
+    from castle_convert.distill.loop import process_state
+    if process_state().is_main_process:
+        click.echo("\n" + format_table(result.report))
+        click.echo(f"\nwrote {result.output}/ (model.safetensors, config.json, recipe.yaml, report.json)")
 
 
 @main.command("inspect")

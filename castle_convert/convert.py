@@ -141,6 +141,7 @@ def convert(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
         new.train(cand.module.training)
         model.set_submodule(cand.name, cand.wrap(new))
     model.castling_config = config
+    model.castling_converted = [c.name for c in candidates]   # paths of the replaced attentions
     if config.gamma_init == "calibrate" and next(model.parameters()).device.type != "meta":
         calibrate(model, calibration_inputs)
     return model

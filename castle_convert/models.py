@@ -30,7 +30,8 @@ def resolve_name(name: str) -> str:
 
 def _close_matches(name: str) -> list[str]:
     import timm
-    pool = list(ALIASES) + timm.list_models()
+    from castle_convert import zoo
+    pool = list(ALIASES) + list(zoo.BUILTINS) + timm.list_models()
     return difflib.get_close_matches(name, pool, n=5, cutoff=0.6)
 
 
@@ -81,23 +82,20 @@ def _hf_from_dir(path: Path, pretrained: bool, img_size: Optional[int]) -> nn.Mo
     return auto.from_pretrained(path, config=config, ignore_mismatched_sizes=img_size is not None)
 
 
-def _timm_from_dir(path: Path, config: dict, pretrained: bool, **kwargs) -> nn.Module:
+def _timm_from_dir(path: Path, pretrained: bool, **kwargs) -> nn.Module:
+    """A timm model folder (config.json with ``architecture``/``model_args`` + weights), via timm's
+    own ``local-dir:`` loader."""
     import timm
-    arch = config["architecture"]
-    weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()), None)
-    if "num_classes" in config:
-        kwargs.setdefault("num_classes", config["num_classes"])
-    if not pretrained:
-        return timm.create_model(arch, pretrained=False, **kwargs)
-    if weights is None:
+    if pretrained and not any((path / n).exists() for n in ("model.safetensors", "pytorch_model.bin")):
         raise ModelLoadError(f"{path} has a timm config.json but no model.safetensors / pytorch_model.bin")
-    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **kwargs)
+    return timm.create_model(f"local-dir:{path}", pretrained=pretrained, **kwargs)
 
 
 def _unknown_message(name: str) -> str:
     close = _close_matches(name)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return (f"unknown model '{name}': not a timm model name, an alias ({', '.join(ALIASES)}), "
+    return (f"unknown model '{name}': not a timm model name, an alias ({', '.join(ALIASES)}), a built-in "
+            f"teacher (fmnist_vit), "
             f"a local Hugging Face model directory or a checkpoint file.{hint}")
 
 
@@ -106,8 +104,8 @@ def load_model(spec: str, *, arch: Optional[str] = None, pretrained: bool = True
     """Build the model that ``spec`` names.
 
     Args:
-        spec: timm model name or alias (``deit_small``), a local Hugging Face / timm model
-            directory, or a local checkpoint file (then ``arch`` names its timm architecture).
+        spec: timm model name or alias (``deit_small``), a built-in teacher (``fmnist_vit``,
+            trained and cached on first use), a local Hugging Face / timm model directory, or a local checkpoint file (then ``arch`` names its timm architecture).
         pretrained: load weights; ``False`` builds the architecture only (for ``inspect``).
         img_size: build for this input resolution (timm ``img_size``, HF ``image_size``).
     """
@@ -120,12 +118,16 @@ def load_model(spec: str, *, arch: Optional[str] = None, pretrained: bool = True
                                  "model directory (save_pretrained) or a timm model directory")
         config = json.loads(cfg_file.read_text())
         if "architecture" in config:
-            return _timm_from_dir(path, config, pretrained, **timm_kwargs)
+            return _timm_from_dir(path, pretrained, **timm_kwargs)
         return _hf_from_dir(path, pretrained, img_size)
     if path.is_file():
         return _timm_from_checkpoint(path, arch, pretrained, **timm_kwargs)
     if path.suffix in CHECKPOINT_SUFFIXES or "/" in spec:
         raise ModelLoadError(f"no such file or directory: {spec}")
+
+    from castle_convert import zoo
+    if spec in zoo.BUILTINS:
+        return zoo.load_builtin(spec, pretrained=pretrained)
 
     import timm
     name = resolve_name(spec)

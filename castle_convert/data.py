@@ -1,0 +1,254 @@
+"""Datasets for distillation: image folders, Hugging Face datasets, the built-in Fashion-MNIST.
+
+Transforms come from the teacher's own data config (timm ``resolve_data_config`` /
+``create_transform``; for transformers, its image-processor mean/std/size). Grey images are
+turned into 3 channels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+
+
+class DataError(ValueError):
+    """A dataset cannot be found or does not fit the teacher; the message says how to fix it."""
+
+
+@dataclass
+class DataBundle:
+    name: str
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    classes: list[str]
+
+
+# -- transforms ----------------------------------------------------------------------------------
+
+@dataclass
+class DataConfig:
+    """What images the model expects: timm's data-config fields."""
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+
+
+def data_config(model: nn.Module, resolution: Optional[int] = None) -> DataConfig:
+    """The teacher's data config: timm pretrained_cfg, or the HF image-processor fields."""
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and not hasattr(model, "pretrained_cfg"):
+        proc = getattr(model, "castle_image_processor", None) or {}
+        size = proc.get("size", getattr(hf_config, "image_size", 224))
+        if isinstance(size, dict):
+            size = size.get("height", size.get("shortest_edge", 224))
+        c = getattr(hf_config, "num_channels", 3)
+        cfg = DataConfig(input_size=(c, size, size), mean=tuple(proc.get("image_mean", (0.5,) * 3)),
+                         std=tuple(proc.get("image_std", (0.5,) * 3)), interpolation="bilinear",
+                         crop_pct=1.0)
+    else:
+        from timm.data import resolve_data_config
+
+        from castle_convert.adapters import timm_vit
+        d = resolve_data_config(model=model)
+        # The size the model was built for (img_size=...) wins over its pretrained_cfg default.
+        cfg = DataConfig(input_size=timm_vit.input_size(model), mean=tuple(d["mean"]), std=tuple(d["std"]),
+                         interpolation=d.get("interpolation", "bicubic"), crop_pct=d.get("crop_pct", 0.875))
+    if resolution is not None:
+        cfg.input_size = (cfg.input_size[0], resolution, resolution)
+    return cfg
+
+
+def build_transform(cfg: DataConfig, train: bool, augmentation: str = "light") -> Callable:
+    from timm.data import create_transform
+    if not train or augmentation == "none":
+        return create_transform(input_size=cfg.input_size, is_training=False, mean=cfg.mean, std=cfg.std,
+                                interpolation=cfg.interpolation, crop_pct=cfg.crop_pct)
+    return create_transform(input_size=cfg.input_size, is_training=True, mean=cfg.mean, std=cfg.std,
+                            interpolation=cfg.interpolation, hflip=0.5,
+                            auto_augment="rand-m9-mstd0.5" if augmentation == "strong" else None,
+                            scale=(0.08, 1.0) if augmentation == "strong" else (0.35, 1.0))
+
+
+class Transformed(Dataset):
+    """Applies a transform to (PIL image, label) samples; images become RGB first.
+
+    With ``seed`` set, random augmentation of sample ``i`` in epoch ``e`` draws from RNGs seeded by
+    ``(seed, e, i)`` only: the same images whatever the process count, worker count or resume point
+    (the global RNG state is left as it was).
+    """
+
+    def __init__(self, base: Dataset, transform: Callable, seed: Optional[int] = None):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        image, label = self.base[i]
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if self.seed is None:
+            return self.transform(image), label
+        sample_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            try:
+                return self.transform(image), label
+            finally:
+                random.setstate(py_state)
+
+
+# -- sources -------------------------------------------------------------------------------------
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+class ArrayImages(Dataset):
+    """uint8 images (N, H, W) + labels as (PIL 'L' image, int) samples."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return Image.fromarray(self.images[i], mode="L"), int(self.labels[i])
+
+
+def fashion_mnist_dir() -> Optional[Path]:
+    for d in [os.environ.get("CASTLE_FASHION_MNIST_DIR"), *FASHION_MNIST_DIRS]:
+        if d and (Path(d) / "train-images-idx3-ubyte.gz").exists():
+            return Path(d)
+    return None
+
+
+def load_fashion_mnist() -> tuple[ArrayImages, ArrayImages]:
+    root = fashion_mnist_dir()
+    if root is not None:
+        split = {}
+        for name, prefix in (("train", "train"), ("val", "t10k")):
+            split[name] = ArrayImages(_read_idx(root / f"{prefix}-images-idx3-ubyte.gz"),
+                                      _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz"))
+        return split["train"], split["val"]
+    try:
+        from datasets import load_dataset
+        ds = load_dataset("fashion_mnist")
+    except Exception as e:  # noqa: BLE001 - offline / not cached
+        raise DataError(
+            "Fashion-MNIST is not available: install it with `apt-get install dataset-fashion-mnist` "
+            "(files under /usr/share/datasets/fashion-mnist/), point CASTLE_FASHION_MNIST_DIR at a "
+            f"folder with the four *-ubyte.gz files, or go online for Hugging Face datasets ({type(e).__name__}).") from e
+    return tuple(ArrayImages(np.stack([np.asarray(im) for im in ds[s]["image"]]), np.asarray(ds[s]["label"]))
+                 for s in ("train", "test"))
+
+
+def load_image_folder(root: Path) -> tuple[Dataset, Dataset, list[str]]:
+    from torchvision.datasets import ImageFolder
+    missing = [s for s in ("train", "val") if not (root / s).is_dir()]
+    if missing:
+        raise DataError(f"--data {root}: expected an image-folder layout with {root}/train/<class>/* and "
+                        f"{root}/val/<class>/*; missing {', '.join(missing)}/")
+    train, val = ImageFolder(str(root / "train")), ImageFolder(str(root / "val"))
+    if train.classes != val.classes:
+        raise DataError(f"--data {root}: train/ and val/ have different class folders "
+                        f"({len(train.classes)} vs {len(val.classes)})")
+    return train, val, train.classes
+
+
+class HFImages(Dataset):
+    def __init__(self, ds: Any, image_key: str, label_key: str):
+        self.ds, self.image_key, self.label_key = ds, image_key, label_key
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        row = self.ds[i]
+        image = row[self.image_key]
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image))
+        return image, int(row[self.label_key])
+
+
+def load_hf_dataset(spec: str) -> tuple[Dataset, Dataset, list[str]]:
+    from datasets import load_dataset
+    name, _, config = spec.partition(":")
+    try:
+        ds = load_dataset(name, config or None)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"--data hf:{spec}: cannot load Hugging Face dataset '{name}' "
+                        f"({type(e).__name__}: {str(e)[:200]}). Offline, it must be in the local "
+                        "datasets cache (HF_DATASETS_OFFLINE=1 uses only the cache).") from e
+    splits = list(ds)
+    train_split = "train" if "train" in ds else splits[0]
+    val_split = next((s for s in ("validation", "val", "test") if s in ds), None)
+    if val_split is None:
+        raise DataError(f"--data hf:{spec}: needs a validation/val/test split besides '{train_split}' (has {splits})")
+    features = ds[train_split].features
+    image_key = next((k for k in ("image", "img", "pixel_values") if k in features), None)
+    label_key = next((k for k in ("label", "labels", "fine_label") if k in features), None)
+    if image_key is None or label_key is None:
+        raise DataError(f"--data hf:{spec}: cannot find image and label columns in {list(features)}")
+    names = getattr(features[label_key], "names", None)
+    classes = list(names) if names else [str(i) for i in sorted(set(ds[train_split][label_key]))]
+    return (HFImages(ds[train_split], image_key, label_key), HFImages(ds[val_split], image_key, label_key),
+            classes)
+
+
+def _subset(ds: Dataset, n: Optional[int], seed: int) -> Dataset:
+    if n is None or n >= len(ds):
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    return Subset(ds, idx.sort().values.tolist())
+
+
+def build_data(spec: str, teacher: nn.Module, *, resolution: Optional[int] = None, augmentation: str = "light",
+               max_train_samples: Optional[int] = None, max_eval_samples: Optional[int] = None,
+               seed: int = 0) -> DataBundle:
+    """``spec``: ``fashion-mnist``, ``hf:NAME[:CONFIG]``, or a directory with train/ and val/."""
+    if spec == "fashion-mnist":
+        train, val = load_fashion_mnist()
+        classes = FASHION_MNIST_CLASSES
+    elif spec.startswith("hf:"):
+        train, val, classes = load_hf_dataset(spec[3:])
+    else:
+        root = Path(spec).expanduser()
+        if not root.exists():
+            raise DataError(f"--data {spec}: no such directory (and not 'fashion-mnist' or 'hf:NAME')")
+        train, val, classes = load_image_folder(root)
+    cfg = data_config(teacher, resolution)
+    train = Transformed(_subset(train, max_train_samples, seed), build_transform(cfg, True, augmentation), seed=seed)
+    val = Transformed(_subset(val, max_eval_samples, seed + 1), build_transform(cfg, False))
+    return DataBundle(name=spec, train=train, val=val, num_classes=len(classes), classes=list(classes))

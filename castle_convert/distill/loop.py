@@ -1,0 +1,323 @@
+"""The distillation fine-tune on Accelerate.
+
+Frozen teacher (eval mode, not wrapped for DDP); student in training form; the anneal schedule
+moves g_t / τ_t on fractional epochs; resumable state every ``save_every`` optimizer steps.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from castle_convert.convert import finalize, primary_output, set_schedule, training_forms
+from castle_convert.data import DataBundle, DataError
+from castle_convert.distill import losses
+from castle_convert.distill.evaluate import embeddings, evaluate, head_classes
+from castle_convert.distill.schedule import AnnealSchedule, lr_factor
+from castle_convert.recipes import Recipe
+
+
+class ResumeError(RuntimeError):
+    """--resume was asked for but there is nothing (usable) to resume."""
+
+
+@dataclass
+class TrainState:
+    """Optimizer steps taken; checkpointed with the rest of the run."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+@dataclass
+class DistillResult:
+    student: nn.Module                       # finalized (inference form), unwrapped, on CPU
+    teacher_eval: dict
+    student_start_eval: dict                 # training form before any step (== teacher)
+    student_train_form_eval: dict            # training form at g = 0 after distillation
+    student_final_eval: dict                 # finalized
+    steps: int
+    epochs: float
+    wall_time_s: float
+    images_per_s: float
+    history: list = field(default_factory=list)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith("gamma") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _converted_paths(student: nn.Module) -> list[str]:
+    return list(getattr(student, "castling_converted", []))
+
+
+class _OutputCapture:
+    """Forward hooks collecting the outputs of the converted attention paths (attention transfer)."""
+
+    def __init__(self, model: nn.Module, paths: list[str]):
+        self.outputs: list[torch.Tensor] = []
+        self.handles = [model.get_submodule(p).register_forward_hook(self._hook) for p in paths]
+
+    def _hook(self, module, args, out) -> None:
+        self.outputs.append(out[0] if isinstance(out, tuple) else out)
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.outputs = self.outputs, []
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _mean_mask_density(model: nn.Module) -> float:
+    values = [m.last_mask_density for _, m in training_forms(model) if m.last_mask_density is not None]
+    return float(torch.stack([v.float().cpu() for v in values]).mean()) if values else 1.0
+
+
+def process_state():
+    """Accelerate's process state; without CUDA, distributed runs use gloo on CPU (MULTI_CPU)."""
+    from accelerate import PartialState
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _accelerator(recipe: Recipe, work_dir: Optional[Path], grad_accum: int):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    project = ProjectConfiguration(project_dir=str(work_dir), logging_dir=str(work_dir / "tensorboard")) \
+        if work_dir else None
+    process_state()
+    return Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=grad_accum,
+                       mixed_precision=recipe.mixed_precision,
+                       log_with="tensorboard" if work_dir else None, project_config=project,
+                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+
+
+def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Recipe, *,
+            work_dir: Optional[Path] = None, resume: bool = False, progress: bool = True,
+            on_step: Optional[Callable[[int], None]] = None, accelerator=None) -> DistillResult:
+    """Distil ``student`` (a converted training form) against ``teacher`` on ``data``.
+
+    Args:
+        work_dir: where resumable state (``checkpoint/``) and TensorBoard logs go; None = neither.
+        resume: continue from ``work_dir/checkpoint``.
+        on_step: called with the optimizer step count after every step (tests use it).
+    Returns the finalized student and the evaluations (teacher, student at start, training form at
+    g = 0, finalized).
+    """
+    from accelerate.utils import set_seed
+
+    if not training_forms(student):
+        raise ValueError("student has no castling training-form attention: pass cc.convert(teacher)")
+    n_classes = head_classes(teacher)
+    classify = n_classes is not None
+    if classify and n_classes != data.num_classes:
+        raise DataError(
+            f"dataset '{data.name}' has {data.num_classes} classes but the teacher's head has {n_classes}: "
+            "use a teacher fine-tuned on this dataset (or a headless backbone, distilled on features)")
+    opt = recipe.optim
+    work_dir = Path(work_dir) if work_dir else None
+    ckpt_dir = work_dir / "checkpoint" if work_dir else None
+    if resume and not (ckpt_dir and ckpt_dir.is_dir()):
+        raise ResumeError(f"--resume: no checkpoint to resume in {ckpt_dir} (the run saves one every "
+                          f"save_every={recipe.save_every} steps)")
+
+    accelerator = accelerator or _accelerator(recipe, work_dir, opt.grad_accum)
+    set_seed(recipe.seed)
+    world = accelerator.num_processes
+    if opt.batch_size % (world * opt.grad_accum):
+        raise ValueError(f"optim.batch_size={opt.batch_size} must be divisible by processes ({world}) × "
+                         f"grad_accum ({opt.grad_accum})")
+    per_device = opt.batch_size // (world * opt.grad_accum)
+    workers = recipe.data.workers
+    # Not persistent: workers are re-created each epoch and see the dataset's set_epoch().
+    train_loader = DataLoader(data.train, batch_size=per_device, shuffle=True, drop_last=True,
+                              num_workers=workers, generator=torch.Generator().manual_seed(recipe.seed))
+    val_loader = DataLoader(data.val, batch_size=per_device, shuffle=False, num_workers=workers,
+                            generator=torch.Generator().manual_seed(recipe.seed))
+    if len(train_loader) // world < opt.grad_accum:
+        raise DataError(f"dataset '{data.name}' has {len(data.train)} training images: fewer than one "
+                        f"global batch of {opt.batch_size}")
+
+    teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(_param_groups(student, opt.weight_decay), lr=opt.lr)
+    student, optimizer, train_loader, val_loader = accelerator.prepare(student, optimizer, train_loader, val_loader)
+    raw_student = accelerator.unwrap_model(student)
+
+    batches_per_epoch = len(train_loader)                       # per process, after sharding
+    steps_per_epoch = max(1, batches_per_epoch // opt.grad_accum)
+    total_steps = max(1, math.ceil(recipe.epochs * steps_per_epoch))
+    warmup = int(recipe.optim.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, opt))
+    anneal, state = AnnealSchedule(recipe.castling.anneal), TrainState()
+    for obj in (scheduler, anneal, state):
+        accelerator.register_for_checkpointing(obj)
+    if work_dir:
+        accelerator.init_trackers("castle_convert", config={"recipe": recipe.name, "epochs": recipe.epochs,
+                                                            "lr": opt.lr, "batch_size": opt.batch_size})
+
+    history: list[dict] = []
+    teacher_eval = evaluate(teacher, val_loader, accelerator, classify=classify, reference=teacher)
+    start_eval = evaluate(student, val_loader, accelerator, classify=classify, reference=teacher) \
+        if not resume else {}
+    accelerator.print(f"teacher {_fmt(teacher_eval)} | student at start {_fmt(start_eval) or '(resumed)'}")
+    if resume:                                   # after the evaluations: restores the RNG states too
+        accelerator.load_state(str(ckpt_dir))
+        accelerator.print(f"resumed from {ckpt_dir} at step {state.step}")
+
+    capture = None
+    if recipe.distill.attn_transfer > 0:
+        capture = (_OutputCapture(raw_student, _converted_paths(raw_student)),
+                   _OutputCapture(teacher, _converted_paths(raw_student)))
+    eval_steps = max(1, round(recipe.eval_every * steps_per_epoch))
+    bar = None
+    if progress and accelerator.is_local_main_process:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total_steps, initial=state.step, desc="distill", dynamic_ncols=True)
+    t_start, images_seen, t_window, img_window = time.time(), 0, time.time(), 0
+    micro = state.step * opt.grad_accum
+    try:
+        while state.step < total_steps:
+            epoch_idx = micro // batches_per_epoch
+            train_loader.set_epoch(epoch_idx)
+            if hasattr(data.train, "set_epoch"):
+                data.train.set_epoch(epoch_idx)
+            skip = micro % batches_per_epoch
+            loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+            for images, labels in loader:
+                g, tau = anneal.update(micro / batches_per_epoch)
+                set_schedule(raw_student, g, tau)
+                with accelerator.accumulate(student):
+                    with torch.no_grad(), accelerator.autocast():
+                        t_out = teacher(images)
+                    with accelerator.autocast():
+                        s_out = student(images)
+                    loss, parts = _loss(recipe, s_out, t_out, labels, classify, capture)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and opt.clip_grad:
+                        accelerator.clip_grad_norm_(student.parameters(), opt.clip_grad)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro += 1
+                images_seen += images.shape[0] * world
+                img_window += images.shape[0] * world
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                state.step += 1
+                if state.step % recipe.log_every == 0 or state.step == total_steps:
+                    now = time.time()
+                    row = {"step": state.step, "epoch": micro / batches_per_epoch, "loss": loss.item(),
+                           **parts, "gate": g, "threshold": tau, "mask_density": _mean_mask_density(raw_student),
+                           "lr": scheduler.get_last_lr()[0], "img_per_s": img_window / max(now - t_window, 1e-9)}
+                    t_window, img_window = now, 0
+                    history.append(row)
+                    accelerator.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=state.step)
+                    if bar:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", g=f"{g:.3f}", mask=f"{row['mask_density']:.2f}",
+                                        lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
+                if bar:
+                    bar.update(1)
+                if ckpt_dir and state.step % recipe.save_every == 0 and state.step < total_steps:
+                    _save_state(accelerator, ckpt_dir)
+                if state.step % eval_steps == 0 and state.step < total_steps:
+                    ev = evaluate(student, val_loader, accelerator, classify=classify, reference=teacher)
+                    accelerator.log({f"eval/student_{k}": v for k, v in ev.items()}, step=state.step)
+                    history.append({"step": state.step, "eval": ev, "gate": g})
+                    accelerator.print(f"step {state.step}: student (g={g:.3f}) {_fmt(ev)}")
+                if on_step:
+                    on_step(state.step)
+                if state.step >= total_steps:
+                    break
+    finally:
+        if bar:
+            bar.close()
+        if capture:
+            for c in capture:
+                c.remove()
+    wall = time.time() - t_start
+
+    # Final: the training form at g = 0, then the finalized (inference) form; the two must agree.
+    set_schedule(raw_student, 0.0, 0.0)
+    train_form_eval = evaluate(student, val_loader, accelerator, classify=classify, reference=teacher)
+    final = finalize(raw_student)
+    final_eval = evaluate(final, val_loader, accelerator, classify=classify, reference=teacher)
+    accelerator.log({f"eval/final_{k}": v for k, v in final_eval.items()}, step=state.step)
+    for tracker in accelerator.trackers:          # not end_training(): it tears down the process group
+        tracker.finish()
+    key = "top1" if classify else "cosine"
+    tol = 0.1 if classify else 1e-3
+    if abs(train_form_eval[key] - final_eval[key]) > tol:
+        raise RuntimeError(f"finalized student disagrees with its training form at g=0: "
+                           f"{final_eval[key]:.3f} vs {train_form_eval[key]:.3f} ({key})")
+    return DistillResult(student=final.cpu(), teacher_eval=teacher_eval, student_start_eval=start_eval,
+                         student_train_form_eval=train_form_eval, student_final_eval=final_eval,
+                         steps=state.step, epochs=micro / batches_per_epoch, wall_time_s=wall,
+                         images_per_s=images_seen / max(wall, 1e-9), history=history)
+
+
+def _loss(recipe: Recipe, s_out, t_out, labels, classify: bool, capture) -> tuple[torch.Tensor, dict]:
+    d = recipe.distill
+    parts: dict[str, float] = {}
+    if classify:
+        s_logits, t_logits = primary_output(s_out), primary_output(t_out)
+        kd = losses.soft_kd(s_logits, t_logits, d.temperature) if d.loss == "soft" else losses.hard_kd(s_logits, t_logits)
+        loss = d.alpha * kd
+        parts["kd"] = kd.item()
+        if d.alpha < 1.0:
+            ce = torch.nn.functional.cross_entropy(s_logits.float(), labels)
+            loss = loss + (1.0 - d.alpha) * ce
+            parts["ce"] = ce.item()
+    else:
+        loss = losses.feature_loss(embeddings(s_out), embeddings(t_out), d.feature_loss)
+        parts["feature"] = loss.item()
+    if capture is not None:
+        s_cap, t_cap = capture
+        at = losses.attention_transfer(s_cap.take(), t_cap.take())
+        loss = loss + d.attn_transfer * at
+        parts["attn_transfer"] = at.item()
+    return loss, parts
+
+
+def _save_state(accelerator, ckpt_dir: Path) -> None:
+    """Write the resumable state to a temp folder, then swap it in (a kill never leaves half a checkpoint)."""
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+        if ckpt_dir.exists():
+            ckpt_dir.rename(old)
+        tmp.rename(ckpt_dir)
+        if old.exists():
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _fmt(ev: dict) -> str:
+    if not ev:
+        return ""
+    if "top1" in ev:
+        return f"top-1 {ev['top1']:.2f}%" + (f" (agrees with teacher {ev['agree']:.2f}%)" if "agree" in ev else "")
+    return f"cosine {ev['cosine']:.4f}"

@@ -1,0 +1,228 @@
+"""Recipes: plain YAML -> validated, typed :class:`Recipe`; ``--set a.b=c`` overrides.
+
+Unknown or mistyped keys are errors naming the key path and the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from castle_convert.config import CastlingConfig, ConfigError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class RecipeError(ConfigError):
+    """A recipe cannot be found or has a bad key/value; the message names the key path."""
+
+
+@dataclass
+class DataSection:
+    name: Optional[str] = None          # dataset used when --data is not given (e.g. fashion-mnist)
+    resolution: Optional[int] = None    # input size; None = the teacher's own
+    augmentation: str = "light"         # none | light (random crop/flip as timm's) | strong (rand-aug)
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    workers: int = 2
+
+
+@dataclass
+class OptimSection:
+    lr: float = 5e-4                    # for the global batch
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    schedule: str = "cosine"            # cosine | constant
+    batch_size: int = 256               # global batch (all processes, all accumulation steps)
+    grad_accum: int = 1
+    clip_grad: Optional[float] = 1.0
+    min_lr: float = 1e-6
+
+
+@dataclass
+class DistillSection:
+    loss: str = "soft"                  # soft (KL at temperature) | hard (CE on teacher argmax)
+    temperature: float = 1.0
+    alpha: float = 1.0                  # weight of the KD term; (1 - alpha) on label cross-entropy
+    attn_transfer: float = 0.0          # weight of per-layer MSE(student attention out, teacher's)
+    feature_loss: str = "cosine"        # headless backbones: cosine | mse on final embeddings
+
+
+@dataclass
+class AnnealSection:
+    start_epoch: float = 0.0            # g = 1 before this epoch
+    end_epoch: float = 1.0              # g = 0 from this epoch on (the rest trains the inference form)
+    curve: str = "cosine"               # cosine | linear
+    threshold: float = 1.0              # τ at end_epoch, in units of uniform attention 1/N
+
+
+@dataclass
+class CastlingSection:
+    kind: str = "linear_angular"
+    combine: str = "blend"
+    dw: str = "2d"
+    dw_kernel: int = 3
+    gamma_init: str = "calibrate"
+    anneal: AnnealSection = field(default_factory=AnnealSection)
+
+    def to_config(self) -> CastlingConfig:
+        return CastlingConfig(kind=self.kind, combine=self.combine, dw=self.dw, dw_kernel=self.dw_kernel,
+                              gamma_init=self.gamma_init, gate=1.0, threshold=0.0)
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    model: Optional[str] = None         # default MODEL when none is given on the command line
+    epochs: float = 1.0
+    eval_every: float = 1.0             # epochs between evaluations (the end is always evaluated)
+    save_every: int = 500               # optimizer steps between resumable checkpoints
+    log_every: int = 10
+    seed: int = 0
+    mixed_precision: str = "no"         # no | bf16 | fp16
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+    castling: CastlingSection = field(default_factory=CastlingSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> "Recipe":
+        def bad(path: str, value: Any, fix: str) -> RecipeError:
+            return RecipeError(f"recipe '{self.name}': {path}={value!r} is invalid: {fix}")
+
+        choices = {"data.augmentation": ("none", "light", "strong"), "optim.schedule": ("cosine", "constant"),
+                   "distill.loss": ("soft", "hard"), "distill.feature_loss": ("cosine", "mse"),
+                   "castling.anneal.curve": ("cosine", "linear"), "mixed_precision": ("no", "bf16", "fp16")}
+        for path, allowed in choices.items():
+            value = _get(self, path)
+            if value not in allowed:
+                raise bad(path, value, f"choose one of {list(allowed)}")
+        positive = ["epochs", "optim.lr", "optim.batch_size", "optim.grad_accum", "distill.temperature",
+                    "save_every", "eval_every", "log_every"]
+        for path in positive:
+            if not _get(self, path) > 0:
+                raise bad(path, _get(self, path), "use a value > 0")
+        if not 0.0 <= self.distill.alpha <= 1.0:
+            raise bad("distill.alpha", self.distill.alpha, "use a value in [0, 1]")
+        a = self.castling.anneal
+        if not 0.0 <= a.start_epoch <= a.end_epoch <= self.epochs:
+            raise bad("castling.anneal", f"{a.start_epoch}..{a.end_epoch}",
+                      f"need 0 <= start_epoch <= end_epoch <= epochs ({self.epochs})")
+        if self.optim.batch_size % self.optim.grad_accum:
+            raise bad("optim.batch_size", self.optim.batch_size,
+                      f"must be a multiple of optim.grad_accum ({self.optim.grad_accum})")
+        try:
+            self.castling.to_config()
+        except ConfigError as e:
+            raise RecipeError(f"recipe '{self.name}': castling section: {e}") from e
+        return self
+
+
+def _get(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is typing.Union:
+        if value is None:
+            return None
+        return _coerce(path, value, args[0])
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):          # YAML reads "5e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if annotation is str and isinstance(value, str):
+        return value
+    if annotation is bool and isinstance(value, bool):
+        return value
+    name = getattr(annotation, "__name__", str(annotation))
+    raise RecipeError(f"recipe key '{path}' must be {name}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe key '{path or '<top>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        where = f"under '{path}'" if path else "at the top level"
+        full = ", ".join(f"{path}.{k}" if path else k for k in unknown)
+        raise RecipeError(f"unknown recipe key '{full}'; valid keys {where}: {', '.join(fields)}")
+    kwargs = {}
+    for key, value in data.items():
+        sub = f"{path}.{key}" if path else key
+        hint = hints[key]
+        kwargs[key] = _build(hint, value, sub) if dataclasses.is_dataclass(hint) else _coerce(sub, value, hint)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def _read(name_or_path: str) -> tuple[str, dict]:
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise RecipeError(f"no recipe '{name_or_path}': give a YAML file path or one of {available()}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a YAML mapping")
+    base = data.pop("base", None)                   # a recipe may extend another one
+    if base:
+        _, parent = _read(base)
+        data = _deep_merge(parent, data)
+    data.setdefault("name", path.stem)
+    return path.stem, data
+
+
+def parse_set(items: list[str]) -> dict:
+    """``["optim.lr=1e-4", "castling.dw=1d"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise RecipeError(f"--set needs KEY=VALUE (e.g. optim.lr=1e-4), got {item!r}")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_recipe(name_or_path: str = "quick", overrides: Optional[list[str] | dict] = None) -> Recipe:
+    """Load a recipe by name (``recipes/NAME.yaml``) or path, apply overrides, validate."""
+    _, data = _read(name_or_path)
+    if overrides:
+        data = _deep_merge(data, parse_set(overrides) if isinstance(overrides, list) else overrides)
+    return _build(Recipe, data, "").validate()

@@ -1,0 +1,133 @@
+"""The main job: teacher → convert → distil (anneal) → finalize → output directory → table.
+
+``castle-convert deit_small --recipe distill-30ep --data DIR --output runs/x`` calls :func:`run`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from castle_convert.convert import convert, inspect
+from castle_convert.data import DataError, build_data
+from castle_convert.distill.loop import DistillResult, ResumeError, distill, process_state
+from castle_convert.export.save import check_output_dir, describe_source, report_versions, write_output_dir
+from castle_convert.models import load_model
+from castle_convert.recipes import Recipe
+
+
+@dataclass
+class RunResult:
+    output: Optional[Path]
+    report: dict
+    distill: DistillResult
+
+
+def default_output(model_spec: str, recipe: Recipe) -> Path:
+    return Path("runs") / f"{Path(model_spec).name.replace('.', '_')}-{recipe.name}"
+
+
+def _source(model_spec: str, arch: Optional[str], teacher) -> dict:
+    from castle_convert import zoo
+    if model_spec in zoo.BUILTINS:
+        spec = zoo.BUILTINS[model_spec]
+        return {"library": "timm", "builtin": model_spec, "architecture": spec["architecture"],
+                "model_args": spec["model_args"], "pretrained_cfg": spec["pretrained_cfg"]}
+    src = describe_source(teacher)
+    src["model"] = model_spec if not arch else f"{model_spec} (--arch {arch})"
+    return src
+
+
+def _calibration_batch(dataset, n: int = 32) -> torch.Tensor:
+    """The first ``n`` training images (the same on every process)."""
+    return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
+
+
+def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] = None,
+        output: Optional[Path] = None, arch: Optional[str] = None, resume: bool = False,
+        overwrite: bool = False, progress: bool = True, on_step=None) -> RunResult:
+    model_spec = model_spec or recipe.model
+    if not model_spec:
+        raise DataError(f"no MODEL given and recipe '{recipe.name}' names none: e.g. castle-convert deit_small")
+    data_spec = data_spec or recipe.data.name
+    if not data_spec:
+        raise DataError(f"no --data given and recipe '{recipe.name}' names no dataset: pass --data DIR "
+                        "(train/ and val/ image folders), --data hf:NAME or --data fashion-mnist")
+    output = Path(output) if output else default_output(model_spec, recipe)
+    work_dir = output.with_name(output.name + ".run")
+    state = process_state()
+    if not resume:
+        check_output_dir(output, overwrite)                     # before any work
+        if (work_dir / "checkpoint").exists():
+            if not overwrite:
+                raise ResumeError(f"an interrupted run left a checkpoint in {work_dir}: pass --resume to "
+                                  "continue it, or --overwrite to start over")
+            if state.is_main_process:
+                shutil.rmtree(work_dir)
+        state.wait_for_everyone()
+    t0 = time.time()
+    with state.main_process_first():                            # a built-in teacher trains once
+        teacher = load_model(model_spec, arch=arch, pretrained=True)
+    teacher.eval()
+    d = recipe.data
+    data = build_data(data_spec, teacher, resolution=d.resolution, augmentation=d.augmentation,
+                      max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples,
+                      seed=recipe.seed)
+    student = convert(teacher, recipe.castling.to_config(), calibration_inputs=_calibration_batch(data.train))
+    result = distill(teacher, student, data, recipe, work_dir=work_dir, resume=resume, progress=progress,
+                     on_step=on_step)
+    size = data.val[0][0].shape[-2:]
+    costs = inspect(teacher, recipe.castling.to_config(), img_size=tuple(size))
+    report = {
+        "model": model_spec,
+        "dataset": data_spec,
+        "recipe": recipe.name,
+        "teacher": result.teacher_eval,
+        "student_start": result.student_start_eval,
+        "student_train_form_g0": result.student_train_form_eval,
+        "student": result.student_final_eval,
+        "params": {"teacher": costs.params_before, "student": costs.params_after},
+        "macs": {"teacher": costs.macs_before, "student": costs.macs_after, "input_size": list(costs.input_size),
+                 "tokens": costs.tokens},
+        "steps": result.steps,
+        "epochs": result.epochs,
+        "train_time_s": result.wall_time_s,
+        "total_time_s": time.time() - t0,
+        "train_images_per_s": result.images_per_s,
+        "processes": state.num_processes,
+        "versions": report_versions(),
+    }
+    if state.is_main_process:
+        write_output_dir(output, result.student, source=_source(model_spec, arch, teacher),
+                         recipe_yaml=recipe.to_yaml(), report=report,
+                         extra_files={"logs": work_dir / "tensorboard"}, overwrite=overwrite or resume)
+        shutil.rmtree(work_dir, ignore_errors=True)            # checkpoints are done with
+    state.wait_for_everyone()
+    return RunResult(output=output, report=report, distill=result)
+
+
+def format_table(report: dict) -> str:
+    """The teacher-vs-student table printed at the end of a run."""
+    def acc(ev: dict) -> str:
+        if not ev:
+            return "-"
+        return f"{ev['top1']:.2f}%" if "top1" in ev else f"cos {ev['cosine']:.4f}"
+
+    rows = [("teacher (softmax)", report["teacher"], report["params"]["teacher"], report["macs"]["teacher"]),
+            ("student at start", report["student_start"], report["params"]["student"], None),
+            ("student, training form g=0", report["student_train_form_g0"], report["params"]["student"], None),
+            ("student, finalized", report["student"], report["params"]["student"], report["macs"]["student"])]
+    lines = [f"{'model':<28}{'top-1':>10}{'params':>10}{'MACs':>10}", "-" * 58]
+    for name, ev, params, macs in rows:
+        m = f"{macs / 1e6:.1f}M" if macs else ""
+        lines.append(f"{name:<28}{acc(ev):>10}{params / 1e6:>9.2f}M{m:>10}")
+    t, s = report["teacher"], report["student"]
+    if "top1" in t and "top1" in s:
+        lines.append(f"Δ top-1 finalized vs teacher: {s['top1'] - t['top1']:+.2f} points; "
+                     f"agreement with teacher {s.get('agree', float('nan')):.2f}%")
+    return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""Built-in teachers that need no download: trained here on first use, then cached.
+
+``fmnist_vit``: a small timm ViT (28 px, patch 4 → 7×7 grid + class token, 4 blocks, width 64)
+trained on Fashion-MNIST. It is the default teacher of the ``quick`` recipe and of the fidelity
+benchmark, so the whole pipeline runs on a fresh machine with nothing but the package registries.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FMNIST_VIT = {
+    "architecture": "vit_tiny_patch16_224",
+    "model_args": dict(img_size=28, patch_size=4, embed_dim=64, depth=4, num_heads=2, mlp_ratio=2.0,
+                       num_classes=10),
+    "pretrained_cfg": dict(input_size=(3, 28, 28), mean=(0.2860,) * 3, std=(0.3530,) * 3, crop_pct=1.0,
+                           interpolation="bilinear", num_classes=10),
+    "dataset": "fashion-mnist",
+    "train": dict(epochs=6, batch_size=128, lr=2e-3, weight_decay=0.05, label_smoothing=0.1, seed=0),
+}
+BUILTINS = {"fmnist_vit": FMNIST_VIT}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CASTLE_CACHE", Path.home() / ".cache" / "castle_convert"))
+
+
+def create(name: str) -> nn.Module:
+    """The architecture of a built-in teacher, randomly initialised."""
+    import timm
+    spec = BUILTINS[name]
+    model = timm.create_model(spec["architecture"], pretrained=False, **spec["model_args"])
+    model.pretrained_cfg = {**model.pretrained_cfg, **spec["pretrained_cfg"], "architecture": spec["architecture"]}
+    return model
+
+
+def load_builtin(name: str, pretrained: bool = True, progress: bool = True) -> nn.Module:
+    """A built-in teacher; trained (a few minutes on CPU) and cached on first use."""
+    from safetensors.torch import load_file
+    model = create(name)
+    if not pretrained:
+        return model
+    weights = cache_dir() / name / "model.safetensors"
+    if not weights.exists():
+        train_builtin(name, progress=progress)
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval()
+
+
+def train_builtin(name: str, progress: bool = True) -> Path:
+    """Train a built-in teacher from scratch and write it to the cache atomically."""
+    from safetensors.torch import save_file
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from castle_convert.data import build_data
+
+    spec = BUILTINS[name]
+    cfg = spec["train"]
+    torch.manual_seed(cfg["seed"])
+    model = create(name)
+    data = build_data(spec["dataset"], model, augmentation="none")
+    loader = DataLoader(data.train, batch_size=cfg["batch_size"], shuffle=True, drop_last=True, num_workers=1,
+                        persistent_workers=True, generator=torch.Generator().manual_seed(cfg["seed"]))
+    val = DataLoader(data.val, batch_size=256, num_workers=1)
+    total = cfg["epochs"] * len(loader)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    warmup = len(loader) // 2
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
+    t0 = time.time()
+    bar = tqdm(total=total, desc=f"training teacher {name} (first use, cached)", disable=not progress,
+               dynamic_ncols=True)
+    model.train()
+    for _ in range(cfg["epochs"]):
+        for images, labels in loader:
+            loss = loss_fn(model(images), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    correct = n = 0
+    with torch.no_grad():
+        for images, labels in val:
+            correct += (model(images).argmax(-1) == labels).sum().item()
+            n += labels.numel()
+    top1 = 100.0 * correct / n
+    out = cache_dir() / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps({
+        "architecture": spec["architecture"], "model_args": spec["model_args"],
+        "pretrained_cfg": spec["pretrained_cfg"], "num_classes": spec["model_args"]["num_classes"],
+        "dataset": spec["dataset"], "train": cfg, "test_top1": top1, "train_time_s": time.time() - t0,
+    }, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(f"teacher {name}: test top-1 {top1:.2f}% after {time.time() - t0:.0f}s, cached in {out}")
+    return out / "model.safetensors"

@@ -1,0 +1,251 @@
+"""Distillation: recipes, schedules, data, the Accelerate loop, resume, output directory."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import castle_convert as cc
+from castle_convert.data import DataError, build_data
+from castle_convert.distill.loop import ResumeError, distill
+from castle_convert.distill.schedule import AnnealSchedule
+from castle_convert.export.save import OutputExistsError
+from castle_convert.recipes import AnnealSection, RecipeError, available, load_recipe
+from castle_convert.run import format_table, run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = ["epochs=2", "optim.batch_size=8", "optim.warmup_epochs=0.5", "castling.anneal.end_epoch=1",
+            "save_every=2", "log_every=1", "eval_every=1", "data.workers=0", "data.augmentation=light"]
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """3 classes of 32×32 RGB images with class-dependent colour: 24 train + 12 val per split."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for c, colour in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
+            d = root / split / f"class_{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = np.clip(rng.normal(colour, 40, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(d / f"{i}.png")
+    return root
+
+
+TINY_ARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+
+
+def tiny_teacher(num_classes: int = 3):
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", **{**TINY_ARGS, "num_classes": num_classes})
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A timm model folder (config.json + model.safetensors) as timm's save_for_hf writes it."""
+    from timm.models._hub import save_for_hf
+    path = tmp_path_factory.mktemp("teacher") / "tiny_vit"
+    save_for_hf(tiny_teacher(), str(path), model_args=TINY_ARGS, safe_serialization=True)
+    return path
+
+
+# -- recipes -------------------------------------------------------------------------------------
+
+def test_shipped_recipes_parse():
+    assert {"quick", "distill-10ep", "distill-30ep"} <= set(available())
+    r30, r10 = load_recipe("distill-30ep"), load_recipe("distill-10ep")
+    assert (r30.epochs, r10.epochs) == (30, 10) and r10.optim.batch_size == r30.optim.batch_size
+    assert r30.castling.anneal.end_epoch < r30.epochs, "a phase at gate 0 follows the anneal"
+    assert load_recipe("quick").model == "fmnist_vit"
+
+
+def test_recipe_overrides_and_errors(tmp_path):
+    r = load_recipe("quick", ["optim.lr=1e-4", "castling.dw=1d", "epochs=0.5", "castling.anneal.end_epoch=0.25"])
+    assert (r.optim.lr, r.castling.dw, r.epochs) == (1e-4, "1d", 0.5)
+    with pytest.raises(RecipeError, match=r"optim\.lrr.*valid keys under 'optim': lr"):
+        load_recipe("quick", ["optim.lrr=1"])
+    with pytest.raises(RecipeError, match=r"'optim\.batch_size' must be int"):
+        load_recipe("quick", ["optim.batch_size=abc"])
+    with pytest.raises(RecipeError, match="combine"):
+        load_recipe("quick", ["castling.combine=avg"])
+    with pytest.raises(RecipeError, match="no recipe 'nope'"):
+        load_recipe("nope")
+    custom = tmp_path / "mine.yaml"
+    custom.write_text("base: quick\nepochs: 4\nmystery: 1\n")
+    with pytest.raises(RecipeError, match="unknown recipe key 'mystery'"):
+        load_recipe(str(custom))
+
+
+def test_anneal_schedule_and_checkpoint_state():
+    s = AnnealSchedule(AnnealSection(start_epoch=1, end_epoch=3, curve="linear", threshold=2.0))
+    assert s.at(0.5) == (1.0, 0.0)
+    assert s.at(2.0) == pytest.approx((0.5, 1.0))
+    assert s.at(3.0) == (0.0, 2.0) and s.at(10) == (0.0, 2.0)
+    s.update(2.5)
+    t = AnnealSchedule(s.cfg)
+    t.load_state_dict(s.state_dict())
+    assert t.epoch == 2.5
+    cosine = AnnealSchedule(AnnealSection(start_epoch=0, end_epoch=2, curve="cosine"))
+    gates = [cosine.at(e)[0] for e in (0, 0.5, 1, 1.5, 2)]
+    assert gates == sorted(gates, reverse=True) and gates[2] == pytest.approx(0.5)
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reader_and_grey_to_rgb(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    monkeypatch.setenv("CASTLE_FASHION_MNIST_DIR", str(tmp_path))
+    from castle_convert import zoo
+    data = build_data("fashion-mnist", zoo.create("fmnist_vit"))
+    x, y = data.val[3]
+    assert (len(data.train), len(data.val), data.num_classes) == (20, 10, 10)
+    assert x.shape == (3, 28, 28) and torch.equal(x[0], x[1])
+    raw = np.asarray(data.val.base[3][0], dtype=np.float32) / 255
+    torch.testing.assert_close(x[0], torch.from_numpy((raw - 0.2860) / 0.3530), atol=1e-4, rtol=0)
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(monkeypatch, tmp_path):
+    import castle_convert.data as data_mod
+    monkeypatch.setenv("CASTLE_FASHION_MNIST_DIR", str(tmp_path))
+    monkeypatch.setattr(data_mod, "FASHION_MNIST_DIRS", ())
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        data_mod.load_fashion_mnist()
+
+
+def test_image_folder_errors(tmp_path, image_folder):
+    with pytest.raises(DataError, match="val"):
+        (tmp_path / "train" / "a").mkdir(parents=True)
+        build_data(str(tmp_path), tiny_teacher())
+    with pytest.raises(DataError, match="no such directory"):
+        build_data(str(tmp_path / "nope"), tiny_teacher())
+    data = build_data(str(image_folder), tiny_teacher())
+    assert data.num_classes == 3 and data.train[0][0].shape == (3, 32, 32)
+
+
+def test_class_count_mismatch_is_an_error_before_training(image_folder):
+    teacher = tiny_teacher(num_classes=5)
+    data = build_data(str(image_folder), teacher)
+    with pytest.raises(DataError, match="3 classes but the teacher's head has 5"):
+        distill(teacher, cc.convert(teacher), data, load_recipe("quick", TINY_RUN), progress=False)
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+def test_distill_end_to_end_with_attention_transfer(image_folder):
+    teacher = tiny_teacher()
+    data = build_data(str(image_folder), teacher)
+    recipe = load_recipe("quick", TINY_RUN + ["distill.attn_transfer=0.5", "distill.alpha=0.8"])
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    result = distill(teacher, cc.convert(teacher), data, recipe, progress=False)
+    assert result.steps == 6 and result.epochs == pytest.approx(2.0)
+    assert result.student_start_eval["top1"] == result.teacher_eval["top1"]
+    assert result.student_start_eval["agree"] == 100.0, "teacher-equivalent start"
+    assert abs(result.student_final_eval["top1"] - result.student_train_form_eval["top1"]) <= 0.1
+    rows = [h for h in result.history if "loss" in h]
+    assert {"kd", "ce", "attn_transfer", "gate", "mask_density", "lr", "img_per_s"} <= set(rows[0])
+    assert rows[0]["gate"] > rows[-1]["gate"] == 0.0, "gate annealed to 0"
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items()), "teacher stays frozen"
+    assert not any(getattr(m, "is_training_form", False) for m in result.student.modules())
+
+
+def test_headless_backbone_distils_on_features(image_folder):
+    torch.manual_seed(0)
+    teacher = timm.create_model("vit_small_patch14_reg4_dinov2", img_size=28, patch_size=7, embed_dim=32, depth=2,
+                                num_heads=2, num_classes=0)
+    data = build_data(str(image_folder), teacher)
+    result = distill(teacher, cc.convert(teacher), data, load_recipe("quick", TINY_RUN + ["epochs=1"]),
+                     progress=False)
+    assert result.student_start_eval["cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert "cosine" in result.student_final_eval and "feature" in result.history[0]
+
+
+def _run(model_dir, folder, out, extra=(), **kw):
+    recipe = load_recipe("quick", TINY_RUN + list(extra))
+    return run(str(model_dir), recipe, data_spec=str(folder), output=out, progress=False, **kw)
+
+
+def test_run_writes_complete_output_and_refuses_overwrite(teacher_dir, image_folder, tmp_path):
+    out = tmp_path / "out"
+    result = _run(teacher_dir, image_folder, out)
+    files = sorted(p.name for p in out.iterdir())
+    assert {"model.safetensors", "config.json", "recipe.yaml", "report.json", "logs"} <= set(files)
+    report = json.loads((out / "report.json").read_text())
+    assert {"teacher", "student", "student_train_form_g0", "params", "macs", "train_time_s", "versions"} <= set(report)
+    assert report["macs"]["student"] > 0 and report["macs"]["teacher"] > 0 and report["macs"]["tokens"] == 17
+    state = load_file(str(out / "model.safetensors"))
+    assert any(k.endswith("gamma") for k in state) and not any("mask" in k for k in state)
+    assert load_recipe(str(out / "recipe.yaml")).epochs == 2
+    assert "student, finalized" in format_table(result.report)
+    assert not out.with_name("out.run").exists(), "checkpoints removed after success"
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        _run(teacher_dir, image_folder, out)
+
+
+def test_interrupted_run_resumes_to_identical_weights(teacher_dir, image_folder, tmp_path):
+    full = _run(teacher_dir, image_folder, tmp_path / "full")
+
+    def kill_at_4(step):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        _run(teacher_dir, image_folder, out, on_step=kill_at_4)
+    assert not out.exists(), "an interrupted run leaves no output that looks complete"
+    assert (tmp_path / "resumed.run" / "checkpoint").is_dir()
+    with pytest.raises(ResumeError, match="--resume"):
+        _run(teacher_dir, image_folder, out)
+    resumed = _run(teacher_dir, image_folder, out, resume=True)
+    assert resumed.distill.steps == full.distill.steps
+    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
+    assert max(diffs.values()) <= 1e-6, {k: v for k, v in diffs.items() if v > 1e-6}
+
+
+def test_resume_without_checkpoint_is_an_error(teacher_dir, image_folder, tmp_path):
+    with pytest.raises(ResumeError, match="no checkpoint"):
+        _run(teacher_dir, image_folder, tmp_path / "never", resume=True)
+
+
+def test_two_process_accelerate_launch(teacher_dir, image_folder, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
+           "-m", "castle_convert", str(teacher_dir), "--recipe", "quick",
+           "--data", str(image_folder), "--output", str(out), "--no-progress",
+           *[a for s in TINY_RUN + ["optim.batch_size=8"] for a in ("--set", s)]]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["processes"] == 2
+    assert report["teacher"]["n"] == 12, "every validation image counted once across processes"
+    assert report["student_start"]["agree"] == 100.0
+    assert 0.0 <= report["student"]["top1"] <= 100.0 and report["steps"] == 6
