@@ -78,8 +78,13 @@ def _hf_from_dir(path: Path, pretrained: bool, img_size: Optional[int]) -> nn.Mo
     archs = getattr(config, "architectures", None) or []
     auto = AutoModelForImageClassification if any("ImageClassification" in a for a in archs) else AutoModel
     if not pretrained:
-        return auto.from_config(config)
-    return auto.from_pretrained(path, config=config, ignore_mismatched_sizes=img_size is not None)
+        model = auto.from_config(config)
+    else:
+        model = auto.from_pretrained(path, config=config, ignore_mismatched_sizes=img_size is not None)
+    processor = path / "preprocessor_config.json"
+    if processor.exists():                      # mean/std/size for the data pipeline (data.data_config)
+        model.castle_image_processor = json.loads(processor.read_text())
+    return model
 
 
 def _timm_from_dir(path: Path, pretrained: bool, **kwargs) -> nn.Module:

@@ -50,6 +50,7 @@ class DistillSection:
     temperature: float = 1.0
     alpha: float = 1.0                  # weight of the KD term; (1 - alpha) on label cross-entropy
     attn_transfer: float = 0.0          # weight of per-layer MSE(student attention out, teacher's)
+    local_transfer: float = 0.0         # weight of per-layer MSE(linear branch, softmax of the same q,k,v)
     feature_loss: str = "cosine"        # headless backbones: cosine | mse on final embeddings
 
 

@@ -170,3 +170,19 @@ def test_half_precision_high_token_count_is_finite():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = m.to_inference()(x)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("gate, threshold", [(0.0, 0.0), (0.5, 1.0)])
+def test_local_transfer_loss_is_mse_to_exact_softmax(gate, threshold):
+    m = _module()
+    m.set_schedule(gate, threshold)
+    m.compute_transfer = True
+    x = _x()
+    q, k, v = _heads(m, x)
+    B, N, _ = x.shape
+    softmax_out = ((q @ k.transpose(-2, -1) * m.scale).softmax(-1) @ v).transpose(1, 2).reshape(B, N, DIM)
+    m(x)
+    expected = F.mse_loss(_naive_lin(m, x), softmax_out)
+    torch.testing.assert_close(m.last_transfer_loss, expected, atol=1e-6, rtol=1e-5)
+    m.last_transfer_loss.backward()
+    assert m.gamma.grad is not None and m.dw.conv.weight.grad.abs().sum() > 0

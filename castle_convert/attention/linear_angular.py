@@ -135,6 +135,10 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
         self.attn_drop = nn.Dropout(spec.attn_drop)
         self.set_schedule(config.gate, config.threshold)
         self.last_mask_density: Optional[torch.Tensor] = None
+        # Attention transfer (LoLCATs-style): when on, each forward records
+        # MSE(γ·normalize(LA) + DW, softmax attention of the same q, k, v) as last_transfer_loss.
+        self.compute_transfer = False
+        self.last_transfer_loss: Optional[torch.Tensor] = None
         self._calib: Optional[list] = None        # [sum of per-head norms (h,), count] while calibrating
 
     @classmethod
@@ -171,6 +175,8 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
             self._calib[0] += aux.detach().float().norm(dim=-1).mean(dim=(0, 2))  # (h,)
             self._calib[1] += 1
         dw = self._dw(v_tokens)                                             # (B, N, C) or None
+        if self.compute_transfer:
+            self._record_transfer(q, k, v, dw, aux)
         if self.combine == "sum":
             extra = g * aux if (aux is not None and g > 0.0) else None
             out = self._merge(self._gamma() * angular_linear(q, k, v, self.eps, extra))
@@ -182,6 +188,15 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
                 lin = lin + dw
             out = lin if g <= 0.0 else g * self._merge(aux) + (1.0 - g) * lin
         return self._output(x, out)
+
+    def _record_transfer(self, q, k, v, dw, aux) -> None:
+        with torch.no_grad():                                              # target: exact softmax attention
+            target = aux if (aux is not None and self.threshold <= 0.0) else \
+                F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, h, N, d)
+        lin = self._merge(self._gamma() * angular_linear(q, k, v, self.eps))  # (B, N, C)
+        if dw is not None:
+            lin = lin + dw
+        self.last_transfer_loss = F.mse_loss(lin.float(), self._merge(target.detach()).float())
 
     # -- calibration of γ ----------------------------------------------------------------------
     def start_calibration(self) -> None:

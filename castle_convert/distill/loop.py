@@ -175,7 +175,8 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
                                                             "lr": opt.lr, "batch_size": opt.batch_size})
 
     history: list[dict] = []
-    teacher_eval = evaluate(teacher, val_loader, accelerator, classify=classify, reference=teacher)
+    teacher_eval = evaluate(teacher, val_loader, accelerator, classify=classify,
+                            reference=None if classify else teacher)
     start_eval = evaluate(student, val_loader, accelerator, classify=classify, reference=teacher) \
         if not resume else {}
     accelerator.print(f"teacher {_fmt(teacher_eval)} | student at start {_fmt(start_eval) or '(resumed)'}")
@@ -187,6 +188,9 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
     if recipe.distill.attn_transfer > 0:
         capture = (_OutputCapture(raw_student, _converted_paths(raw_student)),
                    _OutputCapture(teacher, _converted_paths(raw_student)))
+    local = recipe.distill.local_transfer > 0
+    for _, m in training_forms(raw_student):
+        m.compute_transfer = local
     eval_steps = max(1, round(recipe.eval_every * steps_per_epoch))
     bar = None
     if progress and accelerator.is_local_main_process:
@@ -211,6 +215,10 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
                     with accelerator.autocast():
                         s_out = student(images)
                     loss, parts = _loss(recipe, s_out, t_out, labels, classify, capture)
+                    if local:
+                        lt = torch.stack([m.last_transfer_loss for _, m in training_forms(raw_student)]).mean()
+                        loss = loss + recipe.distill.local_transfer * lt
+                        parts["local_transfer"] = lt.item()
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and opt.clip_grad:
                         accelerator.clip_grad_norm_(student.parameters(), opt.clip_grad)
@@ -255,6 +263,8 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
                 c.remove()
     wall = time.time() - t_start
 
+    for _, m in training_forms(raw_student):
+        m.compute_transfer, m.last_transfer_loss = False, None
     # Final: the training form at g = 0, then the finalized (inference) form; the two must agree.
     set_schedule(raw_student, 0.0, 0.0)
     train_form_eval = evaluate(student, val_loader, accelerator, classify=classify, reference=teacher)
