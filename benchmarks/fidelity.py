@@ -6,7 +6,7 @@ with the ``quick`` recipe; reported per variant: teacher test top-1, student at 
 the teacher), student after distillation in training form at g = 0 and finalized.
 Ablations: combine blend vs sum, DW conv 2-D vs 1-D.
 
-    python benchmarks/fidelity.py                       # all variants, ~12 min on a 2-core CPU
+    python benchmarks/fidelity.py                       # all variants, ~15 min on a 2-core CPU
     python benchmarks/fidelity.py --variants blend-2d --set epochs=2
 """
 
@@ -34,6 +34,8 @@ def main() -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
     parser.add_argument("--recipe", default="quick")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override KEY=VALUE")
+    parser.add_argument("--eval-every", type=float, default=None,
+                        help="evaluate only every this many epochs (default: only at the start and the end)")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "fidelity.json")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
@@ -54,7 +56,9 @@ def main() -> int:
     for name in args.variants.split(","):
         if name not in VARIANTS:
             parser.error(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
-        recipe = load_recipe(args.recipe, VARIANTS[name] + args.overrides)
+        base = load_recipe(args.recipe)
+        cadence = [f"eval_every={args.eval_every or base.epochs}"]      # evaluation does not change training
+        recipe = load_recipe(args.recipe, VARIANTS[name] + cadence + args.overrides)
         d = recipe.data
         data = build_data(d.name, teacher, resolution=d.resolution, augmentation=d.augmentation,
                           max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples,

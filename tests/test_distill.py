@@ -174,6 +174,13 @@ def test_distill_end_to_end_with_attention_transfer(image_folder):
     assert not any(getattr(m, "is_training_form", False) for m in result.student.modules())
 
 
+def test_public_distill_api_takes_names(image_folder):
+    teacher = tiny_teacher()
+    result = cc.distill(teacher, cc.convert(teacher), str(image_folder), recipe="quick",
+                        overrides=TINY_RUN + ["epochs=1", "castling.anneal.end_epoch=0.5"], progress=False)
+    assert result.steps == 3 and "top1" in result.student_final_eval
+
+
 def test_headless_backbone_distils_on_features(image_folder):
     torch.manual_seed(0)
     teacher = timm.create_model("vit_small_patch14_reg4_dinov2", img_size=28, patch_size=7, embed_dim=32, depth=2,

@@ -170,33 +170,35 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
         self._check_mask(attn_mask, is_causal)
         g = self.aux_gate
         q, k, v, v_tokens = self._qkv(x)                                    # (B, h, N, d)
-        aux = self._aux(q, k, v) if (g > 0.0 or self._calib is not None) else None
-        if self._calib is not None:                                         # teacher output norms
+        calibrating = self._calib is not None
+        aux = self._aux(q, k, v) if (g > 0.0 or calibrating) else None     # (B, h, N, d) or None
+        if calibrating:                      # record the teacher's output norms, pass its output on
             self._calib[0] += aux.detach().float().norm(dim=-1).mean(dim=(0, 2))  # (h,)
             self._calib[1] += 1
+            return self._output(x, self._merge(aux))
         dw = self._dw(v_tokens)                                             # (B, N, C) or None
+        lin = None
+        if self.combine == "blend" or self.compute_transfer:
+            lin = self._merge(self._gamma() * angular_linear(q, k, v, self.eps))  # (B, N, C)
+            if dw is not None:
+                lin = lin + dw
         if self.compute_transfer:
-            self._record_transfer(q, k, v, dw, aux)
+            self._record_transfer(q, k, v, lin, aux)
         if self.combine == "sum":
             extra = g * aux if (aux is not None and g > 0.0) else None
             out = self._merge(self._gamma() * angular_linear(q, k, v, self.eps, extra))
             if dw is not None:
                 out = out + dw
         else:                                                               # blend
-            lin = self._merge(self._gamma() * angular_linear(q, k, v, self.eps))  # (B, N, C)
-            if dw is not None:
-                lin = lin + dw
             out = lin if g <= 0.0 else g * self._merge(aux) + (1.0 - g) * lin
         return self._output(x, out)
 
-    def _record_transfer(self, q, k, v, dw, aux) -> None:
-        with torch.no_grad():                                              # target: exact softmax attention
+    def _record_transfer(self, q, k, v, lin: torch.Tensor, aux: Optional[torch.Tensor]) -> None:
+        """MSE between the linear branch ``lin`` (B, N, C) and the exact softmax attention."""
+        with torch.no_grad():
             target = aux if (aux is not None and self.threshold <= 0.0) else \
                 F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, h, N, d)
-        lin = self._merge(self._gamma() * angular_linear(q, k, v, self.eps))  # (B, N, C)
-        if dw is not None:
-            lin = lin + dw
-        self.last_transfer_loss = F.mse_loss(lin.float(), self._merge(target.detach()).float())
+        self.last_transfer_loss = F.mse_loss(lin.float(), self._merge(target).float())
 
     # -- calibration of γ ----------------------------------------------------------------------
     def start_calibration(self) -> None:
