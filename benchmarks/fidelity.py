@@ -54,6 +54,7 @@ def main() -> int:
     teacher_time = time.time() - t0
     rows = []
     for name in args.variants.split(","):
+        name = name.strip()
         if name not in VARIANTS:
             parser.error(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
         base = load_recipe(args.recipe)

@@ -171,6 +171,7 @@ def test_distill_end_to_end_with_attention_transfer(image_folder):
     assert {"kd", "ce", "attn_transfer", "gate", "mask_density", "lr", "img_per_s"} <= set(rows[0])
     assert rows[0]["gate"] > rows[-1]["gate"] == 0.0, "gate annealed to 0"
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items()), "teacher stays frozen"
+    assert teacher.training, "teacher's mode restored"
     assert not any(getattr(m, "is_training_form", False) for m in result.student.modules())
 
 
@@ -179,6 +180,18 @@ def test_public_distill_api_takes_names(image_folder):
     result = cc.distill(teacher, cc.convert(teacher), str(image_folder), recipe="quick",
                         overrides=TINY_RUN + ["epochs=1", "castling.anneal.end_epoch=0.5"], progress=False)
     assert result.steps == 3 and "top1" in result.student_final_eval
+
+
+def test_distill_leaves_teacher_reusable(image_folder):
+    """A second convert + distill of the same teacher gives the same student as the first."""
+    teacher = tiny_teacher()
+    data = build_data(str(image_folder), teacher)
+    recipe = load_recipe("quick", TINY_RUN + ["epochs=1", "castling.anneal.end_epoch=0.5"])
+    flags = [p.requires_grad for p in teacher.parameters()]
+    first = distill(teacher, cc.convert(teacher), data, recipe, progress=False).student.state_dict()
+    assert [p.requires_grad for p in teacher.parameters()] == flags, "teacher's requires_grad untouched"
+    second = distill(teacher, cc.convert(teacher), data, recipe, progress=False).student.state_dict()
+    assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
 
 
 def test_headless_backbone_distils_on_features(image_folder):

@@ -157,7 +157,14 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
         raise DataError(f"dataset '{data.name}' has {len(data.train)} training images: fewer than one "
                         f"global batch of {opt.batch_size}")
 
-    teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+    # The teacher runs under no_grad in eval mode; its requires_grad flags are left as the user set
+    # them (a later convert(teacher) must not inherit frozen weights). Its mode is restored at the end.
+    teacher_was_training = teacher.training
+    teacher = teacher.to(accelerator.device).eval()
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in student.parameters())
+    if trainable == 0:
+        raise ValueError("student has no trainable parameters (requires_grad is False everywhere)")
     optimizer = torch.optim.AdamW(_param_groups(student, opt.weight_decay), lr=opt.lr)
     student, optimizer, train_loader, val_loader = accelerator.prepare(student, optimizer, train_loader, val_loader)
     raw_student = accelerator.unwrap_model(student)
@@ -179,7 +186,8 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
                             reference=None if classify else teacher)
     start_eval = evaluate(student, val_loader, accelerator, classify=classify, reference=teacher) \
         if not resume else {}
-    accelerator.print(f"teacher {_fmt(teacher_eval)} | student at start {_fmt(start_eval) or '(resumed)'}")
+    accelerator.print(f"teacher {_fmt(teacher_eval)} | student at start {_fmt(start_eval) or '(resumed)'} | "
+                      f"trainable parameters {trainable / 1e6:.2f}M / {total_params / 1e6:.2f}M")
     if resume:                                   # after the evaluations: restores the RNG states too
         accelerator.load_state(str(ckpt_dir))
         accelerator.print(f"resumed from {ckpt_dir} at step {state.step}")
@@ -273,6 +281,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
     accelerator.log({f"eval/final_{k}": v for k, v in final_eval.items()}, step=state.step)
     for tracker in accelerator.trackers:          # not end_training(): it tears down the process group
         tracker.finish()
+    teacher.train(teacher_was_training)
     key = "top1" if classify else "cosine"
     tol = 0.1 if classify else 1e-3
     if abs(train_form_eval[key] - final_eval[key]) > tol:
