@@ -41,7 +41,14 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="castle-convert")
 def main() -> None:
-    """Convert pretrained Vision Transformers to Castling-ViT linear-angular attention."""
+    """Convert pretrained Vision Transformers to Castling-ViT linear-angular attention.
+
+    \b
+    castle-convert [MODEL] --recipe quick|distill-10ep|distill-30ep [--data ...] [--output ...]
+        runs the main job (the `distill` command, the default when no command is named).
+    castle-convert inspect MODEL
+        dry run: what would be converted, MACs before/after.
+    """
 
 
 @main.command("distill")

@@ -227,6 +227,40 @@ def load_hf_dataset(spec: str) -> tuple[Dataset, Dataset, list[str]]:
             classes)
 
 
+class Materialized(Dataset):
+    """A deterministic (no-augmentation) dataset transformed once and held as tensors.
+
+    Small datasets (Fashion-MNIST: 60k × 3×28×28) then cost nothing per step and need no loader
+    workers competing with training for the CPU.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])
+
+
+MATERIALIZE_MAX_BYTES = 2 << 30
+
+
+def maybe_materialize(ds: Dataset, max_bytes: int = MATERIALIZE_MAX_BYTES) -> Dataset:
+    """Transform a deterministic dataset once if its tensors fit in ``max_bytes``."""
+    if len(ds) == 0:
+        return ds
+    first = ds[0][0]
+    if first.numel() * first.element_size() * len(ds) > max_bytes:
+        return ds
+    images = torch.empty((len(ds), *first.shape), dtype=first.dtype)
+    labels = torch.empty(len(ds), dtype=torch.long)
+    for i in range(len(ds)):
+        images[i], labels[i] = ds[i]
+    return Materialized(images, labels)
+
+
 def _subset(ds: Dataset, n: Optional[int], seed: int) -> Dataset:
     if n is None or n >= len(ds):
         return ds
@@ -236,8 +270,12 @@ def _subset(ds: Dataset, n: Optional[int], seed: int) -> Dataset:
 
 def build_data(spec: str, teacher: nn.Module, *, resolution: Optional[int] = None, augmentation: str = "light",
                max_train_samples: Optional[int] = None, max_eval_samples: Optional[int] = None,
-               seed: int = 0) -> DataBundle:
-    """``spec``: ``fashion-mnist``, ``hf:NAME[:CONFIG]``, or a directory with train/ and val/."""
+               seed: int = 0, materialize: bool = True) -> DataBundle:
+    """``spec``: ``fashion-mnist``, ``hf:NAME[:CONFIG]``, or a directory with train/ and val/.
+
+    With ``materialize``, deterministic splits (val always, train without augmentation) whose
+    transformed tensors fit in 2 GiB are transformed once up front (see :class:`Materialized`).
+    """
     if spec == "fashion-mnist":
         train, val = load_fashion_mnist()
         classes = FASHION_MNIST_CLASSES
@@ -252,4 +290,8 @@ def build_data(spec: str, teacher: nn.Module, *, resolution: Optional[int] = Non
     train = Transformed(_subset(train, max_train_samples, seed), build_transform(cfg, True, augmentation),
                         seed=None if augmentation == "none" else seed)   # seeded only if random
     val = Transformed(_subset(val, max_eval_samples, seed + 1), build_transform(cfg, False))
+    if materialize:
+        val = maybe_materialize(val)
+        if augmentation == "none":
+            train = maybe_materialize(train)
     return DataBundle(name=spec, train=train, val=val, num_classes=len(classes), classes=list(classes))

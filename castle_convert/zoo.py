@@ -69,9 +69,9 @@ def train_builtin(name: str, progress: bool = True) -> Path:
     torch.manual_seed(cfg["seed"])
     model = create(name)
     data = build_data(spec["dataset"], model, augmentation="none")
-    loader = DataLoader(data.train, batch_size=cfg["batch_size"], shuffle=True, drop_last=True, num_workers=1,
-                        persistent_workers=True, generator=torch.Generator().manual_seed(cfg["seed"]))
-    val = DataLoader(data.val, batch_size=256, num_workers=1)
+    loader = DataLoader(data.train, batch_size=cfg["batch_size"], shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(cfg["seed"]))   # materialized: no workers
+    val = DataLoader(data.val, batch_size=256)
     total = cfg["epochs"] * len(loader)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     warmup = len(loader) // 2

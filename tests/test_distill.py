@@ -120,12 +120,17 @@ def test_fashion_mnist_reader_and_grey_to_rgb(tmp_path, monkeypatch):
         _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
     monkeypatch.setenv("CASTLE_FASHION_MNIST_DIR", str(tmp_path))
     from castle_convert import zoo
-    data = build_data("fashion-mnist", zoo.create("fmnist_vit"))
+    from castle_convert.data import Materialized
+    teacher = zoo.create("fmnist_vit")
+    data = build_data("fashion-mnist", teacher, materialize=False)
     x, y = data.val[3]
     assert (len(data.train), len(data.val), data.num_classes) == (20, 10, 10)
     assert x.shape == (3, 28, 28) and torch.equal(x[0], x[1])
     raw = np.asarray(data.val.base[3][0], dtype=np.float32) / 255
     torch.testing.assert_close(x[0], torch.from_numpy((raw - 0.2860) / 0.3530), atol=1e-4, rtol=0)
+    fast = build_data("fashion-mnist", teacher, augmentation="none")
+    assert isinstance(fast.train, Materialized) and isinstance(fast.val, Materialized)
+    assert torch.equal(fast.val[3][0], x) and fast.val[3][1] == y
 
 
 def test_missing_fashion_mnist_says_how_to_get_it(monkeypatch, tmp_path):

@@ -147,11 +147,13 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
         raise ValueError(f"optim.batch_size={opt.batch_size} must be divisible by processes ({world}) × "
                          f"grad_accum ({opt.grad_accum})")
     per_device = opt.batch_size // (world * opt.grad_accum)
-    workers = recipe.data.workers
+    from castle_convert.data import Materialized
+    workers = 0 if isinstance(data.train, Materialized) else recipe.data.workers
     # Not persistent: workers are re-created each epoch and see the dataset's set_epoch().
     train_loader = DataLoader(data.train, batch_size=per_device, shuffle=True, drop_last=True,
                               num_workers=workers, generator=torch.Generator().manual_seed(recipe.seed))
-    val_loader = DataLoader(data.val, batch_size=per_device, shuffle=False, num_workers=workers,
+    val_loader = DataLoader(data.val, batch_size=per_device, shuffle=False,
+                            num_workers=0 if isinstance(data.val, Materialized) else recipe.data.workers,
                             generator=torch.Generator().manual_seed(recipe.seed))
     if len(train_loader) // world < opt.grad_accum:
         raise DataError(f"dataset '{data.name}' has {len(data.train)} training images: fewer than one "
