@@ -274,3 +274,14 @@ def test_two_process_accelerate_launch(teacher_dir, image_folder, tmp_path):
     assert report["teacher"]["n"] == 12, "every validation image counted once across processes"
     assert report["student_start"]["agree"] == 100.0
     assert 0.0 <= report["student"]["top1"] <= 100.0 and report["steps"] == 6
+
+
+def test_hugging_face_teacher_distils(image_folder):
+    from transformers import ViTConfig, ViTForImageClassification
+    torch.manual_seed(0)
+    teacher = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                  intermediate_size=64, image_size=32, patch_size=8, num_labels=3))
+    result = cc.distill(teacher, cc.convert(teacher), str(image_folder), recipe="quick",
+                        overrides=TINY_RUN + ["epochs=1", "castling.anneal.end_epoch=0.5"], progress=False)
+    assert result.student_start_eval["agree"] == 100.0 and result.steps == 3
+    assert abs(result.student_final_eval["top1"] - result.student_train_form_eval["top1"]) <= 0.1
