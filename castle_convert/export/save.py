@@ -25,10 +25,8 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
                                 "--overwrite to replace it")
 
 
-def describe_source(model: nn.Module, spec: Optional[dict] = None) -> dict:
+def describe_source(model: nn.Module) -> dict:
     """Enough to rebuild the base architecture of ``model`` (timm name + args, or the HF config)."""
-    if spec:
-        return dict(spec)
     cfg = getattr(model, "pretrained_cfg", None)
     if cfg is not None:
         return {"library": "timm", "architecture": cfg.get("architecture"),
