@@ -199,7 +199,8 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
         capture = (_OutputCapture(raw_student, _converted_paths(raw_student)),
                    _OutputCapture(teacher, _converted_paths(raw_student)))
     local = recipe.distill.local_transfer > 0
-    for _, m in training_forms(raw_student):
+    forms = [m for _, m in training_forms(raw_student)]        # walked once, not every step
+    for m in forms:
         m.compute_transfer = local
     eval_steps = max(1, round(recipe.eval_every * steps_per_epoch))
     bar = None
@@ -226,7 +227,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
                         s_out = student(images)
                     loss, parts = _loss(recipe, s_out, t_out, labels, classify, capture)
                     if local:
-                        lt = torch.stack([m.last_transfer_loss for _, m in training_forms(raw_student)]).mean()
+                        lt = torch.stack([m.last_transfer_loss for m in forms]).mean()
                         loss = loss + recipe.distill.local_transfer * lt
                         parts["local_transfer"] = lt.item()
                     accelerator.backward(loss)
@@ -273,7 +274,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
                 c.remove()
     wall = time.time() - t_start
 
-    for _, m in training_forms(raw_student):
+    for m in forms:
         m.compute_transfer, m.last_transfer_loss = False, None
     # Final: the training form at g = 0, then the finalized (inference) form; the two must agree.
     set_schedule(raw_student, 0.0, 0.0)
