@@ -6,12 +6,13 @@ Nothing here knows about timm or transformers: adapters fill a :class:`SoftmaxAt
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
+
+from castle_convert.attention.functional import grid_for_tokens
 
 
 class GridTracker:
@@ -39,16 +40,7 @@ class GridTracker:
 
     def resolve(self, num_patches: int) -> tuple[int, int]:
         """Grid for ``num_patches`` tokens: the tracked one, else a square one."""
-        hw = self.hw
-        if hw is not None and hw[0] * hw[1] == num_patches:
-            return hw
-        side = math.isqrt(num_patches)
-        if side * side != num_patches:
-            raise ValueError(
-                f"cannot place {num_patches} patch tokens on a grid: the image size was not seen "
-                "by the patch embedding (call the whole model, not a sub-module) and the count "
-                "is not a square")
-        return side, side
+        return grid_for_tokens(num_patches, self.hw)
 
 
 @dataclass

@@ -7,10 +7,10 @@ Both take and return values in merged-head token layout ``(B, N, C)`` and start 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from castle_convert.attention.base import GridTracker
+from castle_convert.attention.functional import patch_grid_dw, token_dw
 
 
 class PatchGridDWConv(nn.Module):
@@ -30,12 +30,8 @@ class PatchGridDWConv(nn.Module):
         nn.init.zeros_(self.conv.weight)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        B, N, C = v.shape                                              # v: (B, N, C)
-        P = self.num_prefix_tokens
-        H, W = self.grid.resolve(N - P)
-        x = v[:, P:].reshape(B, H, W, C).permute(0, 3, 1, 2)           # (B, C, H, W), channels-last
-        x = self.conv(x).permute(0, 2, 3, 1).reshape(B, H * W, C)      # (B, H·W, C)
-        return F.pad(x, (0, 0, P, 0))                                  # (B, N, C), prefix rows = 0
+        P = self.num_prefix_tokens                                     # v: (B, N, C)
+        return patch_grid_dw(v, self.conv.weight, P, self.grid.resolve(v.shape[1] - P))
 
 
 class TokenDWConv(nn.Module):
@@ -53,9 +49,7 @@ class TokenDWConv(nn.Module):
         nn.init.zeros_(self.conv.weight)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        B, N, C = v.shape                                              # v: (B, N, C)
-        x = v.reshape(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, h, N, d)
-        return self.conv(x).transpose(1, 2).reshape(B, N, C)          # (B, N, C)
+        return token_dw(v, self.conv.weight, self.num_heads)          # (B, N, C)
 
 
 def build_dw(mode: str, kernel_size: int, channels: int, num_heads: int, num_prefix_tokens: int,

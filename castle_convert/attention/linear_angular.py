@@ -16,7 +16,6 @@ the factor, and it keeps K̂ᵀV inside the fp16 range at high token counts.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -26,25 +25,8 @@ from torch import nn
 from castle_convert.attention.base import (CastlingModule, CastlingTrainingForm,
                                            SoftmaxAttentionSpec)
 from castle_convert.attention.dwconv import build_dw
+from castle_convert.attention.functional import angular_linear, merge_heads
 from castle_convert.config import CastlingConfig
-
-INV_PI = 1.0 / math.pi
-
-
-def angular_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float,
-                   extra: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """normalize(½·V + (1/π)·Q̂(K̂ᵀV) [+ extra]) per token per head. q, k, v: (B, h, N, d)."""
-    c = v.shape[-2] ** -0.5                                           # 1/√N, removed by normalize
-    vs = v * c                                                        # (B, h, N, d)
-    qh = F.normalize(q, dim=-1, eps=eps)                              # (B, h, N, d)
-    kh = F.normalize(k, dim=-1, eps=eps)                              # (B, h, N, d)
-    kv = kh.transpose(-2, -1) @ vs                                    # (B, h, d, d)
-    la = torch.baddbmm(vs.flatten(0, 1), qh.flatten(0, 1), kv.flatten(0, 1),
-                       beta=0.5, alpha=INV_PI).view_as(vs)            # (B, h, N, d)
-    if extra is not None:
-        la = la + extra * c
-    return F.normalize(la, dim=-1, eps=eps)                           # (B, h, N, d)
-
 
 class _LinearAngularParts(CastlingModule):
     """Modules and helpers shared by both forms (same state_dict keys in both)."""
@@ -79,8 +61,7 @@ class _LinearAngularParts(CastlingModule):
         return self.q_norm(q), self.k_norm(k), v, v_tokens
 
     def _merge(self, heads: torch.Tensor) -> torch.Tensor:
-        B, h, N, d = heads.shape                                             # (B, h, N, d)
-        return heads.transpose(1, 2).reshape(B, N, h * d)                    # (B, N, C)
+        return merge_heads(heads)                                            # (B, N, C)
 
     def _gamma(self) -> torch.Tensor:
         return self.gamma.view(1, -1, 1, 1)                                  # (1, h, 1, 1)

@@ -1,0 +1,76 @@
+"""Tensor-only kernels of the attention kinds' inference math.
+
+This file imports nothing but torch (and math): it is copied verbatim into every published
+output directory, next to the Hugging Face remote-code files, so a checkpoint loaded with
+``trust_remote_code=True`` runs exactly the code the converted model ran here. Keep it that way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+INV_PI = 1.0 / math.pi
+
+
+def angular_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float,
+                   extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """normalize(½·V + (1/π)·Q̂(K̂ᵀV) [+ extra]) per token per head. q, k, v: (B, h, N, d).
+
+    Computed on ``V/√N`` (normalize removes the factor; it keeps K̂ᵀV inside the fp16 range at
+    high token counts). ``extra`` (B, h, N, d) is added before the normalisation unscaled.
+    """
+    c = v.shape[-2] ** -0.5                                           # 1/√N, removed by normalize
+    vs = v * c                                                        # (B, h, N, d)
+    qh = F.normalize(q, dim=-1, eps=eps)                              # (B, h, N, d)
+    kh = F.normalize(k, dim=-1, eps=eps)                              # (B, h, N, d)
+    kv = kh.transpose(-2, -1) @ vs                                    # (B, h, d, d)
+    la = torch.baddbmm(vs.flatten(0, 1), qh.flatten(0, 1), kv.flatten(0, 1),
+                       beta=0.5, alpha=INV_PI).view_as(vs)            # (B, h, N, d)
+    if extra is not None:
+        la = la + extra * c
+    return F.normalize(la, dim=-1, eps=eps)                           # (B, h, N, d)
+
+
+def merge_heads(heads: torch.Tensor) -> torch.Tensor:
+    """(B, h, N, d) -> (B, N, h·d)."""
+    B, h, N, d = heads.shape
+    return heads.transpose(1, 2).reshape(B, N, h * d)
+
+
+def patch_grid_dw(v: torch.Tensor, weight: torch.Tensor, num_prefix_tokens: int,
+                  hw: tuple[int, int]) -> torch.Tensor:
+    """2-D depthwise conv over the patch grid; prefix tokens get 0. v: (B, N, C), weight (C, 1, k, k)."""
+    B, N, C = v.shape
+    P = num_prefix_tokens
+    H, W = hw
+    x = v[:, P:].reshape(B, H, W, C).permute(0, 3, 1, 2)             # (B, C, H, W), channels-last
+    k = weight.shape[-1]
+    x = F.conv2d(x, weight, padding=k // 2, groups=C)                 # (B, C, H, W)
+    x = x.permute(0, 2, 3, 1).reshape(B, H * W, C)                    # (B, H·W, C)
+    return F.pad(x, (0, 0, P, 0))                                     # (B, N, C), prefix rows = 0
+
+
+def token_dw(v: torch.Tensor, weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """1-D per-head conv along the token sequence. v: (B, N, C), weight (h, 1, k, 1)."""
+    B, N, C = v.shape
+    x = v.reshape(B, N, num_heads, C // num_heads).transpose(1, 2)   # (B, h, N, d)
+    k = weight.shape[-2]
+    x = F.conv2d(x, weight, padding=(k // 2, 0), groups=num_heads)    # (B, h, N, d)
+    return x.transpose(1, 2).reshape(B, N, C)                         # (B, N, C)
+
+
+def grid_for_tokens(num_patches: int, hw: Optional[tuple[int, int]]) -> tuple[int, int]:
+    """The patch grid for ``num_patches`` tokens: ``hw`` when it fits, else a square one."""
+    if hw is not None and hw[0] * hw[1] == num_patches:
+        return hw
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(
+            f"cannot place {num_patches} patch tokens on a grid: the image size was not seen "
+            "by the patch embedding (call the whole model, not a sub-module) and the count "
+            "is not a square")
+    return side, side
