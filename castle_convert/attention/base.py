@@ -76,6 +76,11 @@ class CastlingModule(nn.Module):
         return (f"heads={self.num_heads}, head_dim={self.head_dim}, "
                 f"prefix_tokens={self.num_prefix_tokens}")
 
+    def mixing_macs(self, num_tokens: int, grid: tuple[int, int]) -> int:
+        """Analytic multiply-accumulates of the token mixing for one image (everything between
+        the qkv and output projections), for checking the counted MACs."""
+        raise NotImplementedError
+
 
 class CastlingTrainingForm(CastlingModule):
     """A training form carries the auxiliary softmax branch and its schedule state."""

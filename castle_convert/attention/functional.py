@@ -35,6 +35,41 @@ def angular_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float
     return F.normalize(la, dim=-1, eps=eps)                           # (B, h, N, d)
 
 
+def linear_angular_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
+                         eps: float, dw: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The inference form's attention: ``merge(γ·normalize(LA)) + DW``, in few memory passes.
+
+    q, k, v: (B, h, N, d) views of the fused qkv projection (any strides), gamma: (h,),
+    dw: (B, N, h·d) or None. Returns (B, N, h·d). Equal to ``merge_heads(γ·angular_linear(q, k, v))
+    + dw`` up to rounding; written for eager speed and for ``torch.compile`` to fuse:
+
+    * normalize(LA) is invariant to a per-token scale, so Q̂ is never materialised: with
+      ``T = Q (K̂ᵀV)`` (two small GEMMs, matmul order Q(KᵀV)), ``LA ∝ V + (2/π)·T/‖q‖`` is one
+      fused multiply-add over the (B, N, h, d) layout V already has.
+    * γ/‖LA‖, the DW term and the head merge are one more fused pass (``addcmul`` whose first
+      operand is in token layout), so merging heads needs no copy.
+    * In half precision (fp16/bf16) K̂ and the ½V term carry the 1/√N factor of
+      :func:`angular_linear` to keep K̂ᵀV in range; fp32 needs no rescaling.
+    """
+    B, h, N, d = v.shape
+    half = v.dtype in (torch.float16, torch.bfloat16)
+    c = N ** -0.5 if half else 1.0                        # la below is (2/√N)·LA / c
+    k_scale = c / torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(eps)   # (B, h, N, 1)
+    kv = (k * k_scale).transpose(-2, -1) @ v                                        # (B, h, d, d)
+    t = q @ kv                                                                      # (B, h, N, d)
+    q_scale = (2.0 * INV_PI) / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(eps)
+    # la = c·(V + (2/π)·Q̂K̂ᵀV) = (2c√N)·LA, laid out like v: (B, N, h, d) in memory
+    la = torch.addcmul(v * c if half else v, t, q_scale)                             # (B, h, N, d)
+    # the same eps as F.normalize(LA): ‖LA‖ ≥ eps  ⇔  ‖la‖ ≥ 2c√N·eps
+    la_norm = torch.linalg.vector_norm(la, dim=-1, keepdim=True).clamp_min(2.0 * c * N ** 0.5 * eps)
+    scale = gamma.view(1, h, 1, 1).to(la.dtype) / la_norm                           # (B, h, N, 1)
+    if dw is None:
+        out = (la * scale).transpose(1, 2)                                          # (B, N, h, d)
+        return out.reshape(B, N, h * d)
+    out = torch.addcmul(dw.view(B, N, h, d).transpose(1, 2), la, scale)             # (B, h, N, d) view
+    return out.transpose(1, 2).reshape(B, N, h * d)                                 # (B, N, C) view
+
+
 def merge_heads(heads: torch.Tensor) -> torch.Tensor:
     """(B, h, N, d) -> (B, N, h·d)."""
     B, h, N, d = heads.shape

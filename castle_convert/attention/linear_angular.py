@@ -24,8 +24,9 @@ from torch import nn
 
 from castle_convert.attention.base import (CastlingModule, CastlingTrainingForm,
                                            SoftmaxAttentionSpec)
-from castle_convert.attention.dwconv import build_dw
-from castle_convert.attention.functional import angular_linear, merge_heads
+from castle_convert.attention.dwconv import PatchGridDWConv, build_dw
+from castle_convert.attention.functional import (angular_linear, linear_angular_fused,
+                                                 merge_heads)
 from castle_convert.config import CastlingConfig
 
 class _LinearAngularParts(CastlingModule):
@@ -75,6 +76,15 @@ class _LinearAngularParts(CastlingModule):
             out = out * self.out_gate(x).sigmoid()
         return self.proj_drop(self.proj(out))                                # (B, N, dim)
 
+    def mixing_macs(self, num_tokens: int, grid: tuple[int, int]) -> int:
+        C = self.num_heads * self.head_dim
+        macs = 2 * num_tokens * self.head_dim * C                            # K̂ᵀV and Q̂(K̂ᵀV)
+        if self.dw is not None:
+            k = self.dw.conv.kernel_size
+            macs += (k[0] * k[1] * grid[0] * grid[1] * C if isinstance(self.dw, PatchGridDWConv)
+                     else k[0] * num_tokens * C)                         # 2-D grid or 1-D tokens
+        return macs
+
     @staticmethod
     def _check_mask(attn_mask, is_causal) -> None:
         if attn_mask is not None or is_causal:
@@ -90,10 +100,7 @@ class LinearAngularAttentionInference(_LinearAngularParts):
                 is_causal: bool = False) -> torch.Tensor:
         self._check_mask(attn_mask, is_causal)
         q, k, v, v_tokens = self._qkv(x)                                    # (B, h, N, d)
-        out = self._merge(self._gamma() * angular_linear(q, k, v, self.eps))  # (B, N, C)
-        dw = self._dw(v_tokens)
-        if dw is not None:
-            out = out + dw
+        out = linear_angular_fused(q, k, v, self.gamma, self.eps, self._dw(v_tokens))  # (B, N, C)
         return self._output(x, out)
 
 
