@@ -9,6 +9,7 @@ from typing import Optional
 
 import click
 
+from castle_convert.bench import BenchError
 from castle_convert.config import ConfigError
 from castle_convert.convert import ConversionError, FinalizeError
 from castle_convert.data import DataError
@@ -17,7 +18,7 @@ from castle_convert.export.save import OutputExistsError
 from castle_convert.models import ModelLoadError
 
 USER_ERRORS = (ModelLoadError, ConversionError, FinalizeError, ConfigError, DataError, ResumeError,
-               OutputExistsError)
+               OutputExistsError, BenchError)
 
 
 class _Group(click.Group):
@@ -48,6 +49,8 @@ def main() -> None:
         runs the main job (the `distill` command, the default when no command is named).
     castle-convert inspect MODEL
         dry run: what would be converted, MACs before/after.
+    castle-convert bench MODEL --resolutions 224,512,1024 --batch 1,8
+        latency / memory / MACs of the original and the converted model, side by side.
     """
 
 
@@ -111,6 +114,62 @@ def inspect_cmd(model: str, arch: Optional[str], img_size: Optional[int], kind: 
         click.echo(report.format())
     if report.error:
         sys.exit(1)
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        items = []
+    if not items or any(v <= 0 for v in items):
+        raise click.BadParameter(f"expected comma-separated positive integers such as 224,512, got {value!r}")
+    return items
+
+
+@main.command("bench")
+@click.argument("model")
+@click.option("--resolutions", default="224,384,512,768,1024", show_default=True, callback=_int_list,
+              help="Input resolutions (px, square), comma-separated.")
+@click.option("--batch", "batches", default="1", show_default=True, callback=_int_list,
+              help="Batch sizes, comma-separated, e.g. 1,8.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--attention", "kind", default=None, help="Attention kind of the converted model (default: linear_angular).")
+@click.option("--arch", help="timm architecture of a checkpoint file MODEL.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--compile", "use_compile", is_flag=True, help="torch.compile both models before timing.")
+@click.option("--repeats", default=10, show_default=True, help="Timed calls per model and cell (at most).")
+@click.option("--warmup", default=2, show_default=True, help="Untimed calls per model and cell.")
+@click.option("--time-budget", default=30.0, show_default=True,
+              help="Seconds per cell: fewer repeats (at least 3) when a cell would take longer.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the results as JSON.")
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path), help="Write latency vs tokens as PNG.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def bench_cmd(model: str, resolutions: list[int], batches: list[int], device: str, threads: Optional[int],
+              kind: Optional[str], arch: Optional[str], dtype: str, use_compile: bool, repeats: int, warmup: int,
+              time_budget: float, json_out: Optional[Path], plot_out: Optional[Path], no_progress: bool) -> None:
+    """Latency, throughput, memory and MACs: MODEL (softmax) vs its converted inference form.
+
+    Both models run in this process, interleaved, after warm-up, at every resolution and batch
+    size. MODEL is a timm name or alias, a local Hugging Face or timm model directory, or a
+    checkpoint file (with --arch); without local weights the weights are random (speed does not
+    depend on them).
+    """
+    from castle_convert.bench import benchmark, plot
+    from castle_convert.models import load_model
+
+    net = load_model(model, arch=arch, pretrained=False)
+    result = benchmark(net, resolutions=resolutions, batches=batches, device=device, threads=threads,
+                       repeats=repeats, warmup=warmup, time_budget_s=time_budget, dtype=dtype,
+                       compile=use_compile, kind=kind, model_name=model, progress=not no_progress)
+    click.echo(result.format_table())
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result.to_dict(), indent=2))
+        click.echo(f"wrote {json_out}")
+    if plot_out:
+        plot(result, str(plot_out))
+        click.echo(f"wrote {plot_out}")
 
 
 if __name__ == "__main__":  # pragma: no cover
