@@ -186,3 +186,31 @@ def test_local_transfer_loss_is_mse_to_exact_softmax(gate, threshold):
     torch.testing.assert_close(m.last_transfer_loss, expected, atol=1e-6, rtol=1e-5)
     m.last_transfer_loss.backward()
     assert m.gamma.grad is not None and m.dw.conv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("with_dw", [True, False])
+def test_fused_inference_kernel_equals_the_reference_math(with_dw):
+    """linear_angular_fused (inference form) == merge(γ·angular_linear) + DW, on strided qkv views,
+    batch > 1, and with all-zero tokens (the eps clamps must agree)."""
+    from castle_convert.attention.functional import angular_linear, linear_angular_fused, merge_heads
+    torch.manual_seed(0)
+    B, N, h, d = 3, 37, 4, 8
+    qkv = torch.randn(B, N, 3 * h * d).view(B, N, 3, h, d)
+    qkv[:, 5] = 0.0                                            # a token with q = k = v = 0
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)             # (B, h, N, d) strided views
+    gamma = torch.rand(h) + 0.5
+    dw = torch.randn(B, N, h * d) if with_dw else None
+    ref = merge_heads(gamma.view(1, h, 1, 1) * angular_linear(q, k, v, 1e-6))
+    if dw is not None:
+        ref = ref + dw
+    out = linear_angular_fused(q, k, v, gamma, 1e-6, dw)
+    assert out.shape == (B, N, h * d)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for dt in (torch.bfloat16, torch.float16):                 # 1/√N rescaling keeps K̂ᵀV in range
+        big = (v * 300).to(dt)
+        low = linear_angular_fused(q.to(dt), k.to(dt), big, gamma.to(dt), 1e-6,
+                                   None if dw is None else dw.to(dt))
+        assert torch.isfinite(low).all()
+        ref_big = merge_heads(gamma.view(1, h, 1, 1) * angular_linear(q, k, v * 300, 1e-6))
+        ref_big = ref_big if dw is None else ref_big + dw
+        torch.testing.assert_close(low.float(), ref_big, atol=0.05, rtol=0.05)

@@ -46,7 +46,7 @@ def linear_angular_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamm
     * normalize(LA) is invariant to a per-token scale, so Q̂ is never materialised: with
       ``T = Q (K̂ᵀV)`` (two small GEMMs, matmul order Q(KᵀV)), ``LA ∝ V + (2/π)·T/‖q‖`` is one
       fused multiply-add over the (B, N, h, d) layout V already has.
-    * γ/‖LA‖, the DW term and the head merge are one more fused pass (``addcmul`` whose first
+    * γ/‖LA‖, the DW term and the head merge are one more fused pass (``addcdiv`` whose first
       operand is in token layout), so merging heads needs no copy.
     * In half precision (fp16/bf16) K̂ and the ½V term carry the 1/√N factor of
       :func:`angular_linear` to keep K̂ᵀV in range; fp32 needs no rescaling.
@@ -54,19 +54,20 @@ def linear_angular_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamm
     B, h, N, d = v.shape
     half = v.dtype in (torch.float16, torch.bfloat16)
     c = N ** -0.5 if half else 1.0                        # la below is (2/√N)·LA / c
-    k_scale = c / torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(eps)   # (B, h, N, 1)
-    kv = (k * k_scale).transpose(-2, -1) @ v                                        # (B, h, d, d)
+    # Divisions, not reciprocal products: 1/eps overflows fp16, and 0·inf would be NaN.
+    k_den = torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(eps) / c    # (B, h, N, 1)
+    kv = (k / k_den).transpose(-2, -1) @ v                                          # (B, h, d, d)
     t = q @ kv                                                                      # (B, h, N, d)
-    q_scale = (2.0 * INV_PI) / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(eps)
+    q_den = torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(eps) * (0.5 * math.pi)
     # la = c·(V + (2/π)·Q̂K̂ᵀV) = (2c√N)·LA, laid out like v: (B, N, h, d) in memory
-    la = torch.addcmul(v * c if half else v, t, q_scale)                             # (B, h, N, d)
+    la = torch.addcdiv(v * c if half else v, t, q_den)                               # (B, h, N, d)
     # the same eps as F.normalize(LA): ‖LA‖ ≥ eps  ⇔  ‖la‖ ≥ 2c√N·eps
     la_norm = torch.linalg.vector_norm(la, dim=-1, keepdim=True).clamp_min(2.0 * c * N ** 0.5 * eps)
-    scale = gamma.view(1, h, 1, 1).to(la.dtype) / la_norm                           # (B, h, N, 1)
+    den = la_norm / gamma.view(1, h, 1, 1).to(la.dtype)                             # (B, h, N, 1)
     if dw is None:
-        out = (la * scale).transpose(1, 2)                                          # (B, N, h, d)
+        out = (la / den).transpose(1, 2)                                            # (B, N, h, d)
         return out.reshape(B, N, h * d)
-    out = torch.addcmul(dw.view(B, N, h, d).transpose(1, 2), la, scale)             # (B, h, N, d) view
+    out = torch.addcdiv(dw.view(B, N, h, d).transpose(1, 2), la, den)               # (B, h, N, d) view
     return out.transpose(1, 2).reshape(B, N, h * d)                                 # (B, N, C) view
 
 
