@@ -7,6 +7,7 @@ Both take and return values in merged-head token layout ``(B, N, C)`` and start 
 from __future__ import annotations
 
 import torch
+import torch
 from torch import nn
 
 from castle_convert.attention.base import GridTracker
@@ -28,6 +29,11 @@ class PatchGridDWConv(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2,
                               groups=channels, bias=False)
         nn.init.zeros_(self.conv.weight)
+        # The conv runs channels-last (the token layout); its weight gradient comes back in that
+        # layout, so keep the weight in it too (DDP's gradient buckets follow the weight's strides).
+        # (C, 1, k, k) is "channels-last contiguous" either way, so set the strides explicitly.
+        w = self.conv.weight
+        self.conv.weight.data = torch.zeros_like(w).as_strided(w.shape, (kernel_size * kernel_size, 1, kernel_size, 1))
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         P = self.num_prefix_tokens                                     # v: (B, N, C)
