@@ -262,17 +262,17 @@ def test_push_dry_run_lists_exactly_the_upload(published):
     assert "me/fmnist-castling" not in (d / "README.md").read_text(), "dry run changes nothing"
 
 
-def test_push_without_network_is_one_line(published, tmp_path):
-    _, cases = published
-    d = cases["timm-vit"]["dir"]
+def test_push_without_network_is_one_line(published, monkeypatch):
+    from huggingface_hub import constants
+    d = published[1]["timm-vit"]["dir"]
     r = CliRunner().invoke(main, ["push", d, "--repo", "me/x"])          # HF_HUB_OFFLINE=1 in tests
     assert r.exit_code == 1 and "push failed: offline mode" in r.output and "Traceback" not in r.output
-    env = dict(os.environ, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path),
-               PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "castle_convert", "push", d, "--repo", "me/x"],
-                          capture_output=True, text=True, env=env, timeout=120)
-    lines = (proc.stdout + proc.stderr).strip().splitlines()
-    assert proc.returncode == 1 and len(lines) == 1 and "push failed: cannot reach 127.0.0.1:9" in lines[0], lines
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)               # online, but nothing listens there
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    r = CliRunner().invoke(main, ["push", d, "--repo", "me/x"])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert lines[0].startswith("Error: push failed: cannot reach 127.0.0.1:9 (") and "check your network / token" in lines[0]
 
 
 def test_push_refuses_invalid_card(published, tmp_path):
@@ -385,7 +385,8 @@ def test_save_pretrained_rules(tmp_path):
 
 def test_unsupported_architecture_for_remote_code(tmp_path):
     torch.manual_seed(0)
-    model = _finalized(timm.create_model("test_vit", act_layer="silu", num_classes=4, img_size=32).eval())
+    model = _finalized(timm.create_model("test_vit", act_layer="silu", num_classes=4, img_size=32, patch_size=8,
+                                         depth=1).eval())
     with pytest.raises(ExportError, match=r"cannot be exported as remote code: .*SiLU.*remote_code=False"):
         cc.save_pretrained(model, tmp_path / "silu")
     assert not (tmp_path / "silu").exists()

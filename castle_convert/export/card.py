@@ -16,6 +16,7 @@ REQUIRED_TAGS = ("castling-vit", "linear-attention")
 
 # --data spec -> (Hub dataset id, display name)
 _DATASETS = {"fashion-mnist": ("zalando-datasets/fashion_mnist", "Fashion-MNIST")}
+_SPLITS = {"fashion-mnist": "test"}        # the split castle-convert evaluates on, when it is not "validation"
 
 
 class CardError(ValueError):
@@ -76,6 +77,7 @@ def front_matter(config: dict, report: dict, model_name: str) -> "Any":
     src = config.get("source", {})
     headless = bool(config.get("castle_headless"))
     ds_id, ds_name = _dataset(report)
+    split = _SPLITS.get(str(report.get("dataset")), "validation")
     tags = ["castling-vit", "linear-attention", "vision-transformer", "castle-convert", "custom_code",
             "image-feature-extraction" if headless else "image-classification"]
     if src.get("library") == "timm":
@@ -84,7 +86,7 @@ def front_matter(config: dict, report: dict, model_name: str) -> "Any":
     cosine = (report.get("student") or {}).get("cosine")
     if headless and isinstance(cosine, (int, float)):
         results.append(EvalResult(task_type="image-feature-extraction", dataset_type=ds_id or ds_name,
-                                  dataset_name=ds_name, dataset_split="validation", metric_type="cosine_similarity",
+                                  dataset_name=ds_name, dataset_split=split, metric_type="cosine_similarity",
                                   metric_value=round(float(cosine), 4),
                                   metric_name="Cosine similarity to the teacher's features"))
     if not headless:
@@ -93,7 +95,7 @@ def front_matter(config: dict, report: dict, model_name: str) -> "Any":
             value = _acc(report.get(role))
             if value is not None:
                 results.append(EvalResult(task_type="image-classification", dataset_type=ds_id or ds_name,
-                                          dataset_name=ds_name, dataset_split="validation",
+                                          dataset_name=ds_name, dataset_split=split,
                                           metric_type="accuracy", metric_value=value, metric_name=label))
     kwargs = dict(library_name="transformers",
                   pipeline_tag="image-feature-extraction" if headless else "image-classification",
@@ -135,15 +137,14 @@ from transformers import pipeline
 classify = pipeline("image-classification", model="{repo}", trust_remote_code=True)
 print(classify("image.png"))
 ```""")
-    load_line = (f'model = cc.load(snapshot_download("{repo}"))   # or cc.load("path/to/local/dir")'
-                 if "/" in repo and not repo.startswith("path/") else f'model = cc.load("{repo}")')
+    on_hub = "/" in repo and not repo.startswith("path/")
+    load_code = (f'from huggingface_hub import snapshot_download\n\nmodel = cc.load(snapshot_download("{repo}"))'
+                 if on_hub else f'model = cc.load("{repo}")')
     parts.append(f"""### castle-convert
 
 ```python
 import castle_convert as cc
-from huggingface_hub import snapshot_download
-
-{load_line}
+{load_code}
 ```
 
 `cc.load` rebuilds the {src.get("library", "source")} architecture, converts it and loads the weights
@@ -151,18 +152,17 @@ from huggingface_hub import snapshot_download
 `model.castle_image_processor`).""")
     if src.get("library") == "timm":
         arch = config.get("architecture") or f"castle_{src.get('architecture')}"
+        file = f'hf_hub_download("{repo}", "model.safetensors")' if on_hub else f'"{repo}/model.safetensors"'
+        other = f'"hf-hub:{repo}"' if on_hub else f'"local-dir:{repo}"'
         parts.append(f"""### timm
 
 ```python
 import timm, castle_convert  # importing castle_convert registers the castle_* architectures
-from huggingface_hub import hf_hub_download
-
+{"from huggingface_hub import hf_hub_download" + chr(10) if on_hub else ""}
 model = timm.create_model("{arch}", pretrained=True,
-                          pretrained_cfg_overlay=dict(file=hf_hub_download("{repo}", "model.safetensors")))
-```
-
-`timm.create_model("hf-hub:{repo}")` and `timm.create_model("local-dir:path/to/dir")` work too
-(after `import castle_convert`).""")
+                          pretrained_cfg_overlay=dict(file={file}))
+model = timm.create_model({other}, pretrained=True)  # the same, configured from config.json
+```""")
     return "\n\n".join(parts)
 
 
@@ -203,7 +203,7 @@ def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Option
               if src.get("builtin") else f"`{src.get('model') or src.get('architecture') or title}`")
     lines = [f"# {title}", "", MARKER, "",
              f"This {'backbone' if headless else 'image classifier'} is {origin}, converted with "
-             "[castle-convert](https://github.com/) to Castling-ViT linear-angular attention "
+             "castle-convert to Castling-ViT linear-angular attention "
              "([arXiv 2211.10526](https://arxiv.org/abs/2211.10526)) and distilled against the original "
              "model (the teacher). Every softmax self-attention "
              f"({len(config.get('converted_modules') or [])} modules) now computes "

@@ -6,7 +6,7 @@ Files (DESIGN.md §4):
   needs (``castle_convert``) and the resolved recipe.
 * ``config.json`` — castling settings, converted modules, how to rebuild the source architecture;
   ``model_type: castling_vit`` + ``auto_map`` for transformers; timm-style ``architecture`` /
-  ``model_args`` / ``pretrained_cfg`` fields (``timm.create_model("local-dir:DIR")``).
+  ``num_classes`` / mean / std fields (``timm.create_model("local-dir:DIR", pretrained=True)``).
 * ``configuration_castling.py``, ``modeling_castling.py``, ``castling_functional.py`` — the
   transformers remote code (torch + transformers only).
 * ``preprocessor_config.json``, ``README.md`` (model card), ``recipe.yaml``, ``report.json``.

@@ -4,8 +4,8 @@ After ``import castle_convert`` (before or after ``import timm``)::
 
     timm.create_model("castle_deit_small_patch16_224", pretrained=True,
                       pretrained_cfg_overlay=dict(file="out/model.safetensors"))
-    timm.create_model("local-dir:out")          # config.json names architecture castle_<arch>
-    timm.create_model("hf-hub:me/deit-small-castling")
+    timm.create_model("local-dir:out", pretrained=True)     # config.json names castle_<arch>
+    timm.create_model("hf-hub:me/deit-small-castling", pretrained=True)
 
 The entry point reads the base architecture's arguments and the castling settings from the
 ``model.safetensors`` metadata (timm hands it only the file), builds the base architecture,
@@ -73,7 +73,7 @@ def create_castle_model(arch: str, pretrained: bool = False, pretrained_cfg: Any
         raise CheckpointError(
             f"{name} has no weights of its own: pass the model.safetensors of a castle-convert output directory, "
             f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='out/model.safetensors'))"
-            ", or use timm.create_model('local-dir:out') / ('hf-hub:REPO')")
+            ", or timm.create_model('local-dir:out', pretrained=True) / ('hf-hub:REPO', pretrained=True)")
     state, metadata = read_safetensors(file)
     config = config_from_metadata(metadata, file)
     src = config["source"]
