@@ -73,12 +73,17 @@ def published(tmp_path_factory):
         kw = dict(labels=FASHION_MNIST_CLASSES, report=REPORT, recipe="epochs: 2.5\n",
                   source={"builtin": "fmnist_vit"}) if fid == "fmnist_vit" else {}
         cc.save_pretrained(model, out, **kw)
-        x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(7))
+        gen = torch.Generator().manual_seed(7)
+        x = torch.randn(3, 3, size, size, generator=gen)
+        p = FAMILIES[0].patch if fid == "fmnist_vit" else next(f.patch for f in FAMILIES if f.id == fid)
+        x2 = torch.randn(2, 3, 5 * p, 6 * p, generator=gen)          # non-square, not the native size
         with torch.no_grad():
             raw = adapters.forward(model, x)
+            ref2 = primary_output(adapters.forward(model, x2)) if fid != "fmnist_vit" else torch.zeros(0)
         headless = "logits" not in raw if not isinstance(raw, torch.Tensor) else model.num_classes == 0
         ref = primary_output(raw)
-        save_file({"x": x, "ref": ref.contiguous()}, str(root / f"{fid}.ref.safetensors"))
+        save_file({"x": x, "ref": ref.contiguous(), "x2": x2, "ref2": ref2.contiguous()},
+                  str(root / f"{fid}.ref.safetensors"))
         cases[fid] = dict(dir=str(out), ref=str(root / f"{fid}.ref.safetensors"), hf=hf, headless=headless,
                           timm_arch=TIMM_ARCH.get(fid), check=model.castle_export_check)
     (root / "cases.json").write_text(json.dumps(cases))
@@ -102,6 +107,9 @@ def test_route_castle_convert_load(published, tmp_path):
             t = load_file(c["ref"])
             with torch.no_grad():
                 out[fid] = (primary_output(adapters.forward(model, t["x"])) - t["ref"]).abs().max().item()
+                if t["ref2"].numel():
+                    out[fid] = max(out[fid], (primary_output(adapters.forward(model, t["x2"]))
+                                              - t["ref2"]).abs().max().item())
         out["_castle_registered"] = "castle_test_vit" in timm.list_models("castle_*")
         print(json.dumps(out))
     """, tmp_path)
@@ -134,6 +142,11 @@ def test_route_transformers_without_castle_convert(published, tmp_path):
                 o = model(pixel_values=t["x"])
             got = o.logits if not c["headless"] else (o.last_hidden_state if c["hf"] else o.pooler_output)
             out[fid] = (got - t["ref"]).abs().max().item()
+            if t["ref2"].numel():                    # another, non-square size (dynamic_img_size / interpolation)
+                with torch.no_grad():
+                    o = model(pixel_values=t["x2"], **({{"interpolate_pos_encoding": True}} if c["hf"] else {{}}))
+                got = o.logits if not c["headless"] else (o.last_hidden_state if c["hf"] else o.pooler_output)
+                out[fid] = max(out[fid], (got - t["ref2"]).abs().max().item())
         # the image-classification pipeline on a greyscale PIL image
         d = json.load(open({str(root / 'cases.json')!r}))["fmnist_vit"]["dir"]
         img = Image.fromarray((np.random.default_rng(0).random((40, 30)) * 255).astype("uint8"), "L")
@@ -172,6 +185,8 @@ def test_route_timm(published, tmp_path):
             m2 = timm.create_model("local-dir:" + c["dir"], pretrained=True).eval()
             with torch.no_grad():
                 out[fid] = max((m(t["x"]) - t["ref"]).abs().max().item() for m in (m1, m2))
+                if t["ref2"].numel():
+                    out[fid] = max(out[fid], (m1(t["x2"]) - t["ref2"]).abs().max().item())
             if fid == "fmnist_vit":
                 cfg = timm.data.resolve_data_config(model=m1)
                 out["_data"] = [list(cfg["input_size"]), list(cfg["mean"])]
@@ -431,3 +446,13 @@ def test_hub_files_import_only_torch_and_transformers():
             else:
                 continue
             assert set(mods) <= allowed, (name, mods)
+
+
+def test_hub_code_refuses_unknown_attention_kind(published):
+    from castle_convert.export.save import hub_model
+    cfg = json.loads((Path(published[1]["timm-vit"]["dir"]) / "config.json").read_text())
+    cfg["castling"]["kind"] = "separable"
+    with pytest.raises(ValueError, match="attention kind 'separable', which its modeling_castling.py does not"):
+        hub_model(cfg)
+    r = CliRunner().invoke(main, ["inspect", published[1]["timm-vit"]["dir"]])
+    assert r.exit_code == 1 and "already converted" in r.output
