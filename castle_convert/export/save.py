@@ -100,6 +100,14 @@ def _labels(model: nn.Module, labels: Optional[list[str]]) -> Optional[list[str]
         return [str(x) for x in labels]
     if is_timm(model):
         names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+        if names and len(names) == model.num_classes:
+            return list(names)
+        try:                       # ImageNet heads: timm knows the class descriptions
+            from timm.data import ImageNetInfo, infer_imagenet_subset
+            subset = infer_imagenet_subset(model)
+            names = ImageNetInfo(subset).label_descriptions() if subset else None
+        except Exception:  # noqa: BLE001 - labels are a nicety
+            names = None
         return list(names) if names and len(names) == model.num_classes else None
     id2label = getattr(model.config, "id2label", None) or {}
     names = [id2label.get(i, id2label.get(str(i))) for i in range(len(id2label))]
@@ -253,8 +261,9 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
         recipe: the resolved recipe (a ``Recipe`` or its YAML text): ``recipe.yaml`` + metadata.
         report: accuracy / MACs / params / latency (``report.json``, rendered in the model card).
         labels: class names (``id2label``); default: the model's own (HF config / timm label_names).
-        base_model: Hub id of the model this was converted from (model card); default: derived
-            from timm's ``hf_hub_id`` / the HF config's name when they describe the weights.
+        base_model: Hub id of the model this was converted from (model card); default (None):
+            timm's ``hf_hub_id`` when the architecture was not reshaped / the HF config's
+            ``name_or_path`` when it is a Hub id; ``""``: none.
         source: extra provenance recorded in ``config.json`` ``source`` (e.g. ``{"builtin": ...}``).
         remote_code: write the transformers remote-code files (an architecture they do not
             implement is an error; ``False`` writes a directory for castle_convert.load / timm only).
@@ -276,6 +285,8 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
     src.update(source or {})
     if base_model:
         src["base_model"] = base_model
+    elif base_model == "":                      # explicitly none (e.g. the weights are not the Hub model's)
+        src.pop("base_model", None)
     first = next(model.parameters())
     try:
         config = build_config(model, source=src, labels=_labels(model, labels), remote_code=remote_code,
