@@ -7,14 +7,24 @@ Public API::
     result = cc.distill(model, student, "fashion-mnist", recipe="quick")   # result.student: finalized
     deployable = cc.finalize(student)    # inference form, parity-checked
     print(cc.inspect(model).format())    # what would be converted, MACs before/after
+    cc.save_pretrained(deployable, "out/")   # loads with transformers (remote code), timm, cc.load
+    model = cc.load("out/")
+
+Importing castle_convert registers ``castle_<arch>`` models with timm (when timm is imported).
 """
 
-from castle_convert.config import CastlingConfig, ConfigError
-from castle_convert.convert import (ConversionError, FinalizeError, InspectReport, convert, finalize,
+from castle_convert.export.timm_route import install as _install_timm_route
+
+_install_timm_route()
+
+from castle_convert.config import CastlingConfig, ConfigError  # noqa: E402
+from castle_convert.convert import (ConversionError, FinalizeError, InspectReport, convert, finalize,  # noqa: E402
                                     inspect, set_schedule)
-from castle_convert.distill import distill
+from castle_convert.distill import distill  # noqa: E402
+from castle_convert.export import CheckpointError, ExportError, load, save_pretrained  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["CastlingConfig", "ConfigError", "ConversionError", "FinalizeError", "InspectReport",
-           "convert", "distill", "finalize", "inspect", "set_schedule", "__version__"]
+__all__ = ["CastlingConfig", "CheckpointError", "ConfigError", "ConversionError", "ExportError", "FinalizeError",
+           "InspectReport", "convert", "distill", "finalize", "inspect", "load", "save_pretrained", "set_schedule",
+           "__version__"]

@@ -14,11 +14,15 @@ from castle_convert.config import ConfigError
 from castle_convert.convert import ConversionError, FinalizeError
 from castle_convert.data import DataError
 from castle_convert.distill.loop import ResumeError
-from castle_convert.export.save import OutputExistsError
+from castle_convert.export.card import CardError
+from castle_convert.export.load import CheckpointError
+from castle_convert.export.onnx import OnnxExportError
+from castle_convert.export.push import PushError
+from castle_convert.export.save import ExportError, OutputExistsError
 from castle_convert.models import ModelLoadError
 
 USER_ERRORS = (ModelLoadError, ConversionError, FinalizeError, ConfigError, DataError, ResumeError,
-               OutputExistsError, BenchError)
+               OutputExistsError, BenchError, CheckpointError, ExportError, CardError, PushError)
 
 
 class _Group(click.Group):
@@ -85,7 +89,9 @@ def distill_cmd(model: Optional[str], recipe_name: str, overrides: tuple[str, ..
     from castle_convert.distill.loop import process_state
     if process_state().is_main_process:
         click.echo("\n" + format_table(result.report))
-        click.echo(f"\nwrote {result.output}/ (model.safetensors, config.json, recipe.yaml, report.json)")
+        click.echo(f"\nwrote {result.output}/ (model.safetensors, config.json, remote code, README.md model card, "
+                   "recipe.yaml, report.json): load it with castle_convert.load(), transformers "
+                   "(trust_remote_code=True) or timm; publish it with castle-convert push")
 
 
 @main.command("inspect")
@@ -170,6 +176,48 @@ def bench_cmd(model: str, resolutions: list[int], batches: list[int], device: st
     if plot_out:
         plot(result, str(plot_out))
         click.echo(f"wrote {plot_out}")
+
+# -- publishing ----------------------------------------------------------------------------------
+
+
+@main.command("push")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--repo", "repo_id", required=True, help="Hub repo id: NAME or OWNER/NAME.")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--dry-run", is_flag=True, help="Check the directory and model card, list exactly what would be "
+                                               "uploaded, send nothing.")
+@click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the saved `hf auth login`).")
+def push_cmd(directory: Path, repo_id: str, private: bool, dry_run: bool, token: Optional[str]) -> None:
+    """Upload an output directory (castle_convert.save_pretrained / the main job) to the Hugging Face Hub.
+
+    Creates the repo if needed and uploads every file in one commit; a model card castle-convert
+    generated is rendered again with the repo id in its usage snippets.
+    """
+    from castle_convert.export.push import push
+
+    plan = push(directory, repo_id, private=private, dry_run=dry_run, token=token)
+    click.echo(plan.format())
+
+
+@main.command("export-onnx")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="ONNX file to write.")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")
+@click.option("--atol", "--tolerance", "atol", type=float, default=1e-4, show_default=True,
+              help="Largest max-abs difference onnxruntime vs PyTorch that passes.")
+@click.option("--batch", type=int, default=3, show_default=True,
+              help="Batch size of the parity check (the export itself traces batch 1; the batch axis is dynamic).")
+def export_onnx_cmd(directory: Path, output: Path, opset: int, atol: float, batch: int) -> None:
+    """Export the model in DIRECTORY to ONNX and check it in onnxruntime (exit 1 above --atol)."""
+    from castle_convert.export.onnx import export_onnx
+
+    try:
+        result = export_onnx(directory, output, opset=opset, atol=atol, check_batch=batch)
+    except OnnxExportError as e:
+        if getattr(e, "result", None) is not None:
+            click.echo(e.result.format())
+        raise click.ClickException(str(e)) from e
+    click.echo(result.format())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -122,6 +122,9 @@ def load_model(spec: str, *, arch: Optional[str] = None, pretrained: bool = True
             raise ModelLoadError(f"directory {path} has no config.json: expected a Hugging Face "
                                  "model directory (save_pretrained) or a timm model directory")
         config = json.loads(cfg_file.read_text())
+        if "castling" in config:                 # a castle-convert output directory (already converted)
+            from castle_convert.export.load import build_converted, load, read_config
+            return load(path) if pretrained else build_converted(read_config(path))
         if "architecture" in config:
             return _timm_from_dir(path, pretrained, **timm_kwargs)
         return _hf_from_dir(path, pretrained, img_size)

@@ -16,7 +16,7 @@ import torch
 from castle_convert.convert import convert, inspect
 from castle_convert.data import DataError, build_data
 from castle_convert.distill.loop import DistillResult, ResumeError, distill, process_state
-from castle_convert.export.save import check_output_dir, describe_source, report_versions, write_output_dir
+from castle_convert.export.save import check_output_dir, report_versions, save_pretrained
 from castle_convert.models import load_model
 from castle_convert.recipes import Recipe
 
@@ -32,15 +32,13 @@ def default_output(model_spec: str, recipe: Recipe) -> Path:
     return Path("runs") / f"{Path(model_spec).name.replace('.', '_')}-{recipe.name}"
 
 
-def _source(model_spec: str, arch: Optional[str], teacher) -> dict:
+def _source(model_spec: str, arch: Optional[str]) -> dict:
+    """Provenance recorded next to what save_pretrained derives from the model itself."""
     from castle_convert import zoo
     if model_spec in zoo.BUILTINS:
-        spec = zoo.BUILTINS[model_spec]
-        return {"library": "timm", "builtin": model_spec, "architecture": spec["architecture"],
-                "model_args": spec["model_args"], "pretrained_cfg": spec["pretrained_cfg"]}
-    src = describe_source(teacher)
-    src["model"] = model_spec if not arch else f"{model_spec} (--arch {arch})"
-    return src
+        return {"builtin": model_spec, "model": model_spec}
+    name = Path(model_spec).name if Path(model_spec).exists() else model_spec   # no local paths in the card
+    return {"model": name if not arch else f"{name} (--arch {arch})"}
 
 
 def _calibration_batch(dataset, n: int = 32) -> torch.Tensor:
@@ -103,9 +101,9 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
         "versions": report_versions(),
     }
     if state.is_main_process:
-        write_output_dir(output, result.student, source=_source(model_spec, arch, teacher),
-                         recipe_yaml=recipe.to_yaml(), report=report,
-                         extra_files={"logs": work_dir / "tensorboard"}, overwrite=overwrite or resume)
+        save_pretrained(result.student, output, recipe=recipe.to_yaml(), report=report,
+                        source=_source(model_spec, arch), labels=data.classes if data.num_classes else None,
+                        extra_files={"logs": work_dir / "tensorboard"}, overwrite=overwrite or resume)
         shutil.rmtree(work_dir, ignore_errors=True)            # checkpoints are done with
     state.wait_for_everyone()
     return RunResult(output=output, report=report, distill=result)

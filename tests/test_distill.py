@@ -220,6 +220,11 @@ def test_run_writes_complete_output_and_refuses_overwrite(teacher_dir, image_fol
     result = _run(teacher_dir, image_folder, out)
     files = sorted(p.name for p in out.iterdir())
     assert {"model.safetensors", "config.json", "recipe.yaml", "report.json", "logs"} <= set(files)
+    assert {"README.md", "preprocessor_config.json", "modeling_castling.py"} <= set(files), "publishable"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (cc.load(out)(x) - result.distill.student.eval()(x)).abs().max() <= 1e-5
+    assert json.loads((out / "config.json").read_text())["id2label"]["0"] == "class_0"
     report = json.loads((out / "report.json").read_text())
     assert {"teacher", "student", "student_train_form_g0", "params", "macs", "train_time_s", "versions"} <= set(report)
     assert report["macs"]["student"] > 0 and report["macs"]["teacher"] > 0 and report["macs"]["tokens"] == 17

@@ -1,20 +1,57 @@
-"""The output directory of a run, written atomically (temp dir + rename at the end)."""
+"""``save_pretrained``: a converted model as a complete, publishable directory, written atomically.
+
+Files (DESIGN.md §4):
+
+* ``model.safetensors`` — inference-only weights; metadata embeds the config fields the timm route
+  needs (``castle_convert``) and the resolved recipe.
+* ``config.json`` — castling settings, converted modules, how to rebuild the source architecture;
+  ``model_type: castling_vit`` + ``auto_map`` for transformers; timm-style ``architecture`` /
+  ``num_classes`` / mean / std fields (``timm.create_model("local-dir:DIR", pretrained=True)``).
+* ``configuration_castling.py``, ``modeling_castling.py``, ``castling_functional.py`` — the
+  transformers remote code (torch + transformers only).
+* ``preprocessor_config.json``, ``README.md`` (model card), ``recipe.yaml``, ``report.json``.
+
+Before the directory appears, it is loaded back (castle_convert route and remote-code model) and
+compared with the in-memory model.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 
-FORMAT_VERSION = 1
+from castle_convert.export.load import CONFIG_NAME, FORMAT_VERSION, METADATA_KEY, WEIGHTS_NAME
+from castle_convert.export.source import RemoteCodeUnsupported, describe_source, is_timm, timm_vit_spec
+
+logger = logging.getLogger(__name__)
+
+HUB_DIR = Path(__file__).parent / "hub"
+HUB_FILES = {
+    "configuration_castling.py": HUB_DIR / "configuration_castling.py",
+    "modeling_castling.py": HUB_DIR / "modeling_castling.py",
+    "castling_functional.py": Path(__file__).parents[1] / "attention" / "functional.py",
+}
+# Keys of ``source`` that describe provenance (kept from a loaded model / the caller).
+_PROVENANCE = ("builtin", "model", "base_model", "license")
+_HF_BASE = {"vit": "ViTModel", "deit": "DeiTModel", "dinov2": "Dinov2Model",
+            "dinov2_with_registers": "Dinov2WithRegistersModel"}
 
 
 class OutputExistsError(FileExistsError):
     """The output directory exists and is not empty, and --overwrite was not given."""
+
+
+class ExportError(ValueError):
+    """The model cannot be written as a publishable directory; the message says why and what to do."""
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
@@ -25,63 +62,269 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
                                 "--overwrite to replace it")
 
 
-def describe_source(model: nn.Module) -> dict:
-    """Enough to rebuild the base architecture of ``model`` (timm name + args, or the HF config)."""
-    cfg = getattr(model, "pretrained_cfg", None)
-    if cfg is not None:
-        return {"library": "timm", "architecture": cfg.get("architecture"),
-                "model_args": {"num_classes": getattr(model, "num_classes", None)}}
-    hf = getattr(model, "config", None)
-    return {"library": "transformers", "model_type": getattr(hf, "model_type", None),
-            "architectures": getattr(hf, "architectures", None) or [type(model).__name__],
-            "config": hf.to_dict() if hf is not None else None}
+def report_versions() -> dict[str, Any]:
+    import platform
 
-
-def write_output_dir(path: Path, model: nn.Module, *, source: dict, recipe_yaml: Optional[str] = None,
-                     report: Optional[dict] = None, extra_files: Optional[dict[str, Path]] = None,
-                     overwrite: bool = False) -> Path:
-    """Write ``model`` (inference form) and its metadata to ``path`` atomically.
-
-    Files: ``model.safetensors`` (inference-only weights, metadata embeds the recipe),
-    ``config.json``, ``recipe.yaml``, ``report.json``. Nothing appears at ``path`` until all of them
-    are complete.
-    """
-    from safetensors.torch import save_file
+    import accelerate
+    import timm
+    import transformers
 
     from castle_convert import __version__
+    return {"castle_convert": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+            "python": platform.python_version()}
+
+
+# -- pieces --------------------------------------------------------------------------------------
+
+def _check_model(model: nn.Module) -> None:
     from castle_convert.convert import castling_modules
+    mods = list(castling_modules(model))
+    if not mods:
+        raise ExportError(f"{type(model).__name__} has no castling attention: convert() and finalize() it first")
+    if any(getattr(m, "is_training_form", False) for _, m in mods):
+        raise ExportError("save_pretrained takes a finalized model (inference form): call "
+                          "castle_convert.finalize() first")
+    if getattr(model, "castling_config", None) is None:
+        raise ExportError("the model has no castling_config: it was not made by castle_convert.convert()")
+
+
+def _headless(model: nn.Module) -> bool:
+    if is_timm(model):
+        return int(getattr(model, "num_classes", 0) or 0) == 0
+    return "ForImageClassification" not in type(model).__name__
+
+
+def _labels(model: nn.Module, labels: Optional[list[str]]) -> Optional[list[str]]:
+    if labels is not None:
+        return [str(x) for x in labels]
+    if is_timm(model):
+        names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+        if names and len(names) == model.num_classes:
+            return list(names)
+        try:                       # ImageNet heads: timm knows the class descriptions
+            from timm.data import ImageNetInfo, infer_imagenet_subset
+            subset = infer_imagenet_subset(model)
+            names = ImageNetInfo(subset).label_descriptions() if subset else None
+        except Exception:  # noqa: BLE001 - labels are a nicety
+            names = None
+        return list(names) if names and len(names) == model.num_classes else None
+    id2label = getattr(model.config, "id2label", None) or {}
+    names = [id2label.get(i, id2label.get(str(i))) for i in range(len(id2label))]
+    if names and not all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        return names
+    return None
+
+
+def _hub_classes(model: nn.Module, source: dict, headless: bool) -> tuple[str, dict]:
+    """(architectures[0], auto_map) for config.json; raises RemoteCodeUnsupported."""
+    from castle_convert.export.hub.modeling_castling import HF_CLASSES
+    cfg = "configuration_castling.CastlingViTConfig"
+    if source["library"] == "timm":
+        auto = {"AutoConfig": cfg, "AutoModel": "modeling_castling.CastlingTimmViTModel"}
+        if headless:
+            return "CastlingTimmViTModel", auto
+        auto["AutoModelForImageClassification"] = "modeling_castling.CastlingTimmViTForImageClassification"
+        return "CastlingTimmViTForImageClassification", auto
+    name = type(model).__name__
+    if name not in HF_CLASSES:
+        raise RemoteCodeUnsupported(f"transformers {name} is not one of the classes modeling_castling.py "
+                                    f"wraps ({', '.join(HF_CLASSES)})")
+    auto = {"AutoConfig": cfg}
+    if headless:
+        auto["AutoModel"] = f"modeling_castling.Castling{name}"
+    else:
+        auto["AutoModelForImageClassification"] = f"modeling_castling.Castling{name}"
+        base = _HF_BASE.get(source.get("model_type"))
+        if base in HF_CLASSES:
+            auto["AutoModel"] = f"modeling_castling.Castling{base}"
+    return f"Castling{name}", auto
+
+
+def build_config(model: nn.Module, *, source: dict, labels: Optional[list[str]], remote_code: bool,
+                 dtype: torch.dtype) -> dict:
+    """The config.json of ``model``."""
+    from castle_convert import __version__
+
+    headless = _headless(model)
+    config: dict[str, Any] = {}
+    if source["library"] == "transformers":        # the base config's fields, for the transformers classes
+        config.update({k: v for k, v in source["config"].items() if k not in (
+            "model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype",
+            "torch_dtype")})
+    config.update(model_type="castling_vit", format_version=FORMAT_VERSION, castle_convert_version=__version__,
+                  castling=model.castling_config.to_dict(),
+                  converted_modules=list(getattr(model, "castling_converted", None) or []),
+                  source=source, castle_headless=headless, dtype=str(dtype).replace("torch.", ""))
+    if remote_code:
+        arch, auto_map = _hub_classes(model, source, headless)
+        config.update(architectures=[arch], auto_map=auto_map)
+        if source["library"] == "timm":
+            config["timm_vit"] = timm_vit_spec(model)
+    if source["library"] == "timm":
+        # timm-style fields for timm.create_model("local-dir:DIR" / "hf-hub:ID"), in timm's flat layout:
+        # a "pretrained_cfg" key would make transformers read the directory as a timm checkpoint.
+        n = int(model.num_classes)
+        config.update({k: v for k, v in source.get("pretrained_cfg", {}).items() if k not in ("num_classes",)})
+        config.update(architecture=f"castle_{source['architecture']}", num_classes=n,
+                      num_features=int(getattr(model, "num_features", 0) or 0))
+        if n > 0:
+            names = labels or [f"LABEL_{i}" for i in range(n)]
+            if labels:
+                config["label_names"] = list(labels)
+            config.update(id2label={str(i): names[i] for i in range(n)}, label2id={v: i for i, v in enumerate(names)})
+    elif labels and not headless:
+        config.update(id2label={str(i): v for i, v in enumerate(labels)},
+                      label2id={v: i for i, v in enumerate(labels)})
+    return config
+
+
+def _metadata(config: dict, recipe_yaml: Optional[str]) -> dict[str, str]:
+    from castle_convert import __version__
+    meta = {"format": "pt", "castle_convert_version": __version__, "format_version": str(FORMAT_VERSION),
+            METADATA_KEY: json.dumps({k: config[k] for k in (
+                "format_version", "castling", "converted_modules", "source")}, default=str)}
+    if recipe_yaml:
+        meta["recipe"] = recipe_yaml
+    return meta
+
+
+# -- verification --------------------------------------------------------------------------------
+
+def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from castle_convert import adapters
+    from castle_convert.convert import primary_output
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return primary_output(adapters.forward(model, x)).float()
+    finally:
+        model.train(was)
+
+
+def hub_model(config: dict, state: Optional[dict] = None) -> nn.Module:
+    """The transformers remote-code model of a config.json (the package's copy of the hub files)."""
+    from castle_convert.export.hub import configuration_castling, modeling_castling
+    cfg = configuration_castling.CastlingViTConfig.from_dict(copy.deepcopy(config))
+    cls = getattr(modeling_castling, config["architectures"][0])
+    model = cls(cfg).eval()
+    if state is not None:
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+def _hub_output(hub: nn.Module, x: torch.Tensor, headless_timm: bool) -> torch.Tensor:
+    with torch.no_grad():
+        if getattr(hub.config, "timm_vit", None):
+            out = hub(pixel_values=x)
+            return (out.pooler_output if headless_timm else out.logits).float()
+        from castle_convert.convert import primary_output
+        return primary_output(hub(pixel_values=x, interpolate_pos_encoding=False)).float()
+
+
+def verify_directory(model: nn.Module, path: Path, config: dict, *, remote_code: bool,
+                     atol: Optional[float] = None) -> dict[str, float]:
+    """Load ``path`` back (castle_convert route, and the remote-code model) and compare with ``model``."""
+    from castle_convert import adapters
+    from castle_convert.export.load import load, read_safetensors
+
+    p = next(model.parameters())
+    tol = atol if atol is not None else (1e-5 if p.dtype == torch.float32 else 2e-2)
+    x = adapters.example_inputs(model, batch=2, generator=torch.Generator().manual_seed(0)).float()
+    ref = _output(model, x.to(p.device, p.dtype)).cpu()
+    diffs = {}
+    loaded = load(path)
+    diffs["castle_convert.load"] = (_output(loaded, x.to(next(loaded.parameters()).dtype)).cpu() - ref).abs().max().item()
+    if remote_code:
+        state, _ = read_safetensors(path / WEIGHTS_NAME)
+        hub = hub_model(config, state).to(next(iter(state.values())).dtype)
+        headless_timm = bool(config.get("timm_vit")) and config.get("castle_headless")
+        diffs["transformers remote code"] = (_hub_output(hub, x.to(next(hub.parameters()).dtype), headless_timm).cpu()
+                                             - ref).abs().max().item()
+    bad = {k: v for k, v in diffs.items() if not v <= tol}
+    if bad:
+        raise ExportError("the written directory does not reproduce the model: " + ", ".join(
+            f"{k} max |Δ| = {v:.3g}" for k, v in bad.items()) + f" (tolerance {tol:g}). Nothing was written.")
+    return diffs
+
+
+# -- save_pretrained -----------------------------------------------------------------------------
+
+def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = None, report: Optional[dict] = None,
+                    overwrite: bool = False, labels: Optional[list[str]] = None, base_model: Optional[str] = None,
+                    source: Optional[dict] = None, remote_code: bool = True, verify: bool = True,
+                    repo_id: Optional[str] = None, extra_files: Optional[dict[str, Path]] = None) -> Path:
+    """Write a finalized castling model to ``path`` as a publishable directory (atomically).
+
+    Args:
+        recipe: the resolved recipe (a ``Recipe`` or its YAML text): ``recipe.yaml`` + metadata.
+        report: accuracy / MACs / params / latency (``report.json``, rendered in the model card).
+        labels: class names (``id2label``); default: the model's own (HF config / timm label_names).
+        base_model: Hub id of the model this was converted from (model card); default (None):
+            timm's ``hf_hub_id`` when the architecture was not reshaped / the HF config's
+            ``name_or_path`` when it is a Hub id; ``""``: none.
+        source: extra provenance recorded in ``config.json`` ``source`` (e.g. ``{"builtin": ...}``).
+        remote_code: write the transformers remote-code files (an architecture they do not
+            implement is an error; ``False`` writes a directory for castle_convert.load / timm only).
+        verify: load the directory back (castle_convert and remote code) and compare outputs
+            with ``model`` before it appears (max |Δ| ≤ 1e-5 in fp32).
+        repo_id: Hub repo id used in the model card's usage snippets.
+    """
+    from castle_convert.export.card import render_card
+    from castle_convert.export.processor import image_processor_config
+    from safetensors.torch import save_file
 
     path = Path(path)
     check_output_dir(path, overwrite)
-    if any(getattr(m, "is_training_form", False) for _, m in castling_modules(model)):
-        raise ValueError("write_output_dir takes a finalized model: call castle_convert.finalize() first")
+    _check_model(model)
+    recipe_yaml = recipe if (recipe is None or isinstance(recipe, str)) else recipe.to_yaml()
+    src = describe_source(model)
+    src.update({k: v for k, v in (getattr(model, "castle_source", None) or {}).items()
+                if k in _PROVENANCE and k not in src})
+    src.update(source or {})
+    if base_model:
+        src["base_model"] = base_model
+    elif base_model == "":                      # explicitly none (e.g. the weights are not the Hub model's)
+        src.pop("base_model", None)
+    first = next(model.parameters())
+    try:
+        config = build_config(model, source=src, labels=_labels(model, labels), remote_code=remote_code,
+                              dtype=first.dtype)
+    except RemoteCodeUnsupported as e:
+        raise ExportError(f"this architecture cannot be exported as remote code: {e}. Pass remote_code=False "
+                          "to write the directory without the transformers files (castle_convert.load and, "
+                          "for timm, timm.create_model('castle_<arch>') still load it).") from e
+    processor = image_processor_config(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        metadata = {"format": "pt", "castle_convert_version": __version__, "format_version": str(FORMAT_VERSION)}
-        if recipe_yaml:
-            metadata["recipe"] = recipe_yaml
-        save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
-        config = {
-            "castle_convert_version": __version__,
-            "format_version": FORMAT_VERSION,
-            "castling": getattr(model, "castling_config").to_dict(),
-            "converted_modules": list(getattr(model, "castling_converted", [])),
-            "source": source,
-        }
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata=_metadata(config, recipe_yaml))
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
+        if processor:
+            (tmp / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+        if remote_code:
+            for name, src_file in HUB_FILES.items():
+                shutil.copyfile(src_file, tmp / name)
         if recipe_yaml:
             (tmp / "recipe.yaml").write_text(recipe_yaml)
         if report is not None:
-            (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        for name, src in (extra_files or {}).items():
-            if Path(src).is_dir():
-                shutil.copytree(src, tmp / name)
-            elif Path(src).exists():
-                shutil.copy2(src, tmp / name)
+            (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (tmp / "README.md").write_text(render_card(config, report, recipe_yaml, repo_id=repo_id, processor=processor))
+        for name, extra in (extra_files or {}).items():
+            if Path(extra).is_dir():
+                shutil.copytree(extra, tmp / name)
+            elif Path(extra).exists():
+                shutil.copy2(extra, tmp / name)
+        _publish_permissions(tmp)
+        if verify:
+            diffs = verify_directory(model, tmp, config, remote_code=remote_code)
+            logger.info("save_pretrained %s: loaded back, max |Δ| %s", path, diffs)
+            model.castle_export_check = diffs
         if path.exists():
             old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
             path.rename(old)
             tmp.rename(path)
             shutil.rmtree(old, ignore_errors=True)
@@ -93,15 +336,17 @@ def write_output_dir(path: Path, model: nn.Module, *, source: dict, recipe_yaml:
     return path
 
 
-def report_versions() -> dict[str, Any]:
-    import platform
+def _publish_permissions(root: Path) -> None:
+    """mkdtemp makes a private (0700) directory: give the result the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *root.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
-    import timm
-    import torch
-    import transformers
 
-    from castle_convert import __version__
-    import accelerate
-    return {"castle_convert": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
-            "python": platform.python_version()}
+def write_output_dir(path: Path, model: nn.Module, *, source: Optional[dict] = None, recipe_yaml: Optional[str] = None,
+                     report: Optional[dict] = None, extra_files: Optional[dict[str, Path]] = None,
+                     overwrite: bool = False, **kwargs: Any) -> Path:
+    """The CLI's output directory: :func:`save_pretrained` (kept for callers of the old name)."""
+    return save_pretrained(model, path, recipe=recipe_yaml, report=report, source=source, extra_files=extra_files,
+                           overwrite=overwrite, **kwargs)

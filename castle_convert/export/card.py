@@ -1,0 +1,304 @@
+"""The model card (README.md) of a published directory: front matter + results + usage + recipe.
+
+Rendered from the directory's own ``config.json``, ``report.json`` and ``recipe.yaml``, so
+``castle-convert push`` can render it again with the repo id in the usage snippets.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+MARKER = "<!-- castle-convert model card: `castle-convert push` re-renders it (delete this line to keep edits) -->"
+REQUIRED_KEYS = ("library_name", "pipeline_tag", "tags", "model-index")
+REQUIRED_TAGS = ("castling-vit", "linear-attention")
+
+# --data spec -> (Hub dataset id, display name)
+_DATASETS = {"fashion-mnist": ("zalando-datasets/fashion_mnist", "Fashion-MNIST")}
+_SPLITS = {"fashion-mnist": "test"}        # the split castle-convert evaluates on, when it is not "validation"
+
+
+class CardError(ValueError):
+    """The model card's front matter is missing or invalid."""
+
+
+def _dataset(report: dict) -> tuple[Optional[str], str]:
+    spec = str(report.get("dataset") or "")
+    if spec in _DATASETS:
+        return _DATASETS[spec]
+    if spec.startswith("hf:"):
+        name = spec[3:].split(":")[0]
+        return name, name
+    return None, (Path(spec).name if spec else "evaluation data")
+
+
+def _acc(ev: Optional[dict]) -> Optional[float]:
+    if isinstance(ev, dict) and isinstance(ev.get("top1"), (int, float)):
+        return round(float(ev["top1"]), 2)
+    return None
+
+
+def _num(v: Any, scale: float, unit: str, digits: int = 2) -> str:
+    return f"{v / scale:.{digits}f}{unit}" if isinstance(v, (int, float)) and v else "–"
+
+
+def _latency(report: dict, role: str) -> str:
+    lat = report.get("latency")
+    if not isinstance(lat, dict):
+        return "not measured"
+    v = lat.get(role)
+    if isinstance(v, dict):
+        for key in ("ms", "median_ms", "mean_ms", "latency_ms", "p50_ms"):
+            if isinstance(v.get(key), (int, float)):
+                v = v[key]
+                break
+    return f"{v:.2f} ms" if isinstance(v, (int, float)) else "not measured"
+
+
+def _latency_note(report: dict) -> str:
+    lat = report.get("latency")
+    if not isinstance(lat, dict):
+        return "Latency: not measured for this checkpoint."
+    setup = {k: v for k, v in lat.items() if k not in ("teacher", "student") and not isinstance(v, dict)}
+    return "Latency setup: " + ", ".join(f"{k} {v}" for k, v in setup.items()) if setup else ""
+
+
+def model_title(config: dict) -> str:
+    src = config.get("source", {})
+    name = src.get("builtin") or src.get("base_model") or src.get("architecture") or \
+        (src.get("architectures") or ["model"])[0]
+    return f"{name.split('/')[-1]} with Castling-ViT linear-angular attention"
+
+
+def front_matter(config: dict, report: dict, model_name: str) -> "Any":
+    from huggingface_hub import EvalResult, ModelCardData
+
+    src = config.get("source", {})
+    headless = bool(config.get("castle_headless"))
+    ds_id, ds_name = _dataset(report)
+    split = _SPLITS.get(str(report.get("dataset")), "validation")
+    tags = ["castling-vit", "linear-attention", "vision-transformer", "castle-convert", "custom_code",
+            "image-feature-extraction" if headless else "image-classification"]
+    if src.get("library") == "timm":
+        tags.append("timm")
+    results = []
+    cosine = (report.get("student") or {}).get("cosine")
+    if headless and isinstance(cosine, (int, float)):
+        results.append(EvalResult(task_type="image-feature-extraction", dataset_type=ds_id or ds_name,
+                                  dataset_name=ds_name, dataset_split=split, metric_type="cosine_similarity",
+                                  metric_value=round(float(cosine), 4),
+                                  metric_name="Cosine similarity to the teacher's features"))
+    if not headless:
+        for role, label in (("student", "Top-1 accuracy (this model, linear-angular attention)"),
+                            ("teacher", "Top-1 accuracy (teacher: the original softmax-attention model)")):
+            value = _acc(report.get(role))
+            if value is not None:
+                results.append(EvalResult(task_type="image-classification", dataset_type=ds_id or ds_name,
+                                          dataset_name=ds_name, dataset_split=split,
+                                          metric_type="accuracy", metric_value=value, metric_name=label))
+    kwargs = dict(library_name="transformers",
+                  pipeline_tag="image-feature-extraction" if headless else "image-classification",
+                  tags=tags, metrics=(["cosine_similarity"] if headless else ["accuracy"]) if results else None,
+                  datasets=[ds_id] if ds_id else None)
+    if src.get("base_model"):
+        kwargs.update(base_model=src["base_model"], base_model_relation="finetune")
+    if src.get("license"):
+        kwargs["license"] = src["license"]
+    if results:
+        kwargs.update(model_name=model_name, eval_results=results)
+    return ModelCardData(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _usage(config: dict, repo: str) -> str:
+    src = config.get("source", {})
+    headless = bool(config.get("castle_headless"))
+    auto = "AutoModel" if headless else "AutoModelForImageClassification"
+    out_line = ("features = model(**inputs).last_hidden_state      # (1, tokens, dim); pooled: .pooler_output"
+                if headless else "print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])")
+    parts = [f"""### transformers (no castle-convert needed)
+
+```python
+from PIL import Image
+from transformers import AutoImageProcessor, {auto}
+
+processor = AutoImageProcessor.from_pretrained("{repo}")
+model = {auto}.from_pretrained("{repo}", trust_remote_code=True).eval()
+inputs = processor(images=Image.open("image.png"), return_tensors="pt")
+{out_line}
+```
+
+`trust_remote_code=True` runs `modeling_castling.py`, `configuration_castling.py` and
+`castling_functional.py` from this repository (they import only torch and transformers); read them first."""]
+    if not headless:
+        parts.append(f"""```python
+from transformers import pipeline
+
+classify = pipeline("image-classification", model="{repo}", trust_remote_code=True)
+print(classify("image.png"))
+```""")
+    on_hub = "/" in repo and not repo.startswith("path/")
+    load_code = (f'from huggingface_hub import snapshot_download\n\nmodel = cc.load(snapshot_download("{repo}"))'
+                 if on_hub else f'model = cc.load("{repo}")')
+    parts.append(f"""### castle-convert
+
+```python
+import castle_convert as cc
+{load_code}
+```
+
+`cc.load` rebuilds the {src.get("library", "source")} architecture, converts it and loads the weights
+(safetensors only); the model keeps its preprocessing (`model.pretrained_cfg` /
+`model.castle_image_processor`).""")
+    if src.get("library") == "timm":
+        arch = config.get("architecture") or f"castle_{src.get('architecture')}"
+        file = f'hf_hub_download("{repo}", "model.safetensors")' if on_hub else f'"{repo}/model.safetensors"'
+        other = f'"hf-hub:{repo}"' if on_hub else f'"local-dir:{repo}"'
+        parts.append(f"""### timm
+
+```python
+import timm, castle_convert  # importing castle_convert registers the castle_* architectures
+{"from huggingface_hub import hf_hub_download" + chr(10) if on_hub else ""}
+model = timm.create_model("{arch}", pretrained=True,
+                          pretrained_cfg_overlay=dict(file={file}))
+model = timm.create_model({other}, pretrained=True)  # the same, configured from config.json
+```""")
+    return "\n\n".join(parts)
+
+
+def _preprocessing(processor: Optional[dict]) -> str:
+    if not processor:
+        return "No preprocessor_config.json."
+    size = processor.get("crop_size") if processor.get("do_center_crop") else processor.get("size")
+    resize = processor.get("size", {})
+    how = (f"resize the shorter side to {resize.get('shortest_edge')} px, centre-crop {size.get('height')}×"
+           f"{size.get('width')}" if processor.get("do_center_crop") and isinstance(size, dict)
+           else f"resize to {resize.get('height')}×{resize.get('width')}" if isinstance(resize, dict) else "resize")
+    mean = ", ".join(f"{v:g}" for v in processor.get("image_mean", []))
+    std = ", ".join(f"{v:g}" for v in processor.get("image_std", []))
+    grey = len(set(processor.get("image_mean", []))) == 1 and len(processor.get("image_mean", [])) == 3
+    text = (f"`preprocessor_config.json` ({processor.get('image_processor_type')}): {how}, scale to [0, 1], "
+            f"normalise with mean ({mean}) and std ({std}); images are converted to RGB first "
+            f"(`do_convert_rgb`).")
+    if grey:
+        text += (" The teacher was trained on greyscale images repeated over 3 channels (equal per-channel "
+                 "mean/std): feed greyscale images (a PIL `L` image is converted to RGB by the processor).")
+    return text
+
+
+def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Optional[str] = None, *,
+                repo_id: Optional[str] = None, processor: Optional[dict] = None) -> str:
+    """README.md text for a directory whose config.json / report.json / recipe.yaml are given."""
+    report = report or {}
+    src = config.get("source", {})
+    repo = repo_id or "path/to/this/directory"
+    title = model_title(config)
+    data = front_matter(config, report, repo_id.split("/")[-1] if repo_id else title)
+    headless = bool(config.get("castle_headless"))
+    castling = config.get("castling", {})
+    _, ds_name = _dataset(report)
+    origin = (f"the Hub model [`{src['base_model']}`](https://huggingface.co/{src['base_model']})"
+              if src.get("base_model") else
+              f"castle-convert's built-in `{src['builtin']}` teacher (trained locally, not on the Hub)"
+              if src.get("builtin") else f"`{src.get('model') or src.get('architecture') or title}`")
+    lines = [f"# {title}", "", MARKER, "",
+             f"This {'backbone' if headless else 'image classifier'} is {origin}, converted with "
+             "castle-convert to Castling-ViT linear-angular attention "
+             "([arXiv 2211.10526](https://arxiv.org/abs/2211.10526)) and distilled against the original "
+             "model (the teacher). Every softmax self-attention "
+             f"({len(config.get('converted_modules') or [])} modules) now computes "
+             "`proj(γ·normalize(½V + (1/π)·Q̂(K̂ᵀV)) + DW(V))`: no softmax and no N×N attention matrix, "
+             "so its cost grows linearly with the number of tokens.", ""]
+    lines += ["## Results", ""]
+    t, s = report.get("teacher"), report.get("student")
+    params, macs = report.get("params", {}), report.get("macs", {})
+    metric = "top-1" if not headless else "cosine to teacher"
+
+    def score(ev):
+        if not isinstance(ev, dict):
+            return "–"
+        if "top1" in ev:
+            return f"{ev['top1']:.2f}%"
+        return f"{ev['cosine']:.4f}" if "cosine" in ev else "–"
+
+    if report:
+        lines += [f"| model | {metric} | params | MACs | latency |", "|---|---|---|---|---|",
+                  f"| teacher (softmax attention) | {score(t)} | {_num(params.get('teacher'), 1e6, 'M')} | "
+                  f"{_num(macs.get('teacher'), 1e6, 'M', 1)} | {_latency(report, 'teacher')} |",
+                  f"| **this model** (linear-angular) | {score(s)} | {_num(params.get('student'), 1e6, 'M')} | "
+                  f"{_num(macs.get('student'), 1e6, 'M', 1)} | {_latency(report, 'student')} |", ""]
+        size = macs.get("input_size")
+        notes = [f"Evaluated on {ds_name} ({(t or {}).get('n', '?')} images)"
+                 + (f"; MACs at {size[1]}×{size[2]} px ({macs.get('tokens')} tokens)" if size else "") + "."]
+        if _acc(t) is not None and _acc(s) is not None:
+            notes.append(f"Δ top-1 vs teacher: {s['top1'] - t['top1']:+.2f} points; agreement with the teacher's "
+                         f"predictions {s.get('agree', float('nan')):.2f}%.")
+        note = _latency_note(report)
+        if note:
+            notes.append(note)
+        lines += [" ".join(notes), ""]
+    else:
+        lines += ["No report.json: accuracy, MACs and latency were not measured for this checkpoint.", ""]
+    lines += ["## Usage", "", _usage(config, repo), "", "## Preprocessing", "", _preprocessing(processor), ""]
+    lines += ["## Conversion", "",
+              f"* source: {src.get('library')} `{src.get('architecture') or (src.get('architectures') or ['?'])[0]}`"
+              + (f" (built-in `{src['builtin']}`)" if src.get("builtin") else ""),
+              "* castling: " + ", ".join(f"{k}={v}" for k, v in castling.items() if k in (
+                  "kind", "combine", "dw", "dw_kernel", "eps")),
+              f"* files: `model.safetensors` (inference-only weights), `config.json`, `preprocessor_config.json`, "
+              "`configuration_castling.py` / `modeling_castling.py` / `castling_functional.py` (remote code), "
+              "`recipe.yaml`, `report.json`", ""]
+    if recipe_yaml:
+        lines += ["## Training recipe", "",
+                  f"Distilled with the `{report.get('recipe', 'custom')}` recipe"
+                  + (f" for {report['epochs']:.3g} epochs ({report.get('steps')} steps, "
+                     f"{report.get('train_time_s', 0):.0f} s)" if isinstance(report.get("epochs"), (int, float))
+                     else "") + ":", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
+    lines += ["## Limitations", "",
+              "* The attention is an approximation of the teacher's softmax attention: expect accuracy close "
+              "to, not equal to, the teacher's (see Results).",
+              "* Linear attention has no attention matrix: attention masks / head masks are not supported "
+              "(vision models do not use them) and `output_attentions` returns nothing.",
+              "* Loading with transformers needs `trust_remote_code=True`."]
+    versions = report.get("versions")
+    if versions:
+        lines += ["", "Written with " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."]
+    from huggingface_hub import ModelCard
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
+
+
+def render_card_for_dir(path: Path, repo_id: Optional[str] = None) -> str:
+    """Render the card of an output directory from its own files."""
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    report = json.loads((path / "report.json").read_text()) if (path / "report.json").is_file() else None
+    recipe = (path / "recipe.yaml").read_text() if (path / "recipe.yaml").is_file() else None
+    proc_file = path / "preprocessor_config.json"
+    processor = json.loads(proc_file.read_text()) if proc_file.is_file() else None
+    return render_card(config, report, recipe, repo_id=repo_id, processor=processor)
+
+
+def validate_card(text: str, where: str = "README.md", *, require_results: bool = True) -> "Any":
+    """Parse the front matter (huggingface_hub ModelCard, offline) and check what the Hub needs.
+
+    ``require_results``: the model-index must hold evaluation results (true when a report exists)."""
+    from huggingface_hub import ModelCard
+
+    if not text.startswith("---"):
+        raise CardError(f"{where} has no YAML front matter (it must start with ---)")
+    try:
+        card = ModelCard(text)
+    except Exception as e:  # noqa: BLE001 - yaml / metadata errors of several types
+        raise CardError(f"{where}: invalid front matter ({type(e).__name__}: {e})") from e
+    data = card.data.to_dict()
+    missing = [k for k in REQUIRED_KEYS if not data.get(k) and not (k == "model-index" and (
+        card.data.eval_results or not require_results))]
+    if missing:
+        raise CardError(f"{where}: front matter lacks {', '.join(missing)}")
+    tags = data.get("tags") or []
+    absent = [t for t in REQUIRED_TAGS if t not in tags]
+    if absent:
+        raise CardError(f"{where}: tags lack {', '.join(absent)}")
+    if data.get("base_model_relation") and not data.get("base_model"):
+        raise CardError(f"{where}: base_model_relation without base_model")
+    return card

@@ -1,0 +1,9 @@
+"""In the package: the attention kernels, for ``from .castling_functional import ...``.
+
+Published directories get a verbatim copy of ``castle_convert/attention/functional.py`` under
+this name instead of this file (see ``castle_convert.export.hub.HUB_FILES``).
+"""
+
+from castle_convert.attention.functional import (angular_linear, grid_for_tokens,  # noqa: F401
+                                                 linear_angular_fused, merge_heads, patch_grid_dw,
+                                                 token_dw)

@@ -1,0 +1,433 @@
+"""Castling-ViT models for ``transformers`` (``trust_remote_code=True``), written by castle-convert.
+
+This file is copied into every published output directory. It imports only torch and
+transformers; the attention math comes from ``castling_functional.py`` (a verbatim copy of
+``castle_convert/attention/functional.py``), so a checkpoint loaded here runs exactly the
+kernels it was converted and verified with.
+
+Two kinds of source model:
+
+* timm ViTs (``CastlingTimmViTForImageClassification`` / ``CastlingTimmViTModel``): a
+  self-contained torch implementation of timm's ``VisionTransformer`` (and DeiT's distilled
+  variant) whose state-dict keys are timm's, so the same ``model.safetensors`` loads in timm.
+* transformers ViT / DeiT / DINOv2 (``CastlingViTForImageClassification`` and friends): the
+  transformers class itself, with every self-attention replaced by :class:`CastlingHFAttention`
+  (keys ``...attention.attn.qkv`` etc., as castle-convert writes them).
+
+Every converted attention computes ``proj(norm(γ·normalize(½V + (1/π)·Q̂(K̂ᵀV)) + DW(V)))``: no
+softmax, nothing N×N.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+
+from .castling_functional import grid_for_tokens, linear_angular_fused, patch_grid_dw, token_dw
+from .configuration_castling import CastlingViTConfig
+
+SUPPORTED_KINDS = ("linear_angular",)
+DW_MODES = ("2d", "1d", "none")
+
+
+def _check_castling(castling: dict) -> None:
+    kind = castling.get("kind", "linear_angular")
+    if kind not in SUPPORTED_KINDS:
+        raise ValueError(
+            f"this checkpoint uses attention kind '{kind}', which its modeling_castling.py does not "
+            f"implement (supported: {', '.join(SUPPORTED_KINDS)}). Re-export it with a castle-convert "
+            "version that supports it, or load it with castle_convert.load().")
+    if castling.get("dw", "2d") not in DW_MODES:
+        raise ValueError(f"unknown castling dw mode {castling.get('dw')!r} (supported: {DW_MODES})")
+
+
+class _DWConv(nn.Module):
+    """Holds the depthwise-conv weight (key ``dw.conv.weight``): 2-D (C, 1, k, k) or 1-D (h, 1, k, 1)."""
+
+    def __init__(self, mode: str, kernel: int, channels: int, num_heads: int):
+        super().__init__()
+        self.mode = mode
+        if mode == "2d":
+            self.conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False)
+        else:
+            self.conv = nn.Conv2d(num_heads, num_heads, (kernel, 1), padding=(kernel // 2, 0), groups=num_heads,
+                                  bias=False)
+
+
+class CastlingAttention(nn.Module):
+    """Linear-angular attention, inference form. Keys: qkv, q_norm, k_norm, gamma, dw.conv, norm,
+    out_gate, proj."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, num_prefix_tokens: int, castling: dict, *,
+                 qkv_bias: bool = True, proj_bias: bool = True, dim_out: Optional[int] = None,
+                 qk_norm_eps: Optional[float] = None, out_norm_eps: Optional[float] = None,
+                 gated: bool = False, gate_bias: bool = True):
+        super().__init__()
+        _check_castling(castling)
+        C = num_heads * head_dim
+        self.num_heads, self.head_dim, self.num_prefix_tokens = num_heads, head_dim, num_prefix_tokens
+        self.eps = float(castling.get("eps", 1e-6))
+        self.qkv = nn.Linear(dim, 3 * C, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
+        self.k_norm = nn.LayerNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
+        self.gamma = nn.Parameter(torch.ones(num_heads))                     # (h,)
+        mode = castling.get("dw", "2d")
+        self.dw = None if mode == "none" else _DWConv(mode, int(castling.get("dw_kernel", 3)), C, num_heads)
+        self.norm = nn.LayerNorm(C, eps=out_norm_eps) if out_norm_eps is not None else nn.Identity()
+        self.out_gate = nn.Linear(dim, C, bias=gate_bias) if gated else None
+        self.proj = nn.Linear(C, dim_out or dim, bias=proj_bias)
+
+    def forward(self, x: torch.Tensor, hw: Optional[tuple] = None) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)          # (B, N, 3, h, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                            # each (B, h, N, d)
+        v_tokens = qkv[:, :, 2].flatten(2)                                         # (B, N, C)
+        q, k = self.q_norm(q), self.k_norm(k)
+        dw = None
+        if self.dw is not None:
+            if self.dw.mode == "2d":
+                P = self.num_prefix_tokens
+                dw = patch_grid_dw(v_tokens, self.dw.conv.weight, P, grid_for_tokens(N - P, hw))  # (B, N, C)
+            else:
+                dw = token_dw(v_tokens, self.dw.conv.weight, self.num_heads)                     # (B, N, C)
+        out = linear_angular_fused(q, k, v, self.gamma, self.eps, dw)             # (B, N, C)
+        out = self.norm(out)
+        if self.out_gate is not None:
+            out = out * self.out_gate(x).sigmoid()
+        return self.proj(out)                                                      # (B, N, dim)
+
+
+def _init_castling_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Initialisation for freshly built (not loaded) models; loaded weights replace it."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, CastlingAttention):
+        nn.init.ones_(module.gamma)
+    elif isinstance(module, _DWConv):
+        nn.init.zeros_(module.conv.weight)
+
+
+# -- timm sources: a self-contained timm VisionTransformer ------------------------------------------
+
+class _PatchEmbed(nn.Module):
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.patch_size = tuple(spec["patch_size"])
+        self.dynamic_img_pad = bool(spec.get("dynamic_img_pad", False))
+        self.proj = nn.Conv2d(spec["in_chans"], spec["embed_dim"], self.patch_size, stride=self.patch_size,
+                              bias=spec.get("patch_bias", True))
+        eps = spec.get("embed_norm_eps")
+        self.norm = nn.LayerNorm(spec["embed_dim"], eps=eps) if eps is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor):
+        if self.dynamic_img_pad:
+            ph, pw = self.patch_size
+            x = F.pad(x, (0, (pw - x.shape[-1] % pw) % pw, 0, (ph - x.shape[-2] % ph) % ph))
+        x = self.proj(x)                                                           # (B, D, gh, gw)
+        hw = (x.shape[-2], x.shape[-1])
+        return self.norm(x.flatten(2).transpose(1, 2)), hw                         # (B, gh·gw, D)
+
+
+class _LayerScale(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class _Mlp(nn.Module):
+    def __init__(self, spec: dict):
+        super().__init__()
+        dim, hidden, bias = spec["embed_dim"], spec["mlp_hidden"], spec.get("mlp_bias", True)
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = nn.GELU(approximate="tanh" if spec.get("act") == "gelu_tanh" else "none")
+        eps = spec.get("mlp_norm_eps")
+        self.norm = nn.LayerNorm(hidden, eps=eps) if eps is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.norm(self.act(self.fc1(x))))
+
+
+class _Block(nn.Module):
+    def __init__(self, spec: dict, castling: dict, num_prefix_tokens: int):
+        super().__init__()
+        dim, eps = spec["embed_dim"], spec["norm_eps"]
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = CastlingAttention(
+            dim, spec["num_heads"], spec["head_dim"], num_prefix_tokens, castling,
+            qkv_bias=spec.get("qkv_bias", True), proj_bias=spec.get("proj_bias", True),
+            qk_norm_eps=eps if spec.get("qk_norm") else None,
+            out_norm_eps=eps if spec.get("scale_attn_norm") else None,
+            gated=spec.get("gated", False), gate_bias=spec.get("qkv_bias", True))
+        self.ls1 = _LayerScale(dim) if spec.get("layer_scale") else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = _Mlp(spec)
+        self.ls2 = _LayerScale(dim) if spec.get("layer_scale") else nn.Identity()
+
+    def forward(self, x: torch.Tensor, hw: tuple) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x), hw))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+def _resample_pos_embed(pos: torch.Tensor, new_hw: tuple, old_hw: tuple, num_prefix: int) -> torch.Tensor:
+    """timm's ``resample_abs_pos_embed``: bicubic, antialiased, prefix rows kept."""
+    if tuple(new_hw) == tuple(old_hw):
+        return pos
+    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
+    D = pos.shape[-1]
+    grid = grid.float().reshape(1, old_hw[0], old_hw[1], D).permute(0, 3, 1, 2)   # (1, D, H, W)
+    grid = F.interpolate(grid, size=tuple(new_hw), mode="bicubic", antialias=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, D).to(pos.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+class CastlingTimmViTPreTrainedModel(PreTrainedModel):
+    """A timm ViT (``VisionTransformer`` / DeiT ``VisionTransformerDistilled``) with castling
+    attention; parameters carry timm's names (``cls_token``, ``blocks.0.attn.qkv``, ``head``)."""
+
+    config_class = CastlingViTConfig
+    base_model_prefix = "castling_timm_vit"          # never a key prefix: keys are timm's
+    main_input_name = "pixel_values"
+    _no_split_modules = ["_Block"]
+
+    def __init__(self, config: CastlingViTConfig):
+        super().__init__(config)
+        spec = config.timm_vit
+        if not spec:
+            raise ValueError("config.json has no 'timm_vit' section: this directory was not written for a timm "
+                             "source model")
+        castling = config.castling
+        _check_castling(castling)
+        self.spec = spec
+        D = spec["embed_dim"]
+        self.num_prefix_tokens = int(spec.get("class_token", True)) + int(spec.get("distilled", False)) \
+            + int(spec.get("reg_tokens", 0))
+        self.grid = tuple(spec["img_size"][i] // spec["patch_size"][i] for i in range(2))
+        self.patch_embed = _PatchEmbed(spec)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if spec.get("class_token", True) else None
+        self.reg_token = nn.Parameter(torch.zeros(1, spec["reg_tokens"], D)) if spec.get("reg_tokens") else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if spec.get("distilled") else None
+        if spec.get("pos_embed", True):
+            n_pos = self.grid[0] * self.grid[1] + (0 if spec.get("no_embed_class") else self.num_prefix_tokens)
+            self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, D))
+        else:
+            self.pos_embed = None
+        eps = spec["norm_eps"]
+        self.norm_pre = nn.LayerNorm(D, eps=eps) if spec.get("pre_norm") else nn.Identity()
+        self.blocks = nn.ModuleList([_Block(spec, castling, self.num_prefix_tokens) for _ in range(spec["depth"])])
+        self.norm = nn.LayerNorm(D, eps=eps) if spec.get("final_norm", True) and not spec.get("fc_norm") \
+            else nn.Identity()
+        self.fc_norm = nn.LayerNorm(D, eps=eps) if spec.get("final_norm", True) and spec.get("fc_norm") \
+            else nn.Identity()
+        n = spec.get("num_classes", 0)
+        self.head = nn.Linear(D, n) if n > 0 else nn.Identity()
+        if spec.get("distilled"):
+            self.head_dist = nn.Linear(D, n) if n > 0 else nn.Identity()
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        _init_castling_weights(module)
+        if module is self:
+            for p in (self.cls_token, self.reg_token, self.dist_token, self.pos_embed):
+                if p is not None:
+                    nn.init.trunc_normal_(p, std=0.02)
+
+    def _pos_embed(self, x: torch.Tensor, hw: tuple) -> torch.Tensor:
+        B = x.shape[0]
+        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        if self.pos_embed is None:
+            return torch.cat(prefix + [x], dim=1)
+        no_embed_class = self.spec.get("no_embed_class", False)
+        if self.spec.get("dynamic_img_size"):
+            pos = _resample_pos_embed(self.pos_embed, hw, self.grid, 0 if no_embed_class else self.num_prefix_tokens)
+        elif tuple(hw) != self.grid:
+            raise ValueError(f"input gives a {hw[0]}x{hw[1]} patch grid but this model was built for "
+                             f"{self.grid[0]}x{self.grid[1]} (image size {tuple(self.spec['img_size'])})")
+        else:
+            pos = self.pos_embed
+        if no_embed_class:
+            return torch.cat(prefix + [x + pos], dim=1)
+        return torch.cat(prefix + [x], dim=1) + pos
+
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """All tokens after the final norm, (B, N, D) — timm's ``forward_features``."""
+        x, hw = self.patch_embed(pixel_values)
+        x = self.norm_pre(self._pos_embed(x, hw))
+        for blk in self.blocks:
+            x = blk(x, hw)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's ``forward_head``: pool, fc_norm, classifier (averaged with head_dist if distilled)."""
+        if self.spec.get("distilled"):
+            x, x_dist = x[:, 0], x[:, 1]
+            if pre_logits:
+                return (x + x_dist) / 2
+            return (self.head(x) + self.head_dist(x_dist)) / 2
+        pool = self.spec.get("global_pool", "token")
+        if pool == "token":
+            x = x[:, 0]
+        elif pool:
+            x = x if self.spec.get("pool_include_prefix") else x[:, self.num_prefix_tokens:]
+            if pool == "avg":
+                x = x.mean(dim=1)
+            elif pool == "max":
+                x = x.amax(dim=1)
+            elif pool == "avgmax":
+                x = 0.5 * (x.amax(dim=1) + x.mean(dim=1))
+            else:
+                raise ValueError(f"unsupported global_pool {pool!r}")
+        x = self.fc_norm(x)
+        return x if pre_logits else self.head(x)
+
+
+def _return(return_dict: Optional[bool], config, output):
+    use_dict = return_dict if return_dict is not None else getattr(config, "return_dict", True)
+    return output if use_dict else output.to_tuple()
+
+
+class CastlingTimmViTForImageClassification(CastlingTimmViTPreTrainedModel):
+    """Logits equal the timm model's ``model(x)``."""
+
+    def forward(self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                return_dict: Optional[bool] = None, **kwargs):
+        logits = self.forward_head(self.forward_features(pixel_values))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels.to(logits.device))
+        return _return(return_dict, self.config, ImageClassifierOutput(loss=loss, logits=logits))
+
+
+class CastlingTimmViTModel(CastlingTimmViTPreTrainedModel):
+    """Feature extractor: ``last_hidden_state`` = timm ``forward_features`` (B, N, D),
+    ``pooler_output`` = timm ``forward_head(..., pre_logits=True)`` (what a headless timm model returns)."""
+
+    def forward(self, pixel_values: torch.Tensor, return_dict: Optional[bool] = None, **kwargs):
+        x = self.forward_features(pixel_values)
+        out = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=self.forward_head(x, pre_logits=True))
+        return _return(return_dict, self.config, out)
+
+
+# -- transformers sources: the transformers class with castling attention --------------------------
+
+class _GridTracker:
+    """Patch grid of the current input, recorded by a pre-hook on the patch embedding."""
+
+    def __init__(self, patch_size):
+        self.patch_size = tuple(patch_size) if isinstance(patch_size, (tuple, list)) else (patch_size, patch_size)
+        self.hw = None
+
+    def __call__(self, module, args, kwargs):
+        images = args[0] if args else next(iter(kwargs.values()))                 # (B, C, H, W)
+        self.hw = (images.shape[-2] // self.patch_size[0], images.shape[-1] // self.patch_size[1])
+
+
+class CastlingHFAttention(nn.Module):
+    """Takes the place of a transformers ``XAttention``; keeps its call/return convention."""
+
+    def __init__(self, attn: CastlingAttention, grid: _GridTracker, returns_tuple: bool):
+        super().__init__()
+        self.attn = attn
+        self.returns_tuple = returns_tuple
+        self._grid = grid
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        out = self.attn(hidden_states, self._grid.hw)                              # (B, N, dim)
+        return (out, None) if self.returns_tuple else out
+
+
+def _hf_layout(m: nn.Module) -> Optional[str]:
+    if all(isinstance(getattr(m, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return "qkvo"
+    sa, out = getattr(m, "attention", None), getattr(m, "output", None)
+    if sa is not None and out is not None and isinstance(getattr(out, "dense", None), nn.Linear) and all(
+            isinstance(getattr(sa, n, None), nn.Linear) for n in ("query", "key", "value")):
+        return "self_output"
+    return None
+
+
+def _hf_returns_tuple(attn: nn.Module, dim: int, n_tokens: int) -> bool:
+    """The replaced module's return convention, probed once (works on the meta device too)."""
+    p = next(attn.parameters())
+    try:
+        with torch.no_grad():
+            out = attn.eval()(torch.zeros(1, n_tokens, dim, device=p.device, dtype=p.dtype))
+        return isinstance(out, tuple)
+    except Exception:  # noqa: BLE001 - fall back to the annotation
+        ann = str(inspect.signature(type(attn).forward).return_annotation).lower()
+        return "tuple" in ann
+
+
+def _castling_swap_hf(model: PreTrainedModel, config) -> None:
+    """Replace every self-attention of a transformers ViT/DeiT/DINOv2 with castling attention."""
+    _check_castling(config.castling)
+    base = getattr(model, model.base_model_prefix, model)
+    emb = base.embeddings
+    n_prefix = int(getattr(emb, "cls_token", None) is not None) \
+        + int(getattr(emb, "distillation_token", None) is not None)
+    reg = getattr(emb, "register_tokens", None)
+    n_prefix += reg.shape[1] if reg is not None else 0
+    pe = emb.patch_embeddings
+    grid = _GridTracker(getattr(pe, "patch_size", config.patch_size))
+    pe.register_forward_pre_hook(grid, with_kwargs=True)
+    found = []
+    for name, m in base.named_modules():
+        if _hf_layout(m) is not None and not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    if not found:
+        raise ValueError(f"no self-attention found in {type(model).__name__}: this transformers version has an "
+                         "attention layout modeling_castling.py does not know")
+    dim = config.hidden_size
+    heads = config.num_attention_heads
+    for name in found:
+        old = base.get_submodule(name)
+        rt = _hf_returns_tuple(old, dim, n_prefix + 4)
+        p = next(old.parameters())
+        attn = CastlingAttention(dim, heads, dim // heads, n_prefix, config.castling,
+                                 qkv_bias=getattr(config, "qkv_bias", True), proj_bias=True)
+        new = CastlingHFAttention(attn, grid, rt).to(device=p.device, dtype=p.dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent) if parent else base, child, new)
+
+
+def _hf_class(name: str):
+    base_cls = getattr(transformers, name)
+
+    def __init__(self, config):
+        base_cls.__init__(self, config)
+        _castling_swap_hf(self, config)
+
+    def _init_weights(self, module):
+        if isinstance(module, (CastlingAttention, _DWConv)):
+            _init_castling_weights(module)
+        elif not isinstance(module, CastlingHFAttention):
+            base_cls._init_weights(self, module)
+
+    return type(f"Castling{name}", (base_cls,), {
+        "config_class": CastlingViTConfig, "__init__": __init__, "_init_weights": _init_weights,
+        "__module__": __name__,
+        "__doc__": f"transformers {name} with castling linear-angular attention (keys as castle-convert writes)."})
+
+
+HF_CLASSES = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
+              "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification",
+              "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification")
+for _name in HF_CLASSES:
+    if hasattr(transformers, _name):
+        globals()[f"Castling{_name}"] = _hf_class(_name)

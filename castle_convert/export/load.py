@@ -1,0 +1,182 @@
+"""``castle_convert.load(dir)``: a published directory back to the inference-form model.
+
+Weights are read only from safetensors (never unpickled). Every problem with the directory — a
+missing file, a corrupt or truncated ``model.safetensors``, a config from a newer format, keys
+that do not fit — is a :class:`CheckpointError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 2              # the output-directory format written by this castle-convert
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "model.ckpt", "pytorch_model.bin.index.json")
+METADATA_KEY = "castle_convert"     # safetensors metadata: JSON of the config fields load() needs
+
+
+class CheckpointError(ValueError):
+    """A published directory or weights file cannot be loaded; the message names the file and the fix."""
+
+
+def _upgrade_hint() -> str:
+    from castle_convert import __version__
+    return f"upgrade castle-convert (this is {__version__}: pip install -U castle-convert)"
+
+
+def check_format(version: Any, where: Path) -> None:
+    try:
+        v = int(version)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{where}: format_version {version!r} is not an integer") from None
+    if v > FORMAT_VERSION:
+        raise CheckpointError(f"{where} was written in format_version {v}, newer than this castle-convert reads "
+                              f"(up to {FORMAT_VERSION}): {_upgrade_hint()}")
+
+
+def read_config(path: Union[str, Path]) -> dict:
+    """``config.json`` of a castle-convert output directory, checked."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such directory (expected a castle-convert output directory)")
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing: {path} is not a complete castle-convert output directory")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e})") from e
+    if not isinstance(config, dict) or "castling" not in config or "source" not in config:
+        raise CheckpointError(f"{file} has no 'castling'/'source' section: {path} was not written by castle-convert "
+                              "(load a plain timm or transformers model with those libraries)")
+    check_format(config.get("format_version", 1), file)
+    return config
+
+
+def weights_path(path: Union[str, Path]) -> Path:
+    path = Path(path)
+    file = path / WEIGHTS_NAME
+    if file.is_file():
+        return file
+    pickles = [n for n in PICKLE_NAMES if (path / n).exists()]
+    if pickles:
+        raise CheckpointError(
+            f"{file} is missing and {path / pickles[0]} is a pickle file: castle-convert reads weights only from "
+            "safetensors and never unpickles them. Convert it where you trust it, e.g. "
+            "safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')")
+    raise CheckpointError(f"{file} is missing: {path} is not a complete castle-convert output directory")
+
+
+def read_safetensors(file: Union[str, Path], device: Any = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a clear error if it is not one, or is cut short."""
+    from safetensors import safe_open
+
+    file = Path(file)
+    if file.suffix != ".safetensors":
+        raise CheckpointError(f"{file}: castle-convert loads weights only from .safetensors files (never pickle)")
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    try:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            metadata = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise CheckpointError(f"{file} is not a readable safetensors file (corrupt or truncated?): "
+                              f"{type(e).__name__}: {str(e)[:200]}") from e
+    return state, metadata
+
+
+def config_from_metadata(metadata: dict[str, str], file: Path) -> dict:
+    """The config fields embedded in a castle-convert ``model.safetensors`` (for timm's route)."""
+    raw = metadata.get(METADATA_KEY)
+    if raw is None:
+        raise CheckpointError(f"{file} has no '{METADATA_KEY}' metadata: it was not written by castle-convert's "
+                              "save_pretrained (format 2 or later)")
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: the '{METADATA_KEY}' metadata is not valid JSON ({e})") from e
+    check_format(config.get("format_version", 1), file)
+    return config
+
+
+def build_converted(config: dict, *, device: Any = "cpu") -> nn.Module:
+    """The converted, finalized architecture ``config`` describes — random weights, no calibration."""
+    from castle_convert.config import CastlingConfig
+    from castle_convert.convert import convert, finalize
+    from castle_convert.export.source import build_source
+
+    castling = CastlingConfig.from_dict(config["castling"])
+    base = build_source(config["source"], device=device)
+    converted = set(config.get("converted_modules") or [])
+    filter_fn = (lambda name, m: name in converted) if converted else None
+    model = convert(base, castling, inplace=True, filter_fn=filter_fn, gamma_init="one")
+    model = finalize(model, inplace=True, check=False)
+    model.castling_config = castling
+    return model.eval()
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
+    """Strict load with an error that names ``file`` and the keys that do not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    bad = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if bad:
+            k = bad[0]
+            parts.append(f"{len(bad)} with another shape (e.g. {k}: {tuple(state[k].shape)} in the file, "
+                         f"{tuple(own[k].shape)} in the model)")
+        raise CheckpointError(f"{file} does not fit the architecture in its config: " + "; ".join(parts) +
+                              ". The file and config.json come from different models, or the installed "
+                              "timm/transformers builds this architecture differently.")
+    model.load_state_dict(state, strict=True)
+
+
+def _float_dtype(state: dict[str, torch.Tensor]) -> Optional[torch.dtype]:
+    for t in state.values():
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def load(path: Union[str, Path], *, device: Any = "cpu", dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Load a directory written by :func:`castle_convert.save_pretrained` (or the CLI).
+
+    Rebuilds the source architecture (timm or transformers; nothing is downloaded), converts it
+    to the inference form without calibration, and loads ``model.safetensors`` strictly. Returns
+    the model in eval mode on ``device`` (in the stored dtype unless ``dtype`` is given), with its
+    preprocessing attached (timm ``pretrained_cfg`` / ``castle_image_processor``).
+    """
+    path = Path(path)
+    config = read_config(path)
+    file = weights_path(path)
+    state, _ = read_safetensors(file)
+    try:
+        model = build_converted(config)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - rebuild problems name the config file
+        raise CheckpointError(f"cannot rebuild the architecture described in {path / CONFIG_NAME}: "
+                              f"{type(e).__name__}: {e}") from e
+    model.to(dtype or _float_dtype(state) or torch.float32)
+    load_into(model, state, file)
+    processor = path / "preprocessor_config.json"
+    if processor.is_file() and config["source"].get("library") == "transformers":
+        model.castle_image_processor = json.loads(processor.read_text())
+    model.castle_source = dict(config["source"])
+    if config.get("id2label") and config["source"].get("library") == "timm":
+        labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+        model.pretrained_cfg = {**model.pretrained_cfg, "label_names": labels}
+    return model.to(device).eval()

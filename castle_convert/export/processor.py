@@ -1,0 +1,34 @@
+"""``preprocessor_config.json``: the model's data config as a transformers image processor, so
+``AutoImageProcessor`` and ``pipeline("image-classification", ...)`` prepare images as timm would."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from torch import nn
+
+_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+
+def image_processor_config(model: nn.Module) -> Optional[dict]:
+    """A ViTImageProcessor config (resize to the input size) when the data config does not crop;
+    a BitImageProcessor config (shorter side to ``size / crop_pct``, centre crop) when it does —
+    both exactly timm's eval transform for square inputs. A transformers source keeps its own
+    processor (``model.castle_image_processor``) when it has one."""
+    from castle_convert.data import data_config
+
+    own = getattr(model, "castle_image_processor", None)
+    if own:
+        return dict(own)
+    d = data_config(model)
+    c, h, w = d.input_size
+    common = dict(do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(d.mean),
+                  image_std=list(d.std), resample=_RESAMPLE.get(d.interpolation, 3), do_convert_rgb=c == 3)
+    crop = d.crop_pct if d.crop_pct else 1.0
+    if crop >= 1.0:
+        return dict(image_processor_type="ViTImageProcessor", do_resize=True, size={"height": h, "width": w},
+                    **common)
+    return dict(image_processor_type="BitImageProcessor", do_resize=True,
+                size={"shortest_edge": int(math.floor(min(h, w) / crop))}, do_center_crop=True,
+                crop_size={"height": h, "width": w}, **common)

@@ -1,0 +1,307 @@
+"""What a converted model was built from, recorded so the architecture can be rebuilt anywhere.
+
+* timm: the architecture name and every constructor argument that shapes the model, read from
+  the model's modules (timm's own ``_model_args`` record is the starting point), plus its data
+  config; and, for the remote-code files, a ``timm_vit`` geometry spec of the ViT.
+* transformers: the model class and its full config.
+
+Both are verified by rebuilding (see ``save.save_pretrained``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+from torch import nn
+
+
+class RemoteCodeUnsupported(ValueError):
+    """The architecture has parts the published remote code (modeling_castling.py) does not implement."""
+
+
+# -- timm ----------------------------------------------------------------------------------------
+
+# Arguments that only affect training (dropout, init): not recorded.
+_TRAIN_ONLY = {"drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
+               "drop_path_rate", "weight_init", "fix_init", "pretrained_cfg", "pretrained_cfg_overlay",
+               "pretrained_model_args", "cache_dir", "device", "dtype", "checkpoint_path"}
+# Data-config fields kept from timm's pretrained_cfg.
+_DATA_FIELDS = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation", "num_classes",
+                "label_names", "fixed_input_size")
+
+
+def is_timm(model: nn.Module) -> bool:
+    return getattr(model, "pretrained_cfg", None) is not None or type(model).__module__.startswith("timm.")
+
+
+def _identity(m: Optional[nn.Module]) -> bool:
+    return m is None or isinstance(m, nn.Identity)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
+
+
+def _timm_vit_parts(model: nn.Module):
+    """(patch_embed, first block, its attention) of a timm ViT, or raise."""
+    blocks = getattr(model, "blocks", None)
+    pe = getattr(model, "patch_embed", None)
+    if pe is None or blocks is None or not len(blocks):
+        raise RemoteCodeUnsupported(f"{type(model).__name__} is not a timm VisionTransformer "
+                                    "(no patch_embed / blocks)")
+    return pe, blocks[0], blocks[0].attn
+
+
+def timm_architecture(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture")
+    if arch:
+        return arch
+    if type(model).__name__ == "VisionTransformer":
+        return "vit_base_patch16_224"      # every shaping argument is recorded explicitly
+    raise ValueError(f"cannot tell which timm architecture {type(model).__name__} is: build it with "
+                     "timm.create_model() so model.pretrained_cfg names it")
+
+
+def timm_model_args(model: nn.Module) -> dict:
+    """Every constructor argument that shapes ``model`` (timm ``VisionTransformer`` family)."""
+    import inspect as _inspect
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    args = {k: v for k, v in dict(getattr(model, "_model_args", None) or {}).items() if k not in _TRAIN_ONLY}
+    if not hasattr(model, "patch_embed") or not hasattr(model, "blocks"):
+        return _jsonable(args)
+    pe, blk, attn = _timm_vit_parts(model)
+    ls = getattr(blk, "ls1", None)
+    derived = dict(
+        img_size=list(pe.img_size) if getattr(pe, "img_size", None) is not None else None,
+        patch_size=list(pe.patch_size),
+        in_chans=pe.proj.in_channels,
+        num_classes=model.num_classes,
+        global_pool=model.global_pool,
+        embed_dim=model.embed_dim,
+        depth=len(model.blocks),
+        num_heads=attn.num_heads,
+        mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim,
+        qkv_bias=attn.qkv.bias is not None,
+        qk_norm=not _identity(attn.q_norm),
+        proj_bias=attn.proj.bias is not None,
+        scale_attn_norm=not _identity(getattr(attn, "norm", None)),
+        scale_mlp_norm=not _identity(getattr(blk.mlp, "norm", None)),
+        init_values=(float(getattr(ls, "init_values", 1e-5) or 1e-5) if not _identity(ls) else None),
+        class_token=getattr(model, "cls_token", None) is not None,
+        reg_tokens=int(getattr(model, "num_reg_tokens", 0)),
+        no_embed_class=bool(getattr(model, "no_embed_class", False)),
+        pos_embed="learn" if getattr(model, "pos_embed", None) is not None else "none",
+        pre_norm=not _identity(getattr(model, "norm_pre", None)),
+        final_norm=not (_identity(getattr(model, "norm", None)) and _identity(getattr(model, "fc_norm", None))),
+        fc_norm=not _identity(getattr(model, "fc_norm", None)),
+        pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
+        dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
+        dynamic_img_pad=bool(getattr(pe, "dynamic_img_pad", False)),
+    )
+    known = set(_inspect.signature(VisionTransformer.__init__).parameters)
+    args.update({k: v for k, v in derived.items() if k in known})
+    return _jsonable(args)
+
+
+def timm_data_config(model: nn.Module) -> dict:
+    """mean / std / input size / crop of a timm model (what ``timm.data.resolve_data_config`` gives)."""
+    from castle_convert.data import data_config
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    d = data_config(model)
+    out = {k: cfg[k] for k in _DATA_FIELDS if cfg.get(k) is not None}
+    out.update(input_size=list(d.input_size), mean=list(d.mean), std=list(d.std), crop_pct=d.crop_pct,
+               interpolation=d.interpolation, num_classes=model.num_classes)
+    return _jsonable(out)
+
+
+def timm_vit_spec(model: nn.Module) -> dict:
+    """Geometry of a timm ViT for ``modeling_castling.CastlingTimmViT*`` (raises RemoteCodeUnsupported)."""
+    from timm.layers import LayerScale, Mlp, PatchEmbed
+    from timm.models.vision_transformer import Block
+
+    from castle_convert.attention import LinearAngularAttentionInference
+
+    def no(reason: str) -> RemoteCodeUnsupported:
+        return RemoteCodeUnsupported(f"{type(model).__name__} ({timm_architecture(model)}): {reason}")
+
+    pe, blk0, _ = _timm_vit_parts(model)
+    if type(model).__name__ not in ("VisionTransformer", "VisionTransformerDistilled"):
+        raise no(f"model class {type(model).__name__} is not VisionTransformer / VisionTransformerDistilled")
+    if type(pe) is not PatchEmbed or not isinstance(pe.proj, nn.Conv2d) or tuple(pe.proj.kernel_size) != tuple(
+            pe.patch_size) or tuple(pe.proj.stride) != tuple(pe.patch_size):
+        raise no(f"patch embedding {type(pe).__name__} is not timm's plain PatchEmbed")
+    if getattr(model, "attn_pool", None) is not None:
+        raise no("attention pooling head (global_pool='map'/'prr')")
+    if not _identity(getattr(model, "patch_drop", None)) and model.training:
+        raise no("patch dropout")
+    distilled = type(model).__name__ == "VisionTransformerDistilled"
+    pool = model.global_pool
+    if pool not in ("token", "avg", "max", "avgmax") and not distilled:
+        raise no(f"global_pool={pool!r}")
+    norms: list[nn.Module] = []
+    eps = blk0.norm1.eps
+    act = None
+    for i, blk in enumerate(model.blocks):
+        where = f"blocks.{i}"
+        if type(blk) is not Block:
+            raise no(f"{where} is a {type(blk).__name__}, not timm's Block")
+        if not isinstance(blk.attn, LinearAngularAttentionInference):
+            raise no(f"{where}.attn is {type(blk.attn).__name__}, not a finalized castling attention")
+        if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.fc1, nn.Linear):
+            raise no(f"{where}.mlp is {type(blk.mlp).__name__}, not timm's Mlp")
+        if not isinstance(blk.mlp.act, nn.GELU):
+            raise no(f"{where}.mlp.act is {type(blk.mlp.act).__name__} (only GELU is implemented)")
+        this_act = "gelu_tanh" if blk.mlp.act.approximate == "tanh" else "gelu"
+        if act is not None and this_act != act:
+            raise no("blocks use different activations")
+        act = this_act
+        for ls in (blk.ls1, blk.ls2):
+            if not (_identity(ls) or type(ls) is LayerScale) or getattr(ls, "inplace", False) and model.training:
+                raise no(f"{where} layer scale {type(ls).__name__}")
+        if _identity(blk.ls1) != _identity(blk.ls2) or _identity(blk.ls1) != _identity(model.blocks[0].ls1):
+            raise no("layer scale on some branches only")
+        for dp in (getattr(blk, "drop_path1", None), getattr(blk, "drop_path2", None)):
+            if not _identity(dp) and model.training:
+                raise no("drop path in training mode")
+        a = blk.attn
+        if a.out_gate is not None and (a.out_gate.bias is not None) != (a.qkv.bias is not None):
+            raise no(f"{where}.attn gate bias differs from qkv bias")
+        if a.qkv.in_features != model.embed_dim or a.proj.out_features != model.embed_dim:
+            raise no(f"{where}.attn changes the width")
+        norms += [blk.norm1, blk.norm2, a.q_norm, a.k_norm, a.norm, blk.mlp.norm]
+    a0 = model.blocks[0].attn
+    norms += [model.norm_pre, model.norm, model.fc_norm, pe.norm]
+    for n in norms:
+        if _identity(n):
+            continue
+        if not isinstance(n, nn.LayerNorm) or not n.elementwise_affine or n.bias is None:
+            raise no(f"normalisation {type(n).__name__} (only affine LayerNorm is implemented)")
+        if n.eps != eps:
+            raise no(f"normalisation layers use different eps ({n.eps} vs {eps})")
+    if (model.cls_token is None) and pool == "token":
+        raise no("token pooling without a class token")
+    spec = dict(
+        img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
+        patch_bias=pe.proj.bias is not None, embed_norm_eps=None if _identity(pe.norm) else pe.norm.eps,
+        embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=a0.num_heads, head_dim=a0.head_dim,
+        mlp_hidden=model.blocks[0].mlp.fc1.out_features, mlp_bias=model.blocks[0].mlp.fc1.bias is not None,
+        act=act, qkv_bias=a0.qkv.bias is not None, proj_bias=a0.proj.bias is not None,
+        qk_norm=not _identity(a0.q_norm), scale_attn_norm=not _identity(a0.norm),
+        mlp_norm_eps=None if _identity(model.blocks[0].mlp.norm) else model.blocks[0].mlp.norm.eps,
+        gated=a0.out_gate is not None, layer_scale=not _identity(model.blocks[0].ls1),
+        class_token=model.cls_token is not None, reg_tokens=int(getattr(model, "num_reg_tokens", 0) or 0),
+        distilled=distilled, no_embed_class=bool(model.no_embed_class), pos_embed=model.pos_embed is not None,
+        pre_norm=not _identity(model.norm_pre),
+        final_norm=not (_identity(model.norm) and _identity(model.fc_norm)),
+        fc_norm=not _identity(model.fc_norm), global_pool=pool,
+        pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
+        dynamic_img_size=bool(model.dynamic_img_size), dynamic_img_pad=bool(getattr(pe, "dynamic_img_pad", False)),
+        num_classes=int(model.num_classes), norm_eps=eps,
+    )
+    if spec["final_norm"] and not _identity(model.norm) and not _identity(model.fc_norm):
+        raise no("both a final norm and an fc_norm")
+    for i, blk in enumerate(model.blocks):
+        a = blk.attn
+        if (a.num_heads, a.head_dim, blk.mlp.fc1.out_features) != (spec["num_heads"], spec["head_dim"],
+                                                                     spec["mlp_hidden"]):
+            raise no(f"blocks.{i} has a different width/heads than blocks.0")
+        if (not _identity(a.q_norm), not _identity(a.norm), a.out_gate is not None, a.qkv.bias is not None) != (
+                spec["qk_norm"], spec["scale_attn_norm"], spec["gated"], spec["qkv_bias"]):
+            raise no(f"blocks.{i}.attn differs in structure from blocks.0.attn")
+    return _jsonable(spec)
+
+
+def timm_base_model(model: nn.Module, args: dict) -> Optional[str]:
+    """The Hub id of the pretrained weights ``model`` was initialised from, when timm says so and the
+    architecture was not reshaped (a custom width/depth/size cannot have come from those weights)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    hub = cfg.get("hf_hub_id")
+    own = dict(getattr(model, "_model_args", None) or {})
+    reshaping = set(own) - _TRAIN_ONLY - {"num_classes", "global_pool", "dynamic_img_size", "dynamic_img_pad",
+                                          "img_size"}
+    if not hub or reshaping or hub.count("/") != 1:
+        return None
+    return hub
+
+
+# -- transformers --------------------------------------------------------------------------------
+
+def hf_config_dict(model: nn.Module) -> dict:
+    cfg = model.config
+    data = json.loads(cfg.to_json_string(use_diff=False))
+    data["architectures"] = [type(model).__name__]
+    for k in ("_name_or_path", "transformers_version", "auto_map"):
+        data.pop(k, None)
+    return data
+
+
+def hf_base_model(model: nn.Module) -> Optional[str]:
+    name = getattr(model.config, "_name_or_path", "") or ""
+    if name.count("/") == 1 and not os.path.exists(name) and not name.startswith((".", "/", "~")):
+        return name
+    return None
+
+
+# -- both ----------------------------------------------------------------------------------------
+
+def describe_source(model: nn.Module) -> dict:
+    """Enough to rebuild the base architecture of ``model`` (converted or not) with no download."""
+    if is_timm(model):
+        args = timm_model_args(model)
+        src = {"library": "timm", "architecture": timm_architecture(model), "model_args": args,
+               "pretrained_cfg": timm_data_config(model)}
+        base = timm_base_model(model, args)
+        if base:
+            src["base_model"] = base
+        return src
+    if getattr(model, "config", None) is not None and type(model).__module__.startswith("transformers."):
+        src = {"library": "transformers", "model_type": model.config.model_type,
+               "architectures": [type(model).__name__], "config": hf_config_dict(model)}
+        base = hf_base_model(model)
+        if base:
+            src["base_model"] = base
+        return src
+    raise ValueError(f"cannot describe {type(model).__name__}: not a timm or transformers model")
+
+
+def build_source(source: dict, *, device: Any = "cpu") -> nn.Module:
+    """The (unconverted) base architecture ``source`` describes, randomly initialised, no download."""
+    library = source.get("library")
+    if library == "timm":
+        import timm
+        arch = source["architecture"]
+        if not timm.is_model(arch):
+            raise ValueError(f"timm {timm.__version__} has no architecture '{arch}': install the timm version "
+                             "the checkpoint was written with (see report.json versions)")
+        args = dict(source.get("model_args") or {})
+        for k in ("img_size", "patch_size"):
+            if isinstance(args.get(k), list):
+                args[k] = tuple(args[k])
+        model = timm.create_model(arch, pretrained=False, device=device, **args)
+        data = source.get("pretrained_cfg") or {}
+        if data:
+            model.pretrained_cfg = {**model.pretrained_cfg, **{k: tuple(v) if isinstance(v, list) else v
+                                                               for k, v in data.items()}}
+            model.default_cfg = model.pretrained_cfg
+        return model
+    if library == "transformers":
+        import transformers
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        cfg = dict(source["config"])
+        model_type = cfg.get("model_type") or source.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise ValueError(f"transformers {transformers.__version__} does not know model_type '{model_type}'")
+        config = CONFIG_MAPPING[model_type].from_dict(cfg)
+        cls_name = (source.get("architectures") or cfg.get("architectures") or [None])[0]
+        cls = getattr(transformers, cls_name, None) if cls_name else None
+        if cls is None:
+            raise ValueError(f"transformers {transformers.__version__} has no model class '{cls_name}'")
+        import torch
+        with torch.device(device):
+            return cls(config).eval()
+    raise ValueError(f"unknown source library {library!r} (expected 'timm' or 'transformers')")

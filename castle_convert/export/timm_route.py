@@ -1,0 +1,191 @@
+"""The timm route: ``castle_<arch>`` model names in timm's registry.
+
+After ``import castle_convert`` (before or after ``import timm``)::
+
+    timm.create_model("castle_deit_small_patch16_224", pretrained=True,
+                      pretrained_cfg_overlay=dict(file="out/model.safetensors"))
+    timm.create_model("local-dir:out", pretrained=True)     # config.json names castle_<arch>
+    timm.create_model("hf-hub:me/deit-small-castling", pretrained=True)
+
+The entry point reads the base architecture's arguments and the castling settings from the
+``model.safetensors`` metadata (timm hands it only the file), builds the base architecture,
+converts it to the inference form (no calibration) and loads the weights (safetensors only).
+
+Registration costs nothing at import: timm is not imported by castle_convert; if it is not
+loaded yet, a one-shot import hook registers the names right after timm finishes importing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+PREFIX = "castle_"
+PATTERNS = ("vit_*", "deit*", "test_vit*")
+default_cfgs: dict[str, dict] = {}           # read by timm's register_model
+_NO_WEIGHTS = ("url", "hf_hub_id", "hf_hub_filename", "hf_hub_revision", "file", "state_dict", "custom_load",
+               "tag", "source")
+_registered = False
+
+
+def _weights_file(cfg: dict, cache_dir: Any = None) -> Optional[Path]:
+    from castle_convert.export.load import WEIGHTS_NAME
+    if cfg.get("file"):
+        p = Path(cfg["file"]).expanduser()
+        return p / WEIGHTS_NAME if p.is_dir() else p
+    if cfg.get("hf_hub_id"):
+        from huggingface_hub import hf_hub_download
+        return Path(hf_hub_download(cfg["hf_hub_id"], WEIGHTS_NAME, cache_dir=cache_dir))
+    return None
+
+
+def create_castle_model(arch: str, pretrained: bool = False, pretrained_cfg: Any = None,
+                        pretrained_cfg_overlay: Optional[dict] = None, cache_dir: Any = None, **kwargs: Any):
+    """Entry point behind every ``castle_<arch>`` name."""
+    import timm
+    from timm.models import PretrainedCfg
+    from timm.models._builder import resolve_pretrained_cfg
+
+    from castle_convert.config import CastlingConfig
+    from castle_convert.convert import convert, finalize
+    from castle_convert.export.load import (CheckpointError, build_converted, config_from_metadata, load_into,
+                                            read_safetensors)
+
+    name = PREFIX + arch
+    kwargs.pop("pretrained_model_args", None)
+    if isinstance(pretrained_cfg, dict):       # local-dir / hf-hub: the whole flat config.json
+        fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
+        pretrained_cfg = {k: v for k, v in pretrained_cfg.items() if k in fields}
+    cfg = resolve_pretrained_cfg(name, pretrained_cfg, pretrained_cfg_overlay).to_dict()
+    if not pretrained:
+        base = timm.create_model(arch, pretrained=False, **kwargs)
+        model = finalize(convert(base, inplace=True, gamma_init="one"), inplace=True, check=False)
+        model.castling_config = CastlingConfig()
+        model.pretrained_cfg = {**model.pretrained_cfg, **cfg, "architecture": name}
+        return model
+    file = _weights_file(cfg, cache_dir)
+    if file is None:
+        raise CheckpointError(
+            f"{name} has no weights of its own: pass the model.safetensors of a castle-convert output directory, "
+            f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='out/model.safetensors'))"
+            ", or timm.create_model('local-dir:out', pretrained=True) / ('hf-hub:REPO', pretrained=True)")
+    state, metadata = read_safetensors(file)
+    config = config_from_metadata(metadata, file)
+    src = config["source"]
+    if src.get("library") != "timm" or src.get("architecture") != arch:
+        other = f"castle_{src.get('architecture')}" if src.get("library") == "timm" else "castle_convert.load()"
+        raise CheckpointError(f"{file} holds a converted {src.get('library')} "
+                              f"{src.get('architecture') or (src.get('architectures') or ['?'])[0]}, not {arch}: "
+                              f"load it with {other}")
+    stored = dict(src.get("model_args") or {})
+    num_classes = kwargs.pop("num_classes", None)
+    img_size = kwargs.pop("img_size", None)
+    changed = {k: v for k, v in kwargs.items() if _norm(stored.get(k)) != _norm(v)}
+    if changed:
+        raise CheckpointError(f"{name}: {', '.join(f'{k}={v!r}' for k, v in changed.items())} differs from the "
+                              f"checkpoint {file} ({', '.join(f'{k}={stored.get(k)!r}' for k in changed)}); only "
+                              "num_classes (new head) and img_size (resampled position embedding) can change")
+    model = build_converted(config)
+    load_into(model, state, file)
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
+    if img_size is not None and _norm(img_size) != _norm(stored.get("img_size")):
+        model.set_input_size(img_size=img_size if not isinstance(img_size, list) else tuple(img_size))
+    model.pretrained_cfg = {**model.pretrained_cfg, **{k: v for k, v in cfg.items() if v is not None},
+                            **{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in (src.get("pretrained_cfg") or {}).items()},
+                            "architecture": name}
+    if num_classes is not None:
+        model.pretrained_cfg["num_classes"] = num_classes
+    model.default_cfg = model.pretrained_cfg
+    model.castle_source = dict(src)
+    return model.train()                      # timm.create_model returns models in train mode
+
+
+def _norm(v: Any) -> Any:
+    """Compare JSON-stored and passed arguments: lists and tuples alike."""
+    return tuple(_norm(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def _entrypoint(arch: str):
+    def fn(pretrained: bool = False, **kwargs: Any):
+        return create_castle_model(arch, pretrained, **kwargs)
+    fn.__name__ = fn.__qualname__ = PREFIX + arch
+    fn.__module__ = __name__
+    fn.__doc__ = f"timm {arch} converted by castle-convert (load a castle-convert model.safetensors)."
+    return fn
+
+
+def register() -> int:
+    """Register ``castle_<arch>`` for every timm ViT/DeiT architecture; returns how many were added."""
+    global _registered
+    import timm
+    from timm.models import get_pretrained_cfg
+    from timm.models._registry import is_model, register_model
+
+    added = 0
+    for arch in timm.list_models(list(PATTERNS)):
+        name = PREFIX + arch
+        if is_model(name):
+            continue
+        base = get_pretrained_cfg(arch)
+        cfg = {k: v for k, v in (base.to_dict() if base is not None else {}).items() if k not in _NO_WEIGHTS}
+        default_cfgs[name] = cfg
+        fn = _entrypoint(arch)
+        globals()[name] = fn
+        register_model(fn)
+        added += 1
+    _registered = True
+    return added
+
+
+def _register_quietly() -> None:
+    try:
+        register()
+    except Exception as e:  # noqa: BLE001 - never break `import timm`
+        warnings.warn(f"castle_convert could not register its timm models: {type(e).__name__}: {e}", stacklevel=2)
+
+
+class _PostImportLoader(importlib.abc.Loader):
+    """Runs timm's own loader, then registers; anything else is delegated to the real loader."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        _register_quietly()
+
+    def __getattr__(self, item):
+        return getattr(self._loader, item)
+
+
+class _TimmImportHook(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "timm":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)                        # one-shot
+        spec = importlib.util.find_spec("timm")
+        if spec is None or spec.loader is None:
+            return spec
+        spec.loader = _PostImportLoader(spec.loader)
+        return spec
+
+
+def install() -> None:
+    """Register now if timm is loaded, else when it is imported."""
+    if _registered:
+        return
+    if "timm" in sys.modules and hasattr(sys.modules["timm"], "create_model"):
+        _register_quietly()
+    elif not any(isinstance(f, _TimmImportHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _TimmImportHook())

@@ -1,0 +1,52 @@
+"""`castle-convert export-onnx`: dynamic batch, onnxruntime parity, non-zero exit above tolerance."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+import castle_convert as cc
+from castle_convert.cli import main
+from families import FAMILIES
+
+BY_ID = {f.id: f for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for fid in ("timm-deit-distilled", "hf-dinov2-registers"):
+        torch.manual_seed(0)
+        out[fid] = cc.save_pretrained(cc.finalize(cc.convert(BY_ID[fid].build())), root / fid, verify=False)
+    return out
+
+
+@pytest.mark.parametrize("fid", ["timm-deit-distilled", "hf-dinov2-registers"])
+def test_export_onnx_dynamic_batch_parity(saved, tmp_path, fid):
+    path = tmp_path / "model.onnx"
+    r = CliRunner().invoke(main, ["export-onnx", str(saved[fid]), "--output", str(path), "--batch", "3"])
+    assert r.exit_code == 0, r.output
+    diff = float(re.search(r"max abs difference (\S+)", r.output).group(1))
+    assert diff <= 1e-4 and "ok" in r.output
+    model = onnx.load(str(path))
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    print(fid, r.output)
+
+
+def test_export_onnx_fails_above_tolerance(saved, tmp_path, monkeypatch):
+    import onnxruntime as ort
+    real_run = ort.InferenceSession.run
+
+    def off_by_a_bit(self, *args, **kwargs):
+        return [o + np.float32(1e-3) for o in real_run(self, *args, **kwargs)]
+
+    monkeypatch.setattr(ort.InferenceSession, "run", off_by_a_bit)
+    r = CliRunner().invoke(main, ["export-onnx", str(saved["timm-deit-distilled"]), "-o", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 1
+    assert "FAILED" in r.output and "Error: onnxruntime output differs from PyTorch: max abs difference 0.001" in r.output

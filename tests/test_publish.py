@@ -1,0 +1,458 @@
+"""Publishing: save_pretrained → a directory that loads three ways (each in a fresh process),
+the model card, push, and the safety of loading (safetensors only, clear errors)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import castle_convert as cc
+from castle_convert import adapters, zoo
+from castle_convert.cli import main
+from castle_convert.convert import primary_output
+from castle_convert.data import FASHION_MNIST_CLASSES
+from castle_convert.export.card import MARKER, validate_card
+from castle_convert.export.load import FORMAT_VERSION, CheckpointError
+from castle_convert.export.save import HUB_FILES, ExportError, OutputExistsError
+from families import FAMILIES
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-5
+TIMM_ARCH = {"timm-vit": "test_vit", "timm-deit-distilled": "deit_tiny_distilled_patch16_224",
+             "timm-deit3": "deit3_small_patch16_224", "timm-reg4-dinov2": "vit_small_patch14_reg4_dinov2",
+             "timm-qknorm": "vit_tiny_patch16_224", "fmnist_vit": "vit_tiny_patch16_224"}
+REPORT = {"model": "fmnist_vit", "dataset": "fashion-mnist", "recipe": "quick",
+          "teacher": {"top1": 86.78, "n": 10000}, "student": {"top1": 85.57, "agree": 93.27, "n": 10000},
+          "student_start": {"top1": 86.78}, "student_train_form_g0": {"top1": 85.57},
+          "params": {"teacher": 140000, "student": 141000},
+          "macs": {"teacher": 8_000_000, "student": 7_600_000, "input_size": [3, 28, 28], "tokens": 50},
+          "epochs": 2.5, "steps": 1170, "train_time_s": 240.0, "versions": {"torch": torch.__version__}}
+
+
+def _subprocess(script: str, tmp: Path, *, block_castle: bool = False) -> dict:
+    """Run ``script`` in a fresh interpreter (offline, own HF cache); it prints one JSON line last."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp / "hf"),
+               HF_MODULES_CACHE=str(tmp / "hf_modules"), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    head = "import sys\nsys.modules['castle_convert'] = None\n" if block_castle else ""
+    proc = subprocess.run([sys.executable, "-c", head + textwrap.dedent(script)], capture_output=True, text=True,
+                          env=env, cwd=tmp, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _finalized(model):
+    return cc.finalize(cc.convert(model))
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """Every family (+ the built-in fmnist_vit architecture) saved, with reference outputs."""
+    root = tmp_path_factory.mktemp("published")
+    cases = {}
+    builds = [(f.id, f.build, f.size, f.hf) for f in FAMILIES] + [("fmnist_vit", lambda: zoo.create("fmnist_vit"),
+                                                                  28, False)]
+    for fid, build, size, hf in builds:
+        torch.manual_seed(1)
+        model = _finalized(build().eval())
+        with torch.no_grad():          # a non-zero DW conv, so the 2-D depthwise path is exercised too
+            for m in model.modules():
+                if hasattr(m, "dw") and m.dw is not None:
+                    m.dw.conv.weight.normal_(0, 0.1)
+        out = root / fid
+        kw = dict(labels=FASHION_MNIST_CLASSES, report=REPORT, recipe="epochs: 2.5\n",
+                  source={"builtin": "fmnist_vit"}) if fid == "fmnist_vit" else {}
+        cc.save_pretrained(model, out, **kw)
+        gen = torch.Generator().manual_seed(7)
+        x = torch.randn(3, 3, size, size, generator=gen)
+        p = FAMILIES[0].patch if fid == "fmnist_vit" else next(f.patch for f in FAMILIES if f.id == fid)
+        x2 = torch.randn(2, 3, 5 * p, 6 * p, generator=gen)          # non-square, not the native size
+        with torch.no_grad():
+            raw = adapters.forward(model, x)
+            ref2 = primary_output(adapters.forward(model, x2)) if fid != "fmnist_vit" else torch.zeros(0)
+        headless = "logits" not in raw if not isinstance(raw, torch.Tensor) else model.num_classes == 0
+        ref = primary_output(raw)
+        save_file({"x": x, "ref": ref.contiguous(), "x2": x2, "ref2": ref2.contiguous()},
+                  str(root / f"{fid}.ref.safetensors"))
+        cases[fid] = dict(dir=str(out), ref=str(root / f"{fid}.ref.safetensors"), hf=hf, headless=headless,
+                          timm_arch=TIMM_ARCH.get(fid), check=model.castle_export_check)
+    (root / "cases.json").write_text(json.dumps(cases))
+    return root, cases
+
+
+# -- the three routes, each in a fresh process -------------------------------------------------------
+
+def test_route_castle_convert_load(published, tmp_path):
+    root, cases = published
+    diffs = _subprocess(f"""
+        import json, torch, timm                     # timm first: castle_convert registers on its import
+        import castle_convert as cc
+        from castle_convert import adapters
+        from castle_convert.convert import primary_output
+        from safetensors.torch import load_file
+        out = {{}}
+        for fid, c in json.load(open({str(root / 'cases.json')!r})).items():
+            model = cc.load(c["dir"])
+            assert not model.training
+            t = load_file(c["ref"])
+            with torch.no_grad():
+                out[fid] = (primary_output(adapters.forward(model, t["x"])) - t["ref"]).abs().max().item()
+                if t["ref2"].numel():
+                    out[fid] = max(out[fid], (primary_output(adapters.forward(model, t["x2"]))
+                                              - t["ref2"]).abs().max().item())
+        out["_castle_registered"] = "castle_test_vit" in timm.list_models("castle_*")
+        print(json.dumps(out))
+    """, tmp_path)
+    assert diffs.pop("_castle_registered")
+    assert set(diffs) == set(cases)
+    assert all(v <= TOL for v in diffs.values()), diffs
+    print("castle_convert.load max |Δ|:", diffs)
+
+
+def test_route_transformers_without_castle_convert(published, tmp_path):
+    root, cases = published
+    result = _subprocess(f"""
+        import json, torch
+        from PIL import Image
+        import numpy as np
+        try:
+            import castle_convert
+            raise SystemExit("castle_convert must not be importable here")
+        except ImportError:
+            pass
+        from transformers import AutoModel, AutoModelForImageClassification, AutoImageProcessor, pipeline
+        from safetensors.torch import load_file
+        out = {{}}
+        for fid, c in json.load(open({str(root / 'cases.json')!r})).items():
+            auto = AutoModel if c["headless"] else AutoModelForImageClassification
+            model = auto.from_pretrained(c["dir"], trust_remote_code=True).eval()
+            assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+            t = load_file(c["ref"])
+            with torch.no_grad():
+                o = model(pixel_values=t["x"])
+            got = o.logits if not c["headless"] else (o.last_hidden_state if c["hf"] else o.pooler_output)
+            out[fid] = (got - t["ref"]).abs().max().item()
+            if t["ref2"].numel():                    # another, non-square size (dynamic_img_size / interpolation)
+                with torch.no_grad():
+                    o = model(pixel_values=t["x2"], **({{"interpolate_pos_encoding": True}} if c["hf"] else {{}}))
+                got = o.logits if not c["headless"] else (o.last_hidden_state if c["hf"] else o.pooler_output)
+                out[fid] = max(out[fid], (got - t["ref2"]).abs().max().item())
+        # the image-classification pipeline on a greyscale PIL image
+        d = json.load(open({str(root / 'cases.json')!r}))["fmnist_vit"]["dir"]
+        img = Image.fromarray((np.random.default_rng(0).random((40, 30)) * 255).astype("uint8"), "L")
+        preds = pipeline("image-classification", model=d, trust_remote_code=True)(img, top_k=3)
+        proc = AutoImageProcessor.from_pretrained(d)
+        model = AutoModelForImageClassification.from_pretrained(d, trust_remote_code=True).eval()
+        with torch.no_grad():
+            probs = model(**proc(images=img, return_tensors="pt")).logits.softmax(-1)[0]
+        out["_pipeline"] = [[p["label"], p["score"]] for p in preds]
+        out["_expected_top"] = model.config.id2label[int(probs.argmax())]
+        out["_expected_score"] = probs.max().item()
+        print(json.dumps(out))
+    """, tmp_path, block_castle=True)
+    preds = result.pop("_pipeline")
+    assert preds[0][0] == result.pop("_expected_top") and abs(preds[0][1] - result.pop("_expected_score")) < 1e-5
+    assert all(label in FASHION_MNIST_CLASSES for label, _ in preds)
+    assert set(result) == set(cases)
+    assert all(v <= TOL for v in result.values()), result
+    print("transformers remote code max |Δ|:", result)
+
+
+def test_route_timm(published, tmp_path):
+    root, cases = published
+    diffs = _subprocess(f"""
+        import json, torch
+        import castle_convert                        # registers castle_<arch> once timm is imported
+        import timm
+        from safetensors.torch import load_file
+        out = {{}}
+        for fid, c in json.load(open({str(root / 'cases.json')!r})).items():
+            if not c["timm_arch"]:
+                continue
+            t = load_file(c["ref"])
+            m1 = timm.create_model("castle_" + c["timm_arch"], pretrained=True,
+                                   pretrained_cfg_overlay=dict(file=c["dir"] + "/model.safetensors")).eval()
+            m2 = timm.create_model("local-dir:" + c["dir"], pretrained=True).eval()
+            with torch.no_grad():
+                out[fid] = max((m(t["x"]) - t["ref"]).abs().max().item() for m in (m1, m2))
+                if t["ref2"].numel():
+                    out[fid] = max(out[fid], (m1(t["x2"]) - t["ref2"]).abs().max().item())
+            if fid == "fmnist_vit":
+                cfg = timm.data.resolve_data_config(model=m1)
+                out["_data"] = [list(cfg["input_size"]), list(cfg["mean"])]
+        print(json.dumps(out))
+    """, tmp_path)
+    assert diffs.pop("_data") == [[3, 28, 28], [0.286] * 3]
+    assert set(diffs) == {f for f, c in cases.items() if c["timm_arch"]}
+    assert all(v <= TOL for v in diffs.values()), diffs
+    print("timm max |Δ|:", diffs)
+
+
+def test_save_verifies_before_writing(published):
+    _, cases = published
+    for fid, c in cases.items():
+        assert set(c["check"]) == {"castle_convert.load", "transformers remote code"}
+        assert max(c["check"].values()) <= TOL, (fid, c["check"])
+
+
+# -- directory contents, card, processor -------------------------------------------------------------
+
+def test_directory_contents_and_config(published):
+    _, cases = published
+    d = Path(cases["fmnist_vit"]["dir"])
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md", "recipe.yaml",
+            "report.json", *HUB_FILES} <= {p.name for p in d.iterdir()}
+    assert (d / "castling_functional.py").read_text() == (ROOT / "castle_convert/attention/functional.py").read_text()
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["format_version"] == FORMAT_VERSION and cfg["model_type"] == "castling_vit"
+    assert cfg["auto_map"]["AutoModelForImageClassification"] == "modeling_castling.CastlingTimmViTForImageClassification"
+    assert cfg["architecture"] == "castle_vit_tiny_patch16_224" and cfg["num_classes"] == 10
+    assert "pretrained_cfg" not in cfg, "transformers would take the directory for a timm checkpoint"
+    assert cfg["id2label"]["0"] == "T-shirt/top"
+    args = cfg["source"]["model_args"]
+    assert (args["img_size"], args["patch_size"], args["embed_dim"], args["depth"], args["num_heads"],
+            args["mlp_ratio"]) == ([28, 28], [4, 4], 64, 4, 2, 2.0)
+    proc = json.loads((d / "preprocessor_config.json").read_text())
+    assert proc["image_processor_type"] == "ViTImageProcessor" and proc["size"] == {"height": 28, "width": 28}
+    assert proc["do_convert_rgb"] and proc["image_mean"] == pytest.approx([0.286] * 3)
+    meta_cfg = json.loads(__import__("safetensors").safe_open(str(d / "model.safetensors"), "pt").metadata()[
+        "castle_convert"])
+    assert meta_cfg["source"]["model_args"] == args and meta_cfg["castling"] == cfg["castling"]
+    headless = json.loads((Path(cases["hf-dinov2-registers"]["dir"]) / "config.json").read_text())
+    assert set(headless["auto_map"]) == {"AutoConfig", "AutoModel"} and headless["castle_headless"]
+
+
+def test_model_card(published):
+    _, cases = published
+    text = (Path(cases["fmnist_vit"]["dir"]) / "README.md").read_text()
+    card = validate_card(text)
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "image-classification"
+    assert {"castling-vit", "linear-attention"} <= set(data["tags"])
+    assert data["datasets"] == ["zalando-datasets/fashion_mnist"] and data["metrics"] == ["accuracy"]
+    metrics = data["model-index"][0]["results"][0]["metrics"]
+    assert sorted(m["value"] for m in metrics) == [85.57, 86.78]
+    assert "base_model" not in data, "the built-in teacher is not on the Hub"
+    assert MARKER in text
+    for needle in ("trust_remote_code=True", "cc.load(", 'timm.create_model("castle_vit_tiny_patch16_224"',
+                   'pipeline("image-classification"', "| teacher (softmax attention) | 86.78% | 0.14M | 8.0M | "
+                   "not measured |", "| **this model** (linear-angular) | 85.57% | 0.14M | 7.6M | not measured |",
+                   "```yaml\nepochs: 2.5\n```", "greyscale"):
+        assert needle in text, needle
+
+
+def test_model_card_base_model_and_latency(tmp_path):
+    from castle_convert.export.card import render_card
+    model = _finalized(FAMILIES[0].build())
+    report = {**REPORT, "latency": {"teacher": {"ms": 4.2}, "student": {"ms": 3.1}, "device": "cpu", "batch": 1}}
+    cc.save_pretrained(model, tmp_path / "o", report=report, base_model="timm/test_vit.r160_in1k", verify=False)
+    data = validate_card((tmp_path / "o" / "README.md").read_text()).data.to_dict()
+    assert data["base_model"] == "timm/test_vit.r160_in1k" and data["base_model_relation"] == "finetune"
+    text = (tmp_path / "o" / "README.md").read_text()
+    assert "| 4.20 ms |" in text and "| 3.10 ms |" in text and "device cpu" in text
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert 'snapshot_download("me/tiny")' in render_card(cfg, report, repo_id="me/tiny")
+
+
+# -- push ----------------------------------------------------------------------------------------
+
+def test_push_dry_run_lists_exactly_the_upload(published):
+    _, cases = published
+    d = Path(cases["fmnist_vit"]["dir"])
+    r = CliRunner().invoke(main, ["push", str(d), "--repo", "me/fmnist-castling", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    listed = [line.split()[0] for line in r.output.splitlines() if line.startswith("  ")]
+    assert listed == sorted(p.name for p in d.iterdir())
+    assert "model card: valid front matter (rendered for this repo id)" in r.output
+    assert "me/fmnist-castling" not in (d / "README.md").read_text(), "dry run changes nothing"
+
+
+def test_push_without_network_is_one_line(published, monkeypatch):
+    from huggingface_hub import constants
+    d = published[1]["timm-vit"]["dir"]
+    r = CliRunner().invoke(main, ["push", d, "--repo", "me/x"])          # HF_HUB_OFFLINE=1 in tests
+    assert r.exit_code == 1 and "push failed: offline mode" in r.output and "Traceback" not in r.output
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)               # online, but nothing listens there
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    r = CliRunner().invoke(main, ["push", d, "--repo", "me/x"])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert lines[0].startswith("Error: push failed: cannot reach 127.0.0.1:9 (") and "check your network / token" in lines[0]
+
+
+def test_push_refuses_invalid_card(published, tmp_path):
+    import shutil
+    _, cases = published
+    d = tmp_path / "d"
+    shutil.copytree(cases["timm-vit"]["dir"], d)
+    (d / "README.md").write_text("---\nlibrary_name: transformers\n---\n# my own card\n")
+    r = CliRunner().invoke(main, ["push", str(d), "--repo", "me/x", "--dry-run"])
+    assert r.exit_code == 1 and "README.md: front matter lacks pipeline_tag" in r.output
+
+
+# -- safety ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def copy_of(published, tmp_path):
+    import shutil
+
+    def make(fid="timm-vit"):
+        d = tmp_path / fid
+        shutil.copytree(published[1][fid]["dir"], d)
+        return d
+    return make
+
+
+@pytest.fixture
+def no_pickle(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("torch.load was called")
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+def test_corrupt_truncated_and_missing_files_name_the_file(copy_of, no_pickle):
+    d = copy_of()
+    w = d / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a readable safetensors file"):
+        cc.load(d)
+    w.write_bytes(os.urandom(4096))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a readable safetensors file"):
+        cc.load(d)
+    w.unlink()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is missing"):
+        cc.load(d)
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin is a pickle file.*never unpickles"):
+        cc.load(d)
+    (d / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json is missing"):
+        cc.load(d)
+
+
+def test_newer_format_and_foreign_config(copy_of):
+    d = copy_of()
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(CheckpointError, match=r"config\.json was written in format_version \d+, newer.*upgrade "
+                                              r"castle-convert"):
+        cc.load(d)
+    (d / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224"}))
+    with pytest.raises(CheckpointError, match="not written by castle-convert"):
+        cc.load(d)
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config\.json is not valid JSON"):
+        cc.load(d)
+
+
+def test_mismatched_weights_and_timm_route_errors(copy_of, published):
+    d = copy_of()
+    state = load_file(str(d / "model.safetensors"))
+    meta = __import__("safetensors").safe_open(str(d / "model.safetensors"), "pt").metadata()
+    state.pop("head.bias")
+    save_file(state, str(d / "model.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors does not fit.*1 missing \(e\.g\. head\.bias\)"):
+        cc.load(d)
+    with pytest.raises(CheckpointError, match="holds a converted timm test_vit, not vit_tiny_patch16_224"):
+        timm.create_model("castle_vit_tiny_patch16_224", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=published[1]["timm-vit"]["dir"] + "/model.safetensors"))
+    with pytest.raises(CheckpointError, match="only from .safetensors"):
+        timm.create_model("castle_test_vit", pretrained=True, pretrained_cfg_overlay=dict(file=str(d / "x.bin")))
+    with pytest.raises(CheckpointError, match="has no weights of its own"):
+        timm.create_model("castle_test_vit", pretrained=True)
+    head = timm.create_model("castle_test_vit", pretrained=True, num_classes=3,
+                             pretrained_cfg_overlay=dict(file=published[1]["timm-vit"]["dir"]))
+    assert head.head.out_features == 3
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = CliRunner().invoke(main, ["export-onnx", str(tmp_path / "nope"), "--output", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 1 and "no such directory" in r.output and "Traceback" not in r.output
+
+
+# -- save_pretrained rules ---------------------------------------------------------------------------
+
+def test_save_pretrained_rules(tmp_path):
+    model = FAMILIES[0].build()
+    student = cc.convert(model)
+    with pytest.raises(ExportError, match="finalized"):
+        cc.save_pretrained(student, tmp_path / "a")
+    with pytest.raises(ExportError, match="no castling attention"):
+        cc.save_pretrained(model, tmp_path / "a")
+    final = cc.finalize(student)
+    cc.save_pretrained(final, tmp_path / "a", verify=False)
+    with pytest.raises(OutputExistsError):
+        cc.save_pretrained(final, tmp_path / "a")
+    cc.save_pretrained(final, tmp_path / "a", overwrite=True, verify=False)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temp dirs left behind"
+
+
+def test_unsupported_architecture_for_remote_code(tmp_path):
+    torch.manual_seed(0)
+    model = _finalized(timm.create_model("test_vit", act_layer="silu", num_classes=4, img_size=32, patch_size=8,
+                                         depth=1).eval())
+    with pytest.raises(ExportError, match=r"cannot be exported as remote code: .*SiLU.*remote_code=False"):
+        cc.save_pretrained(model, tmp_path / "silu")
+    assert not (tmp_path / "silu").exists()
+    cc.save_pretrained(model, tmp_path / "silu", remote_code=False)
+    assert not (tmp_path / "silu" / "modeling_castling.py").exists()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        assert (cc.load(tmp_path / "silu")(x) - ref).abs().max() <= TOL
+        via_timm = timm.create_model("castle_test_vit", pretrained=True,
+                                     pretrained_cfg_overlay=dict(file=str(tmp_path / "silu"))).eval()
+        assert (via_timm(x) - ref).abs().max() <= TOL
+
+
+def test_loaded_model_resaves_and_converts_no_further(published, tmp_path):
+    _, cases = published
+    model = cc.load(cases["fmnist_vit"]["dir"])
+    assert model.pretrained_cfg["label_names"][0] == "T-shirt/top"
+    cc.save_pretrained(model, tmp_path / "again")
+    cfg = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert cfg["source"]["builtin"] == "fmnist_vit" and cfg["id2label"]["9"] == "Ankle boot"
+    from castle_convert.models import load_model
+    with pytest.raises(cc.ConversionError, match="already converted"):
+        cc.convert(load_model(cases["fmnist_vit"]["dir"]))
+
+
+# -- the remote code imports only torch and transformers ----------------------------------------------
+
+def test_hub_files_import_only_torch_and_transformers():
+    allowed = {"torch", "transformers", "math", "typing", "inspect", "__future__"}
+    siblings = {Path(n).stem for n in HUB_FILES}
+    for name, path in HUB_FILES.items():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    assert node.module in siblings, (name, node.module)
+                    continue
+                mods = [node.module.split(".")[0]]
+            else:
+                continue
+            assert set(mods) <= allowed, (name, mods)
+
+
+def test_hub_code_refuses_unknown_attention_kind(published):
+    from castle_convert.export.save import hub_model
+    cfg = json.loads((Path(published[1]["timm-vit"]["dir"]) / "config.json").read_text())
+    cfg["castling"]["kind"] = "separable"
+    with pytest.raises(ValueError, match="attention kind 'separable', which its modeling_castling.py does not"):
+        hub_model(cfg)
+    r = CliRunner().invoke(main, ["inspect", published[1]["timm-vit"]["dir"]])
+    assert r.exit_code == 1 and "already converted" in r.output
