@@ -78,6 +78,21 @@ def _static_position_embeddings(model: nn.Module) -> Iterator[None]:
             del m.interpolate_pos_encoding
 
 
+def _addcdiv_symbolic(g, self, tensor1, tensor2, value):
+    """``self + value·tensor1/tensor2`` (the fused inference kernel uses addcdiv; the TorchScript
+    exporter has no built-in symbolic for it)."""
+    from torch.onnx import symbolic_helper
+    out = g.op("Div", tensor1, tensor2)
+    v = symbolic_helper._maybe_get_const(value, "f")
+    if not isinstance(v, (int, float)) or v != 1:
+        out = g.op("Mul", out, value)
+    return g.op("Add", self, out)
+
+
+def _register_symbolics(opset: int) -> None:
+    torch.onnx.register_custom_op_symbolic("aten::addcdiv", _addcdiv_symbolic, opset)
+
+
 def export_onnx(directory: Union[str, Path], output: Union[str, Path], *, opset: int = 17, atol: float = 1e-4,
                 check_batch: int = 3, seed: int = 0) -> OnnxResult:
     """Export the model in ``directory`` to ONNX (batch axis dynamic: traced at batch 1) and
@@ -108,6 +123,7 @@ def export_onnx(directory: Union[str, Path], output: Union[str, Path], *, opset:
     try:
         with warnings.catch_warnings(), _static_position_embeddings(model), torch.no_grad():
             warnings.simplefilter("ignore")
+            _register_symbolics(opset)
             torch.onnx.export(wrapped, (x1,), str(output), input_names=["pixel_values"], output_names=[out_name],
                               dynamic_axes={"pixel_values": {0: "batch"}, out_name: {0: "batch"}},
                               opset_version=opset, dynamo=False)
