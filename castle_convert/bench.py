@@ -294,6 +294,33 @@ def _cell(model: nn.Module, converted: nn.Module, res: int, batch: int, dev: tor
                 macs_check=check)
 
 
+def load_pair(spec: str, *, arch: Optional[str] = None, kind: Optional[str] = None
+              ) -> tuple[nn.Module, Optional[nn.Module]]:
+    """(original, converted-or-None) for a MODEL argument.
+
+    A castle-convert output directory gives its converted model (its own weights) and the
+    source architecture it was converted from (random weights: speed does not depend on them);
+    anything else is loaded by :func:`castle_convert.models.load_model` and converted later.
+    """
+    import json
+    from pathlib import Path
+
+    from castle_convert.models import load_model
+
+    path = Path(spec).expanduser()
+    cfg_file = path / "config.json"
+    if path.is_dir() and cfg_file.is_file() and "castling" in json.loads(cfg_file.read_text()):
+        from castle_convert.export.load import load, read_config
+        from castle_convert.export.source import build_source
+        config = read_config(path)
+        saved_kind = config["castling"].get("kind")
+        if kind and kind != saved_kind:
+            raise BenchError(f"{path} holds a converted model with attention kind '{saved_kind}'; drop "
+                             f"--attention {kind}, or bench the original model with it")
+        return build_source(config["source"]).eval(), load(path)
+    return load_model(spec, arch=arch, pretrained=False), None
+
+
 def plot(result: BenchResult, path: str) -> None:
     """Latency against token count, both models, one panel per batch size (log-log)."""
     try:
@@ -332,5 +359,5 @@ def plot(result: BenchResult, path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["BenchError", "BenchResult", "Cell", "benchmark", "count_macs", "geometry", "mixing_macs",
+__all__ = ["BenchError", "BenchResult", "Cell", "benchmark", "count_macs", "geometry", "load_pair", "mixing_macs",
            "peak_memory_mib", "plot", "set_resolution"]

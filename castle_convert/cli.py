@@ -157,15 +157,15 @@ def bench_cmd(model: str, resolutions: list[int], batches: list[int], device: st
     """Latency, throughput, memory and MACs: MODEL (softmax) vs its converted inference form.
 
     Both models run in this process, interleaved, after warm-up, at every resolution and batch
-    size. MODEL is a timm name or alias, a local Hugging Face or timm model directory, or a
-    checkpoint file (with --arch); without local weights the weights are random (speed does not
-    depend on them).
+    size. MODEL is a timm name or alias, a local Hugging Face or timm model directory, a
+    checkpoint file (with --arch), or a castle-convert output directory (its converted model
+    against its source architecture). Without local weights the weights are random (speed does
+    not depend on them).
     """
-    from castle_convert.bench import benchmark, plot
-    from castle_convert.models import load_model
+    from castle_convert.bench import benchmark, load_pair, plot
 
-    net = load_model(model, arch=arch, pretrained=False)
-    result = benchmark(net, resolutions=resolutions, batches=batches, device=device, threads=threads,
+    net, converted = load_pair(model, arch=arch, kind=kind)
+    result = benchmark(net, converted=converted, resolutions=resolutions, batches=batches, device=device, threads=threads,
                        repeats=repeats, warmup=warmup, time_budget_s=time_budget, dtype=dtype,
                        compile=use_compile, kind=kind, model_name=model, progress=not no_progress)
     click.echo(result.format_table())

@@ -456,3 +456,20 @@ def test_hub_code_refuses_unknown_attention_kind(published):
         hub_model(cfg)
     r = CliRunner().invoke(main, ["inspect", published[1]["timm-vit"]["dir"]])
     assert r.exit_code == 1 and "already converted" in r.output
+
+
+def test_bench_on_an_output_directory_times_its_own_weights(published):
+    """`castle-convert bench DIR` benchmarks the saved converted model against its source architecture."""
+    from castle_convert.bench import BenchError, benchmark, load_pair
+    root, cases = published
+    d = cases["timm-vit"]["dir"]
+    original, converted = load_pair(d)
+    assert not any(isinstance(m, cc.attention.CastlingModule) for m in original.modules())
+    loaded = cc.load(d)
+    for (k, a), b in zip(converted.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    r = benchmark(original, converted=converted, resolutions=[32], repeats=1, min_repeats=1, warmup=1,
+                  progress=False)
+    assert r.cells[0].macs_check and r.cells[0].tokens == 17
+    with pytest.raises(BenchError, match="attention kind 'linear_angular'"):
+        load_pair(d, kind="separable")
