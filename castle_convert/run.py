@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 
 from castle_convert.convert import convert, inspect
 from castle_convert.data import DataError, build_data
@@ -101,12 +103,31 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
         "versions": report_versions(),
     }
     if state.is_main_process:
+        report["latency"] = _latency(teacher, result.student, int(size[0]))
         save_pretrained(result.student, output, recipe=recipe.to_yaml(), report=report,
                         source=_source(model_spec, arch), labels=data.classes if data.num_classes else None,
                         extra_files={"logs": work_dir / "tensorboard"}, overwrite=overwrite or resume)
         shutil.rmtree(work_dir, ignore_errors=True)            # checkpoints are done with
     state.wait_for_everyone()
     return RunResult(output=output, report=report, distill=result)
+
+
+def _latency(teacher: nn.Module, student: nn.Module, resolution: int) -> dict:
+    """Batch-1 latency of teacher and finalized student at the training resolution, interleaved
+    in this process (castle_convert.bench); a failure here is recorded, not fatal to the run."""
+    from castle_convert.bench import benchmark
+    try:
+        device = next(student.parameters()).device.type
+        r = benchmark(teacher, converted=student, resolutions=[resolution], batches=[1], device=device,
+                      repeats=20, warmup=3, time_budget_s=10.0, progress=False)
+    except Exception as e:                       # noqa: BLE001 - the trained model must still be written
+        warnings.warn(f"latency measurement failed, report.json records it as not measured: {e}")
+        return {"error": f"{type(e).__name__}: {e}"}
+    c = r.cells[0]
+    return {"teacher": {"median_ms": c.original_ms, "iqr_ms": list(c.original_spread_ms)},
+            "student": {"median_ms": c.castling_ms, "iqr_ms": list(c.castling_spread_ms)},
+            "ratio": round(c.ratio, 3), "device": r.device, "threads": r.threads, "batch": 1,
+            "resolution": resolution, "repeats": c.repeats}
 
 
 def format_table(report: dict) -> str:
@@ -124,6 +145,11 @@ def format_table(report: dict) -> str:
     for name, ev, params, macs in rows:
         m = f"{macs / 1e6:.1f}M" if macs else ""
         lines.append(f"{name:<28}{acc(ev):>10}{params / 1e6:>9.2f}M{m:>10}")
+    lat = report.get("latency") or {}
+    if "ratio" in lat:
+        lines.append(f"latency, batch 1, {lat['resolution']} px, {lat['device']}: teacher "
+                     f"{lat['teacher']['median_ms']:.2f} ms, finalized student {lat['student']['median_ms']:.2f} ms "
+                     f"(ratio {lat['ratio']:.3f})")
     t, s = report["teacher"], report["student"]
     if "top1" in t and "top1" in s:
         lines.append(f"Δ top-1 finalized vs teacher: {s['top1'] - t['top1']:+.2f} points; "

@@ -228,6 +228,10 @@ def test_run_writes_complete_output_and_refuses_overwrite(teacher_dir, image_fol
     report = json.loads((out / "report.json").read_text())
     assert {"teacher", "student", "student_train_form_g0", "params", "macs", "train_time_s", "versions"} <= set(report)
     assert report["macs"]["student"] > 0 and report["macs"]["teacher"] > 0 and report["macs"]["tokens"] == 17
+    lat = report["latency"]
+    assert lat["teacher"]["median_ms"] > 0 and lat["student"]["median_ms"] > 0 and lat["resolution"] == 32
+    assert lat["ratio"] == pytest.approx(lat["student"]["median_ms"] / lat["teacher"]["median_ms"], abs=1e-3)
+    assert "ms |" in (out / "README.md").read_text(), "the model card shows the measured latency"
     state = load_file(str(out / "model.safetensors"))
     assert any(k.endswith("gamma") for k in state) and not any("mask" in k for k in state)
     assert load_recipe(str(out / "recipe.yaml")).epochs == 2
