@@ -220,7 +220,7 @@ def test_dw_options_convert_and_finalize(cfg):
     cc.set_schedule(student, 0.5, 1.0)
     student.train()
     student(x).pow(2).mean().backward()
-    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is not None for p in student.blocks[0].attn.parameters())
     assert cc.finalize(student).castling_parity <= 1e-4
 
 
@@ -246,3 +246,15 @@ def test_inspect_reports_both_kinds():
     assert la.macs_before == sep.macs_before and not sep.error
     assert sep.macs_after < la.macs_after < la.macs_before
     assert sep.params_after < sep.params_before, "the query (and key) rows of qkv are dropped"
+
+
+def test_gate_0_keeps_q_norm_in_the_graph():
+    """At g = 0 the separable branch reads no queries; q_norm must still get a (zero) gradient,
+    or DistributedDataParallel fails on an unused parameter."""
+    family = next(f for f in FAMILIES if f.id == "timm-qknorm")
+    student = cc.convert(family.build().train(), kind="separable")
+    cc.set_schedule(student, 0.0, 0.0)
+    student.forward_features(torch.randn(2, 3, family.size, family.size)).pow(2).mean().backward()
+    q_norm = student.blocks[0].attn.q_norm
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in q_norm.parameters())
+    assert all(p.grad is not None for p in student.blocks[0].attn.parameters())
