@@ -32,10 +32,10 @@ How MobileViTv2's parts map onto the pretrained attention, and the initialisatio
   starts as the mean-query softmax attention); ``a = 0, b = 1`` is MobileViTv2's ``ReLU(V) ⊙ c``.
   One context vector per head means every token gets the same mixture up to the ReLU gain:
   measured on the Fashion-MNIST teacher (held-out images), the mean-query context leaves 45–68%
-  of each layer's attention-output energy unexplained (31–42% for the best token-independent
-  output; fitting u to the teacher's query-averaged attention by maximum likelihood gave 42–64%,
-  not worth the extra calibration state). The ReLU mix, the DW conv and the distillation bring
-  back per-token detail.
+  of each layer's attention-output energy unexplained (the best token-independent output, fitted
+  on the calibration images themselves, leaves 31–42%; fitting u to the teacher's
+  query-averaged attention by maximum likelihood gave 42–64%, not worth the extra calibration
+  state). The ReLU mix, the DW conv and the distillation bring back per-token detail.
 * ``u``, ``a`` and ``b`` are 1-D parameters of size ``heads·head_dim`` (no weight decay, like
   norm scales) and get gradients whenever the separable branch is live (g < 1).
 
