@@ -1,4 +1,5 @@
-"""castle-convert: turn pretrained Vision Transformers into Castling-ViT linear-angular attention.
+"""castle-convert: turn pretrained Vision Transformers' softmax attention into linear attention
+(Castling-ViT linear-angular by default, or MobileViTv2 separable: ``convert(model, kind="separable")``).
 
 Public API::
 

@@ -46,7 +46,10 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="castle-convert")
 def main() -> None:
-    """Convert pretrained Vision Transformers to Castling-ViT linear-angular attention.
+    """Convert pretrained Vision Transformers' softmax attention to linear attention.
+
+    Attention kinds (--attention / --kind, recipe castling.kind): linear_angular (Castling-ViT,
+    default), separable (MobileViTv2 separable self-attention).
 
     \b
     castle-convert [MODEL] --recipe quick|distill-10ep|distill-30ep [--data ...] [--output ...]
@@ -67,7 +70,8 @@ def main() -> None:
 @click.option("--data", "data_spec", help="DIR (train/ + val/ image folders), hf:NAME[:CONFIG], or fashion-mnist.")
 @click.option("--output", type=click.Path(path_type=Path), help="Output directory (default runs/MODEL-RECIPE).")
 @click.option("--arch", help="timm architecture of a checkpoint file MODEL.")
-@click.option("--attention", "kind", help="Attention kind (overrides castling.kind).")
+@click.option("--attention", "kind", metavar="KIND",
+              help="Attention kind: linear_angular or separable (overrides castling.kind).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -98,7 +102,8 @@ def distill_cmd(model: Optional[str], recipe_name: str, overrides: tuple[str, ..
 @click.argument("model")
 @click.option("--arch", help="timm architecture of a checkpoint file MODEL.")
 @click.option("--img-size", type=int, default=None, help="Input resolution (default: the model's own).")
-@click.option("--kind", default=None, help="Attention kind (default: linear_angular).")
+@click.option("--kind", default=None, metavar="KIND",
+              help="Attention kind: linear_angular (default) or separable.")
 @click.option("--dw", type=click.Choice(["2d", "1d", "none"]), default=None, help="Depthwise-conv branch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def inspect_cmd(model: str, arch: Optional[str], img_size: Optional[int], kind: Optional[str],

@@ -20,17 +20,22 @@ class CastlingConfig:
     """Settings of the attention that replaces each softmax self-attention.
 
     Attributes:
-        kind: attention kind, a key of ``castle_convert.attention.KINDS``.
-        combine: ``blend`` (``g·AUX + (1-g)·(γ·normalize(LA) + DW)``, teacher-equivalent at g=1)
-            or ``sum`` (paper/reference style ``γ·normalize(LA + g·AUX) + DW``).
+        kind: attention kind, a key of ``castle_convert.attention.KINDS``: ``linear_angular``
+            (Castling-ViT, the default) or ``separable`` (MobileViTv2 separable self-attention).
+        combine: ``blend`` (``g·AUX + (1-g)·(LIN + DW)`` with LIN the kind's linear attention,
+            e.g. ``γ·normalize(LA)``; teacher-equivalent at g=1) or ``sum`` (paper/reference style
+            ``γ·normalize(LA + g·AUX) + DW``; ``linear_angular`` only).
         dw: ``2d`` depthwise conv over the patch grid, ``1d`` per-head conv along the token
             sequence (the reference code's layout), or ``none``.
         dw_kernel: kernel size of the depthwise conv (odd).
         gate: initial auxiliary-branch gate g (1 = pure softmax in ``blend``).
         threshold: initial mask threshold, in units of uniform attention 1/N: entries of the
             softmax below ``threshold / N`` are masked out of the auxiliary branch. 0 = keep all.
-        gamma_init: ``calibrate`` sets the per-head output scale γ to the mean norm of the
-            teacher's per-head attention output on a calibration batch; ``one`` sets γ = 1.
+        gamma_init: ``calibrate`` initialises the kind from the teacher's activations on a
+            calibration batch (``linear_angular``: the per-head output scale γ = mean norm of the
+            teacher's per-head attention output; ``separable``: the context query = the mean
+            query of each head); ``one`` uses no data (γ = 1; the separable context query from
+            the query bias).
         eps: epsilon of every normalisation.
     """
 
@@ -70,6 +75,10 @@ class CastlingConfig:
             raise bad("gamma_init", self.gamma_init, f"choose one of {list(GAMMA_INITS)}")
         if not (0.0 < float(self.eps) < 1e-2):
             raise bad("eps", self.eps, "use a small positive value such as 1e-6")
+        problem = KINDS[self.kind].config_problem(self)
+        if problem is not None:
+            name, fix = problem
+            raise bad(name, getattr(self, name), fix)
         if self.extra:
             raise ConfigError(f"CastlingConfig got unknown fields {sorted(self.extra)}; "
                               f"valid fields are {self.field_names()}")

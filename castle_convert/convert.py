@@ -74,6 +74,10 @@ def _resolve_config(config: Union[CastlingConfig, Mapping, None], **overrides: A
     elif not isinstance(config, CastlingConfig):
         raise TypeError(f"config must be a CastlingConfig or a dict, got {type(config).__name__}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "attention" in overrides:                       # alias of kind, as the CLI's --attention
+        attention = overrides.pop("attention")
+        if overrides.setdefault("kind", attention) != attention:
+            raise TypeError(f"attention={attention!r} and kind={overrides['kind']!r} disagree: pass one")
     if overrides:
         config = CastlingConfig.from_dict({**config.to_dict(), **overrides})
     return config
@@ -121,10 +125,12 @@ def convert(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
 
     Args:
         config: a :class:`CastlingConfig` or dict; keyword ``overrides`` (e.g. ``kind=...``,
-            ``combine=...``) replace its fields.
+            ``combine=...``) replace its fields. ``kind`` picks the attention kind
+            (``linear_angular``, default, or ``separable``); ``attention=`` is an alias.
         filter_fn: ``(name, module) -> bool`` to convert only some attentions.
-        calibration_inputs: image batch used to initialise γ (``gamma_init='calibrate'``);
-            default: a fixed-seed random batch at the model's input size.
+        calibration_inputs: image batch the kind is initialised from (``gamma_init='calibrate'``:
+            linear-angular's γ, separable's context query); default: a fixed-seed random batch at
+            the model's input size.
     """
     config = _resolve_config(config, **overrides)
     _plan(model, filter_fn)                                   # raises before any change
@@ -149,10 +155,12 @@ def convert(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
 
 @torch.no_grad()
 def calibrate(model: nn.Module, inputs: Optional[torch.Tensor] = None) -> None:
-    """Set each head's output scale γ to the mean norm of the teacher's attention output.
+    """Initialise every training form from the teacher's activations on ``inputs``.
 
-    Runs the model once on ``inputs`` with every training form passing the softmax (teacher)
-    output through, so each layer sees teacher activations.
+    Linear-angular: each head's output scale γ = the mean norm of the teacher's attention output;
+    separable: each head's context query = the teacher's mean query. Runs the model once on
+    ``inputs`` with every training form passing the softmax (teacher) output through, so each
+    layer sees teacher activations (a kind implements ``start_calibration`` / ``finish_calibration``).
     """
     modules = [m for _, m in training_forms(model)]
     if inputs is None:

@@ -17,3 +17,12 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(params=FAMILIES, ids=[f.id for f in FAMILIES])
 def family(request):
     return request.param
+
+
+from castle_convert.attention import KINDS  # noqa: E402
+
+
+@pytest.fixture(params=list(KINDS))
+def kind(request):
+    """Every attention kind of castle_convert.attention.KINDS (the shared checks run on each)."""
+    return request.param

@@ -35,6 +35,16 @@ def test_inspect_alias_json_macs_shrink_at_high_resolution():
     assert large["macs_after"] / large["macs_before"] < 0.5 < small["macs_after"] / small["macs_before"]
 
 
+def test_inspect_kind_separable():
+    la = json.loads(_run("inspect", "deit_tiny", "--img-size", "512", "--json").output)
+    r = _run("inspect", "deit_tiny", "--img-size", "512", "--kind", "separable", "--json")
+    assert r.exit_code == 0, r.output
+    sep = json.loads(r.output)
+    assert sep["macs_before"] == la["macs_before"] and sep["macs_after"] < la["macs_after"]
+    r = _run("inspect", "deit_tiny", "--kind", "performer")
+    assert r.exit_code != 0 and "separable" in r.output
+
+
 def test_inspect_checkpoint_file_with_arch(tmp_path):
     model = timm.create_model("test_vit", num_classes=7)
     ckpt = tmp_path / "ckpt.safetensors"

@@ -180,6 +180,26 @@ def test_distill_end_to_end_with_attention_transfer(image_folder):
     assert not any(getattr(m, "is_training_form", False) for m in result.student.modules())
 
 
+def test_separable_kind_from_the_command_line(teacher_dir, image_folder, tmp_path):
+    """`castle-convert MODEL --attention separable`: convert, distil (local transfer), finalize, write."""
+    from click.testing import CliRunner
+
+    from castle_convert.cli import main
+    out = tmp_path / "sep"
+    sets = [a for s in TINY_RUN + ["epochs=1", "castling.anneal.end_epoch=0.5"] for a in ("--set", s)]
+    r = CliRunner().invoke(main, [str(teacher_dir), "--attention", "separable", "--recipe", "quick", "--data",
+                                  str(image_folder), "--output", str(out), "--no-progress", *sets])
+    assert r.exit_code == 0, r.output
+    config = json.loads((out / "config.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert config["castling"]["kind"] == "separable" and config["castling"]["combine"] == "blend"
+    assert report["student_start"]["agree"] == 100.0, "teacher-equivalent start"
+    assert report["steps"] == 3 and 0 < report["macs"]["student"] < report["macs"]["teacher"]
+    state = load_file(str(out / "model.safetensors"))
+    assert any(k.endswith("in_proj.weight") for k in state) and not any(k.endswith("qkv.weight") for k in state)
+    assert any(k.endswith("relu_gain") for k in state)
+
+
 def test_public_distill_api_takes_names(image_folder):
     teacher = tiny_teacher()
     result = cc.distill(teacher, cc.convert(teacher), str(image_folder), recipe="quick",

@@ -1,4 +1,4 @@
-"""Shared checks, run on every model family of tests/families.py."""
+"""Shared checks, run on every model family of tests/families.py × every attention kind."""
 
 from __future__ import annotations
 
@@ -21,18 +21,35 @@ def _out(family, model, x):
     return primary_output(family(model, x)).float()
 
 
+# The parameters each kind adds to the pretrained ones (plus the DW conv's ".dw." weights).
+KIND_PARAMS = ("gamma", "context_query", "context_gain", "relu_gain")
+# State an inference form may keep, per kind (a new kind adds its own entry).
+INFERENCE_STATE = {
+    "linear_angular": ("qkv.", "q_norm.", "k_norm.", "norm.", "proj.", "out_gate.", "gamma", "dw.conv.weight"),
+    "separable": ("in_proj.", "k_norm.", "norm.", "proj.", "out_gate.", "context_query", "context_gain",
+                  "relu_gain", "dw.conv.weight"),
+}
+# Kinds whose inference form has a softmax over the N tokens' context scores (never over N×N).
+SOFTMAX_OVER_SCORES = {"separable"}
+
+
+def _kind_param(name: str) -> bool:
+    return name.endswith(KIND_PARAMS) or ".dw." in name
+
+
 def _perturb(model, seed=0):
-    """Move γ and DW weights off their init so the checks exercise them."""
+    """Move the kind's own parameters (γ, context query/gains, DW weights) off their init so the
+    checks exercise them."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("gamma") or ".dw." in name:
+            if _kind_param(name):
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def test_teacher_equivalent_start(family):
+def test_teacher_equivalent_start(family, kind):
     teacher = family.build()
-    student = cc.convert(teacher)
+    student = cc.convert(teacher, kind=kind)
     n = sum(isinstance(m, CastlingTrainingForm) for m in student.modules())
     assert n == 2, "every attention of the 2-layer model is converted"
     assert not any(isinstance(m, CastlingModule) for m in teacher.modules()), "original untouched"
@@ -48,9 +65,9 @@ def _backward(family, model, x):
     return {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
 
 
-def test_every_parameter_gets_a_gradient(family):
+def test_every_parameter_gets_a_gradient(family, kind):
     teacher = family.build().train()
-    student = cc.convert(teacher)
+    student = cc.convert(teacher, kind=kind)
     cc.set_schedule(student, gate=0.5, threshold=1.0)          # both branches live, mask active
     x = _inputs(family)
     unused_in_teacher = _backward(family, teacher, x)          # e.g. HF's mask_token
@@ -60,14 +77,14 @@ def test_every_parameter_gets_a_gradient(family):
         if p.grad is None:
             continue
         assert torch.isfinite(p.grad).all(), name
-        if name.endswith("gamma") or ".dw." in name:
+        if _kind_param(name):
             assert p.grad.abs().sum() > 0, f"castling parameter {name} has a zero gradient"
     densities = [m.last_mask_density for m in student.modules() if isinstance(m, CastlingTrainingForm)]
     assert all(0.0 < float(d) < 1.0 for d in densities), densities
 
 
-def test_finalize_parity(family):
-    student = cc.convert(family.build())
+def test_finalize_parity(family, kind):
+    student = cc.convert(family.build(), kind=kind)
     _perturb(student)
     cc.set_schedule(student, gate=0.3, threshold=1.0)
     final = cc.finalize(student)
@@ -84,6 +101,7 @@ class _OpRecorder(TorchDispatchMode):
         super().__init__()
         self.ops: set[str] = set()
         self.shapes: list[tuple] = []
+        self.op_shapes: list[tuple[str, tuple]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -91,12 +109,13 @@ class _OpRecorder(TorchDispatchMode):
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(t, torch.Tensor):
                 self.shapes.append(tuple(t.shape))
+                self.op_shapes.append((str(func.overloadpacket), tuple(t.shape)))
         return out
 
 
-def test_inference_form_is_clean(family):
-    final = cc.finalize(cc.convert(family.build()))
-    allowed = ("qkv.", "q_norm.", "k_norm.", "norm.", "proj.", "out_gate.", "gamma", "dw.conv.weight")
+def test_inference_form_is_clean(family, kind):
+    final = cc.finalize(cc.convert(family.build(), kind=kind))
+    allowed = INFERENCE_STATE[kind]
     for name, m in final.named_modules():
         if isinstance(m, CastlingModule):
             extra = [k for k in m.state_dict() if not k.startswith(allowed)]
@@ -108,15 +127,22 @@ def test_inference_form_is_clean(family):
     rec = _OpRecorder()
     with rec, torch.no_grad():
         family(final, x)
-    assert not [op for op in rec.ops if "softmax" in op or "scaled_dot_product" in op], rec.ops
+    assert not [op for op in rec.ops if "scaled_dot_product" in op], rec.ops
+    softmaxes = [shape for op, shape in rec.op_shapes if "softmax" in op]
+    if kind in SOFTMAX_OVER_SCORES:                 # one softmax over N context scores per layer
+        heads = next(m for m in final.modules() if isinstance(m, CastlingModule)).num_heads
+        assert softmaxes == [(1, heads, n_tokens)] * 2, softmaxes
+    else:
+        assert not softmaxes, rec.ops
     assert not [s for s in rec.shapes if len(s) >= 2 and s[-1] == n_tokens and s[-2] == n_tokens], \
         "an N×N tensor was formed"
 
 
-def test_compile_fullgraph_and_export(family):
-    final = cc.finalize(cc.convert(family.build())).eval()
+def test_compile_fullgraph_and_export(family, kind):
+    final = cc.finalize(cc.convert(family.build(), kind=kind)).eval()
     x = _inputs(family)
     ref = _out(family, final, x)
+    torch._dynamo.reset()            # each family × kind compiles the same forward code: no recompile limit
     compiled = torch.compile(final, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         got = primary_output(compiled(x)).float()
@@ -127,8 +153,8 @@ def test_compile_fullgraph_and_export(family):
     assert (got - ref).abs().max() <= 1e-5
 
 
-def test_non_square_grid(family):
-    student = cc.convert(family.build())
+def test_non_square_grid(family, kind):
+    student = cc.convert(family.build(), kind=kind)
     grid: GridTracker = next(m for m in student.modules() if isinstance(m, CastlingTrainingForm)).dw.grid
     x = _inputs(family, w_extra=3 * family.patch)               # (H, W) = (s, s + 3p)
     _perturb(student)
@@ -141,8 +167,8 @@ def test_non_square_grid(family):
 
 
 @pytest.mark.parametrize("form", ["training", "inference"])
-def test_bf16_autocast_is_finite(family, form):
-    model = cc.convert(family.build())
+def test_bf16_autocast_is_finite(family, kind, form):
+    model = cc.convert(family.build(), kind=kind)
     cc.set_schedule(model, gate=0.5, threshold=1.0)
     if form == "inference":
         model = cc.finalize(model)

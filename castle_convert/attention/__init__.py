@@ -8,10 +8,13 @@ from castle_convert.attention.base import (CastlingModule, CastlingTrainingForm,
                                            SoftmaxAttentionSpec)
 from castle_convert.attention.linear_angular import (LinearAngularAttention,
                                                      LinearAngularAttentionInference)
+from castle_convert.attention.separable import SeparableAttention, SeparableAttentionInference
 
 KINDS = {
-    "linear_angular": LinearAngularAttention,
+    "linear_angular": LinearAngularAttention,     # Castling-ViT (arXiv 2211.10526), the default
+    "separable": SeparableAttention,              # MobileViTv2 separable self-attention (arXiv 2206.02680)
 }
 
 __all__ = ["KINDS", "CastlingModule", "CastlingTrainingForm", "GridTracker", "SoftmaxAttentionSpec",
-           "LinearAngularAttention", "LinearAngularAttentionInference"]
+           "LinearAngularAttention", "LinearAngularAttentionInference", "SeparableAttention",
+           "SeparableAttentionInference"]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from castle_convert.attention.functional import grid_for_tokens
@@ -97,3 +98,29 @@ class CastlingTrainingForm(CastlingModule):
 
     def to_inference(self) -> CastlingModule:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @classmethod
+    def config_problem(cls, config) -> Optional[tuple[str, str]]:
+        """``(field, fix)`` when this kind cannot use ``config`` (checked by CastlingConfig.validate)."""
+        return None
+
+
+def masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                             threshold: float, dropout_p: float = 0.0
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The auxiliary branch ``(M ⊙ softmax(QKᵀ·scale))·V`` of the training forms, and mask density.
+
+    ``M`` keeps the softmax entries ``≥ threshold / N`` (τ in units of uniform attention);
+    ``threshold = 0`` is the plain softmax attention (SDPA). q, k, v: (B, h, N, d).
+    """
+    N = q.shape[-2]
+    if threshold <= 0.0:                                               # M = all ones
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        return out, torch.ones((), device=q.device)
+    attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)         # (B, h, N, N)
+    keep = attn >= (threshold / N)
+    density = keep.float().mean().detach()
+    attn = attn * keep
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, p=dropout_p)
+    return attn @ v, density                                           # (B, h, N, d)

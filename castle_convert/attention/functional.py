@@ -110,3 +110,24 @@ def grid_for_tokens(num_patches: int, hw: Optional[tuple[int, int]]) -> tuple[in
             "by the patch embedding (call the whole model, not a sub-module) and the count "
             "is not a square")
     return side, side
+
+
+def context_scores(k: torch.Tensor, query: torch.Tensor, scale: float) -> torch.Tensor:
+    """Context logits of separable attention: ``scale·⟨u_h, k_j⟩``. k: (B, h, N, d), query u: (h, d).
+
+    Returns (B, h, N): one score per token per head (a d → 1 projection of the keys).
+    """
+    return (k @ (query * scale).unsqueeze(-1)).squeeze(-1)             # (B, h, N)
+
+
+def separable_context(scores: torch.Tensor, v: torch.Tensor, context_gain: torch.Tensor,
+                      relu_gain: torch.Tensor) -> torch.Tensor:
+    """Separable self-attention (MobileViTv2) per head, O(N·d), nothing N×N.
+
+    ``c = Σ_j softmax_j(scores)·v_j`` is one context vector per head; every token gets
+    ``c ⊙ (a + b ⊙ ReLU(v_i))``. scores: (B, h, N); v: (B, h, N, d); a = context_gain and
+    b = relu_gain: (h, d). Returns (B, h, N, d). The softmax over the N scores runs in fp32.
+    """
+    s = scores.float().softmax(dim=-1).to(v.dtype).unsqueeze(-2)       # (B, h, 1, N)
+    c = s @ v                                                          # (B, h, 1, d)
+    return c * (context_gain.unsqueeze(1) + relu_gain.unsqueeze(1) * F.relu(v))  # (B, h, N, d)
