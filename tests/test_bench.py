@@ -44,16 +44,25 @@ def test_benchmark_cells_are_measured_and_macs_match_analytic(fid):
     assert "matches the analytic count" in result.format_table()
 
 
+@pytest.mark.parametrize("kind", sorted(cc.attention.KINDS))
 @pytest.mark.parametrize("dw", ["2d", "1d", "none"])
-def test_analytic_mixing_macs_match_the_counter_for_every_dw_mode(dw):
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_analytic_mixing_macs_match_the_counter(kind, dw, qk_norm):
     import timm
-    model = timm.create_model("test_vit", img_size=32, patch_size=8, num_classes=3).eval()
-    conv = cc.finalize(cc.convert(model, dw=dw, gamma_init="one"))
+    model = timm.create_model("test_vit", img_size=32, patch_size=8, num_classes=3, qk_norm=qk_norm).eval()
+    conv = cc.finalize(cc.convert(model, kind=kind, dw=dw, gamma_init="one"))
     x = torch.empty(3, 3, 32, 32, device="meta")
     grid, n = geometry(model, (32, 32))
     soft, cast = mixing_macs(conv, 3, grid)
     counted = count_macs(model.to("meta"), x) - count_macs(conv.to("meta"), x)
     assert counted == soft - cast and n == 17
+
+
+def test_benchmark_separable_kind():
+    fam = FAMILIES[0]
+    r = benchmark(fam.build(), kind="separable", resolutions=[fam.size, 2 * fam.size], **FAST)
+    assert r.kind == "separable" and all(c.macs_check for c in r.cells)
+    assert r.cells[1].macs_ratio < r.cells[0].macs_ratio
 
 
 def test_benchmark_uses_a_given_converted_model_and_rejects_bad_settings():

@@ -78,8 +78,11 @@ class CastlingModule(nn.Module):
                 f"prefix_tokens={self.num_prefix_tokens}")
 
     def mixing_macs(self, num_tokens: int, grid: tuple[int, int]) -> int:
-        """Analytic multiply-accumulates of the token mixing for one image (everything between
-        the qkv and output projections), for checking the counted MACs."""
+        """Analytic multiply-accumulates for one image of everything this module computes beyond
+        the pretrained softmax attention's ``qkv`` and output projections (the token mixing, plus
+        any change to the input projection — negative when rows of ``qkv`` are dropped). The
+        softmax attention's counterpart is ``2·N²·C``; ``castle_convert.bench`` checks the counted
+        MACs against the difference."""
         raise NotImplementedError
 
 

@@ -58,6 +58,16 @@ class TokenDWConv(nn.Module):
         return token_dw(v, self.conv.weight, self.num_heads)          # (B, N, C)
 
 
+def dw_macs(dw: nn.Module | None, num_tokens: int, grid: tuple[int, int], channels: int) -> int:
+    """Multiply-accumulates of a DW branch for one image: ``num_tokens`` tokens, ``grid`` patches."""
+    if dw is None:
+        return 0
+    k = dw.conv.kernel_size
+    if isinstance(dw, PatchGridDWConv):
+        return k[0] * k[1] * grid[0] * grid[1] * channels             # over the patch grid only
+    return k[0] * num_tokens * channels                                # along the token sequence
+
+
 def build_dw(mode: str, kernel_size: int, channels: int, num_heads: int, num_prefix_tokens: int,
              grid: GridTracker) -> nn.Module | None:
     if mode == "2d":

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from castle_convert.attention.base import (CastlingModule, CastlingTrainingForm,
-                                           SoftmaxAttentionSpec)
-from castle_convert.attention.dwconv import PatchGridDWConv, build_dw
+                                           SoftmaxAttentionSpec, masked_softmax_attention)
+from castle_convert.attention.dwconv import build_dw, dw_macs
 from castle_convert.attention.functional import (angular_linear, linear_angular_fused,
                                                  merge_heads)
 from castle_convert.config import CastlingConfig
@@ -78,12 +78,7 @@ class _LinearAngularParts(CastlingModule):
 
     def mixing_macs(self, num_tokens: int, grid: tuple[int, int]) -> int:
         C = self.num_heads * self.head_dim
-        macs = 2 * num_tokens * self.head_dim * C                            # K̂ᵀV and Q̂(K̂ᵀV)
-        if self.dw is not None:
-            k = self.dw.conv.kernel_size
-            macs += (k[0] * k[1] * grid[0] * grid[1] * C if isinstance(self.dw, PatchGridDWConv)
-                     else k[0] * num_tokens * C)                         # 2-D grid or 1-D tokens
-        return macs
+        return 2 * num_tokens * self.head_dim * C + dw_macs(self.dw, num_tokens, grid, C)  # K̂ᵀV, Q(K̂ᵀV), DW
 
     @staticmethod
     def _check_mask(attn_mask, is_causal) -> None:
@@ -141,17 +136,9 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
 
     # -- auxiliary masked-softmax branch -------------------------------------------------------
     def _aux(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        N = q.shape[-2]
         drop = self.attn_drop.p if self.training else 0.0
-        if self.threshold <= 0.0:                                  # M = all ones: plain softmax
-            self.last_mask_density = torch.ones((), device=q.device)
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
-        attn = (q * self.scale) @ k.transpose(-2, -1)                      # (B, h, N, N)
-        attn = attn.softmax(dim=-1)
-        keep = attn >= (self.threshold / N)                                # τ in units of 1/N
-        self.last_mask_density = keep.float().mean().detach()
-        attn = self.attn_drop(attn * keep)
-        return attn @ v                                                     # (B, h, N, d)
+        out, self.last_mask_density = masked_softmax_attention(q, k, v, self.scale, self.threshold, drop)
+        return out                                                          # (B, h, N, d)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:

@@ -60,7 +60,7 @@ from torch import nn
 
 from castle_convert.attention.base import (CastlingModule, CastlingTrainingForm,
                                            SoftmaxAttentionSpec, masked_softmax_attention)
-from castle_convert.attention.dwconv import build_dw
+from castle_convert.attention.dwconv import build_dw, dw_macs
 from castle_convert.attention.functional import context_scores, merge_heads, separable_context
 from castle_convert.config import CastlingConfig
 
@@ -103,6 +103,14 @@ class _SeparableParts(CastlingModule):
         if self.out_gate is not None:
             out = out * self.out_gate(x).sigmoid()
         return self.proj_drop(self.proj(out))                              # (B, N, dim)
+
+    def mixing_macs(self, num_tokens: int, grid: tuple[int, int]) -> int:
+        h, d = self.num_heads, self.head_dim
+        C = h * d
+        in_proj = getattr(self, "in_proj", None)        # inference form: [values | logits or keys]
+        delta = 0 if in_proj is None else num_tokens * in_proj.in_features * (in_proj.out_features - 3 * C)
+        scores = 0 if (in_proj is not None and self.context_query is None) else num_tokens * C   # ⟨u, k_j⟩
+        return delta + scores + num_tokens * C + dw_macs(self.dw, num_tokens, grid, C)  # + Σ_j s_j v_j, DW
 
     @staticmethod
     def _check_mask(attn_mask, is_causal) -> None:
