@@ -32,6 +32,8 @@ TOL = 1e-5
 TIMM_ARCH = {"timm-vit": "test_vit", "timm-deit-distilled": "deit_tiny_distilled_patch16_224",
              "timm-deit3": "deit3_small_patch16_224", "timm-reg4-dinov2": "vit_small_patch14_reg4_dinov2",
              "timm-qknorm": "vit_tiny_patch16_224", "fmnist_vit": "vit_tiny_patch16_224"}
+# the separable kind: folded context projection (timm, transformers) and the k_norm layout (qk-norm)
+SEPARABLE_CASES = ("timm-vit", "timm-qknorm", "hf-vit", "timm-deit-distilled")
 REPORT = {"model": "fmnist_vit", "dataset": "fashion-mnist", "recipe": "quick",
           "teacher": {"top1": 86.78, "n": 10000}, "student": {"top1": 85.57, "agree": 93.27, "n": 10000},
           "student_start": {"top1": 86.78}, "student_train_form_g0": {"top1": 85.57},
@@ -51,8 +53,8 @@ def _subprocess(script: str, tmp: Path, *, block_castle: bool = False) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _finalized(model):
-    return cc.finalize(cc.convert(model))
+def _finalized(model, kind="linear_angular"):
+    return cc.finalize(cc.convert(model, kind=kind))
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +62,12 @@ def published(tmp_path_factory):
     """Every family (+ the built-in fmnist_vit architecture) saved, with reference outputs."""
     root = tmp_path_factory.mktemp("published")
     cases = {}
-    builds = [(f.id, f.build, f.size, f.hf) for f in FAMILIES] + [("fmnist_vit", lambda: zoo.create("fmnist_vit"),
-                                                                  28, False)]
-    for fid, build, size, hf in builds:
+    builds = [(f.id, f.build, f.size, f.hf, "linear_angular") for f in FAMILIES] + [
+        ("fmnist_vit", lambda: zoo.create("fmnist_vit"), 28, False, "linear_angular")] + [
+        (f"{f.id}-separable", f.build, f.size, f.hf, "separable") for f in FAMILIES if f.id in SEPARABLE_CASES]
+    for fid, build, size, hf, kind in builds:
         torch.manual_seed(1)
-        model = _finalized(build().eval())
+        model = _finalized(build().eval(), kind)
         with torch.no_grad():          # a non-zero DW conv, so the 2-D depthwise path is exercised too
             for m in model.modules():
                 if hasattr(m, "dw") and m.dw is not None:
@@ -75,7 +78,8 @@ def published(tmp_path_factory):
         cc.save_pretrained(model, out, **kw)
         gen = torch.Generator().manual_seed(7)
         x = torch.randn(3, 3, size, size, generator=gen)
-        p = FAMILIES[0].patch if fid == "fmnist_vit" else next(f.patch for f in FAMILIES if f.id == fid)
+        base_id = fid.removesuffix("-separable")
+        p = FAMILIES[0].patch if fid == "fmnist_vit" else next(f.patch for f in FAMILIES if f.id == base_id)
         x2 = torch.randn(2, 3, 5 * p, 6 * p, generator=gen)          # non-square, not the native size
         with torch.no_grad():
             raw = adapters.forward(model, x)
@@ -85,7 +89,7 @@ def published(tmp_path_factory):
         save_file({"x": x, "ref": ref.contiguous(), "x2": x2, "ref2": ref2.contiguous()},
                   str(root / f"{fid}.ref.safetensors"))
         cases[fid] = dict(dir=str(out), ref=str(root / f"{fid}.ref.safetensors"), hf=hf, headless=headless,
-                          timm_arch=TIMM_ARCH.get(fid), check=model.castle_export_check)
+                          timm_arch=TIMM_ARCH.get(base_id), check=model.castle_export_check)
     (root / "cases.json").write_text(json.dumps(cases))
     return root, cases
 

@@ -64,11 +64,25 @@ def _latency_note(report: dict) -> str:
     return "Latency setup: " + ", ".join(f"{k} {v}" for k, v in setup.items()) if setup else ""
 
 
+KIND_NAMES = {   # kind -> (name in prose, paper, what every converted attention computes)
+    "linear_angular": ("Castling-ViT linear-angular attention", "[arXiv 2211.10526](https://arxiv.org/abs/2211.10526)",
+                       "`proj(γ·normalize(½V + (1/π)·Q̂(K̂ᵀV)) + DW(V))`: no softmax and no N×N attention matrix"),
+    "separable": ("MobileViTv2 separable self-attention", "[arXiv 2206.02680](https://arxiv.org/abs/2206.02680)",
+                  "`proj(c ⊙ (a + b⊙ReLU(V)) + DW(V))` with one context vector `c = Σ_j softmax_j(⟨u, k_j⟩)·v_j` "
+                  "per head: a softmax over N scores, no N×N attention matrix"),
+}
+
+
+def _kind(config: dict) -> tuple[str, str, str]:
+    kind = (config.get("castling") or {}).get("kind", "linear_angular")
+    return KIND_NAMES.get(kind, (f"{kind} attention", "", "a linear attention"))
+
+
 def model_title(config: dict) -> str:
     src = config.get("source", {})
     name = src.get("builtin") or src.get("base_model") or src.get("architecture") or \
         (src.get("architectures") or ["model"])[0]
-    return f"{name.split('/')[-1]} with Castling-ViT linear-angular attention"
+    return f"{name.split('/')[-1]} with {_kind(config)[0]}"
 
 
 def front_matter(config: dict, report: dict, model_name: str) -> "Any":
@@ -90,7 +104,7 @@ def front_matter(config: dict, report: dict, model_name: str) -> "Any":
                                   metric_value=round(float(cosine), 4),
                                   metric_name="Cosine similarity to the teacher's features"))
     if not headless:
-        for role, label in (("student", "Top-1 accuracy (this model, linear-angular attention)"),
+        for role, label in (("student", f"Top-1 accuracy (this model, {_kind(config)[0]})"),
                             ("teacher", "Top-1 accuracy (teacher: the original softmax-attention model)")):
             value = _acc(report.get(role))
             if value is not None:
@@ -203,12 +217,10 @@ def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Option
               if src.get("builtin") else f"`{src.get('model') or src.get('architecture') or title}`")
     lines = [f"# {title}", "", MARKER, "",
              f"This {'backbone' if headless else 'image classifier'} is {origin}, converted with "
-             "castle-convert to Castling-ViT linear-angular attention "
-             "([arXiv 2211.10526](https://arxiv.org/abs/2211.10526)) and distilled against the original "
+             f"castle-convert to {_kind(config)[0]} ({_kind(config)[1]}) and distilled against the original "
              "model (the teacher). Every softmax self-attention "
              f"({len(config.get('converted_modules') or [])} modules) now computes "
-             "`proj(γ·normalize(½V + (1/π)·Q̂(K̂ᵀV)) + DW(V))`: no softmax and no N×N attention matrix, "
-             "so its cost grows linearly with the number of tokens.", ""]
+             f"{_kind(config)[2]}, so its cost grows linearly with the number of tokens.", ""]
     lines += ["## Results", ""]
     t, s = report.get("teacher"), report.get("student")
     params, macs = report.get("params", {}), report.get("macs", {})
@@ -225,7 +237,7 @@ def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Option
         lines += [f"| model | {metric} | params | MACs | latency |", "|---|---|---|---|---|",
                   f"| teacher (softmax attention) | {score(t)} | {_num(params.get('teacher'), 1e6, 'M')} | "
                   f"{_num(macs.get('teacher'), 1e6, 'M', 1)} | {_latency(report, 'teacher')} |",
-                  f"| **this model** (linear-angular) | {score(s)} | {_num(params.get('student'), 1e6, 'M')} | "
+                  f"| **this model** ({castling.get('kind', 'linear_angular').replace('_', '-')}) | {score(s)} | {_num(params.get('student'), 1e6, 'M')} | "
                   f"{_num(macs.get('student'), 1e6, 'M', 1)} | {_latency(report, 'student')} |", ""]
         size = macs.get("input_size")
         notes = [f"Evaluated on {ds_name} ({(t or {}).get('n', '?')} images)"

@@ -4,6 +4,6 @@ Published directories get a verbatim copy of ``castle_convert/attention/function
 this name instead of this file (see ``castle_convert.export.hub.HUB_FILES``).
 """
 
-from castle_convert.attention.functional import (angular_linear, grid_for_tokens,  # noqa: F401
-                                                 linear_angular_fused, merge_heads, patch_grid_dw,
-                                                 token_dw)
+from castle_convert.attention.functional import (angular_linear, context_scores,  # noqa: F401
+                                                 grid_for_tokens, linear_angular_fused, merge_heads,
+                                                 patch_grid_dw, separable_context, token_dw)

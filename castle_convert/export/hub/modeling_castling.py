@@ -30,10 +30,11 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
-from .castling_functional import grid_for_tokens, linear_angular_fused, patch_grid_dw, token_dw
+from .castling_functional import (context_scores, grid_for_tokens, linear_angular_fused, merge_heads,
+                                  patch_grid_dw, separable_context, token_dw)
 from .configuration_castling import CastlingViTConfig
 
-SUPPORTED_KINDS = ("linear_angular",)
+SUPPORTED_KINDS = ("linear_angular", "separable")
 DW_MODES = ("2d", "1d", "none")
 
 
@@ -104,6 +105,66 @@ class CastlingAttention(nn.Module):
         return self.proj(out)                                                      # (B, N, dim)
 
 
+class CastlingSeparableAttention(nn.Module):
+    """Separable self-attention (MobileViTv2), inference form. Keys: in_proj ([values | context
+    logits], or [values | keys] + k_norm + context_query with qk-norm), context_gain, relu_gain,
+    dw.conv, norm, out_gate, proj."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, num_prefix_tokens: int, castling: dict, *,
+                 qkv_bias: bool = True, proj_bias: bool = True, dim_out: Optional[int] = None,
+                 qk_norm_eps: Optional[float] = None, out_norm_eps: Optional[float] = None,
+                 gated: bool = False, gate_bias: bool = True):
+        super().__init__()
+        _check_castling(castling)
+        C = num_heads * head_dim
+        self.num_heads, self.head_dim, self.num_prefix_tokens = num_heads, head_dim, num_prefix_tokens
+        self.scale = head_dim ** -0.5
+        folded = qk_norm_eps is None                    # no k_norm: the context projection is folded in
+        self.in_proj = nn.Linear(dim, C + (num_heads if folded else C), bias=qkv_bias)
+        self.k_norm = None if folded else nn.LayerNorm(head_dim, eps=qk_norm_eps)
+        self.context_query = None if folded else nn.Parameter(torch.zeros(C))      # (C,)  u
+        self.context_gain = nn.Parameter(torch.ones(C))                             # (C,)  a
+        self.relu_gain = nn.Parameter(torch.zeros(C))                               # (C,)  b
+        mode = castling.get("dw", "2d")
+        self.dw = None if mode == "none" else _DWConv(mode, int(castling.get("dw_kernel", 3)), C, num_heads)
+        self.norm = nn.LayerNorm(C, eps=out_norm_eps) if out_norm_eps is not None else nn.Identity()
+        self.out_gate = nn.Linear(dim, C, bias=gate_bias) if gated else None
+        self.proj = nn.Linear(C, dim_out or dim, bias=proj_bias)
+
+    def forward(self, x: torch.Tensor, hw: Optional[tuple] = None) -> torch.Tensor:
+        B, N, _ = x.shape
+        h, d = self.num_heads, self.head_dim
+        C = h * d
+        y = self.in_proj(x)                                                        # (B, N, C + h | 2C)
+        v_tokens = y[..., :C]                                                      # (B, N, C)
+        v = v_tokens.reshape(B, N, h, d).transpose(1, 2)                           # (B, h, N, d)
+        if self.context_query is None:
+            scores = y[..., C:].transpose(1, 2)                                    # (B, h, N)
+        else:
+            k = self.k_norm(y[..., C:].reshape(B, N, h, d).transpose(1, 2))        # (B, h, N, d)
+            scores = context_scores(k, self.context_query.view(h, d), self.scale)  # (B, h, N)
+        out = merge_heads(separable_context(scores, v, self.context_gain.view(h, d),
+                                            self.relu_gain.view(h, d)))            # (B, N, C)
+        if self.dw is not None:
+            if self.dw.mode == "2d":
+                P = self.num_prefix_tokens
+                out = out + patch_grid_dw(v_tokens, self.dw.conv.weight, P, grid_for_tokens(N - P, hw))
+            else:
+                out = out + token_dw(v_tokens, self.dw.conv.weight, self.num_heads)
+        out = self.norm(out)
+        if self.out_gate is not None:
+            out = out * self.out_gate(x).sigmoid()
+        return self.proj(out)                                                      # (B, N, dim)
+
+
+def make_attention(dim: int, num_heads: int, head_dim: int, num_prefix_tokens: int, castling: dict,
+                   **kwargs) -> nn.Module:
+    """The inference-form attention of ``castling['kind']``."""
+    _check_castling(castling)
+    cls = CastlingSeparableAttention if castling.get("kind") == "separable" else CastlingAttention
+    return cls(dim, num_heads, head_dim, num_prefix_tokens, castling, **kwargs)
+
+
 def _init_castling_weights(module: nn.Module, std: float = 0.02) -> None:
     """Initialisation for freshly built (not loaded) models; loaded weights replace it."""
     if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -116,6 +177,11 @@ def _init_castling_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, CastlingAttention):
         nn.init.ones_(module.gamma)
+    elif isinstance(module, CastlingSeparableAttention):
+        nn.init.ones_(module.context_gain)
+        nn.init.zeros_(module.relu_gain)
+        if module.context_query is not None:
+            nn.init.zeros_(module.context_query)
     elif isinstance(module, _DWConv):
         nn.init.zeros_(module.conv.weight)
 
@@ -169,7 +235,7 @@ class _Block(nn.Module):
         super().__init__()
         dim, eps = spec["embed_dim"], spec["norm_eps"]
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = CastlingAttention(
+        self.attn = make_attention(
             dim, spec["num_heads"], spec["head_dim"], num_prefix_tokens, castling,
             qkv_bias=spec.get("qkv_bias", True), proj_bias=spec.get("proj_bias", True),
             qk_norm_eps=eps if spec.get("qk_norm") else None,
@@ -399,8 +465,8 @@ def _castling_swap_hf(model: PreTrainedModel, config) -> None:
         old = base.get_submodule(name)
         rt = _hf_returns_tuple(old, dim, n_prefix + 4)
         p = next(old.parameters())
-        attn = CastlingAttention(dim, heads, dim // heads, n_prefix, config.castling,
-                                 qkv_bias=getattr(config, "qkv_bias", True), proj_bias=True)
+        attn = make_attention(dim, heads, dim // heads, n_prefix, config.castling,
+                              qkv_bias=getattr(config, "qkv_bias", True), proj_bias=True)
         new = CastlingHFAttention(attn, grid, rt).to(device=p.device, dtype=p.dtype)
         parent, _, child = name.rpartition(".")
         setattr(base.get_submodule(parent) if parent else base, child, new)
@@ -414,7 +480,7 @@ def _hf_class(name: str):
         _castling_swap_hf(self, config)
 
     def _init_weights(self, module):
-        if isinstance(module, (CastlingAttention, _DWConv)):
+        if isinstance(module, (CastlingAttention, CastlingSeparableAttention, _DWConv)):
             _init_castling_weights(module)
         elif not isinstance(module, CastlingHFAttention):
             base_cls._init_weights(self, module)
