@@ -21,13 +21,18 @@ BY_ID = {f.id: f for f in FAMILIES}
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
     out = {}
-    for fid in ("timm-deit-distilled", "hf-dinov2-registers"):
+    for fid in CASES:
+        base, _, kind = fid.partition(":")
         torch.manual_seed(0)
-        out[fid] = cc.save_pretrained(cc.finalize(cc.convert(BY_ID[fid].build())), root / fid, verify=False)
+        model = cc.finalize(cc.convert(BY_ID[base].build(), kind=kind or "linear_angular"))
+        out[fid] = cc.save_pretrained(model, root / fid.replace(":", "-"), verify=False)
     return out
 
 
-@pytest.mark.parametrize("fid", ["timm-deit-distilled", "hf-dinov2-registers"])
+CASES = ["timm-deit-distilled", "hf-dinov2-registers", "timm-qknorm:separable", "hf-vit:separable"]
+
+
+@pytest.mark.parametrize("fid", CASES)
 def test_export_onnx_dynamic_batch_parity(saved, tmp_path, fid):
     path = tmp_path / "model.onnx"
     r = CliRunner().invoke(main, ["export-onnx", str(saved[fid]), "--output", str(path), "--batch", "3"])

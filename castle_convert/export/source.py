@@ -44,6 +44,17 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
 
 
+def _in_linear(attn: nn.Module) -> nn.Linear:
+    """The input projection of a (converted) attention: ``qkv``, or the separable kind's ``in_proj``."""
+    lin = getattr(attn, "qkv", None)
+    return lin if lin is not None else attn.in_proj
+
+
+def _qk_norm(attn: nn.Module) -> bool:
+    """Whether the attention normalises q/k per head (the separable inference form keeps only k_norm)."""
+    return not (_identity(getattr(attn, "q_norm", None)) and _identity(getattr(attn, "k_norm", None)))
+
+
 def _timm_vit_parts(model: nn.Module):
     """(patch_embed, first block, its attention) of a timm ViT, or raise."""
     blocks = getattr(model, "blocks", None)
@@ -86,8 +97,8 @@ def timm_model_args(model: nn.Module) -> dict:
         depth=len(model.blocks),
         num_heads=attn.num_heads,
         mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim,
-        qkv_bias=attn.qkv.bias is not None,
-        qk_norm=not _identity(attn.q_norm),
+        qkv_bias=_in_linear(attn).bias is not None,
+        qk_norm=_qk_norm(attn),
         proj_bias=attn.proj.bias is not None,
         scale_attn_norm=not _identity(getattr(attn, "norm", None)),
         scale_mlp_norm=not _identity(getattr(blk.mlp, "norm", None)),
@@ -124,7 +135,7 @@ def timm_vit_spec(model: nn.Module) -> dict:
     from timm.layers import LayerScale, Mlp, PatchEmbed
     from timm.models.vision_transformer import Block
 
-    from castle_convert.attention import LinearAngularAttentionInference
+    from castle_convert.attention import LinearAngularAttentionInference, SeparableAttentionInference
 
     def no(reason: str) -> RemoteCodeUnsupported:
         return RemoteCodeUnsupported(f"{type(model).__name__} ({timm_architecture(model)}): {reason}")
@@ -150,7 +161,7 @@ def timm_vit_spec(model: nn.Module) -> dict:
         where = f"blocks.{i}"
         if type(blk) is not Block:
             raise no(f"{where} is a {type(blk).__name__}, not timm's Block")
-        if not isinstance(blk.attn, LinearAngularAttentionInference):
+        if not isinstance(blk.attn, (LinearAngularAttentionInference, SeparableAttentionInference)):
             raise no(f"{where}.attn is {type(blk.attn).__name__}, not a finalized castling attention")
         if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.fc1, nn.Linear):
             raise no(f"{where}.mlp is {type(blk.mlp).__name__}, not timm's Mlp")
@@ -169,11 +180,12 @@ def timm_vit_spec(model: nn.Module) -> dict:
             if not _identity(dp) and model.training:
                 raise no("drop path in training mode")
         a = blk.attn
-        if a.out_gate is not None and (a.out_gate.bias is not None) != (a.qkv.bias is not None):
+        if a.out_gate is not None and (a.out_gate.bias is not None) != (_in_linear(a).bias is not None):
             raise no(f"{where}.attn gate bias differs from qkv bias")
-        if a.qkv.in_features != model.embed_dim or a.proj.out_features != model.embed_dim:
+        if _in_linear(a).in_features != model.embed_dim or a.proj.out_features != model.embed_dim:
             raise no(f"{where}.attn changes the width")
-        norms += [blk.norm1, blk.norm2, a.q_norm, a.k_norm, a.norm, blk.mlp.norm]
+        norms += [blk.norm1, blk.norm2, getattr(a, "q_norm", None), getattr(a, "k_norm", None), a.norm,
+                  blk.mlp.norm]
     a0 = model.blocks[0].attn
     norms += [model.norm_pre, model.norm, model.fc_norm, pe.norm]
     for n in norms:
@@ -190,8 +202,8 @@ def timm_vit_spec(model: nn.Module) -> dict:
         patch_bias=pe.proj.bias is not None, embed_norm_eps=None if _identity(pe.norm) else pe.norm.eps,
         embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=a0.num_heads, head_dim=a0.head_dim,
         mlp_hidden=model.blocks[0].mlp.fc1.out_features, mlp_bias=model.blocks[0].mlp.fc1.bias is not None,
-        act=act, qkv_bias=a0.qkv.bias is not None, proj_bias=a0.proj.bias is not None,
-        qk_norm=not _identity(a0.q_norm), scale_attn_norm=not _identity(a0.norm),
+        act=act, qkv_bias=_in_linear(a0).bias is not None, proj_bias=a0.proj.bias is not None,
+        qk_norm=_qk_norm(a0), scale_attn_norm=not _identity(a0.norm),
         mlp_norm_eps=None if _identity(model.blocks[0].mlp.norm) else model.blocks[0].mlp.norm.eps,
         gated=a0.out_gate is not None, layer_scale=not _identity(model.blocks[0].ls1),
         class_token=model.cls_token is not None, reg_tokens=int(getattr(model, "num_reg_tokens", 0) or 0),
@@ -210,7 +222,7 @@ def timm_vit_spec(model: nn.Module) -> dict:
         if (a.num_heads, a.head_dim, blk.mlp.fc1.out_features) != (spec["num_heads"], spec["head_dim"],
                                                                      spec["mlp_hidden"]):
             raise no(f"blocks.{i} has a different width/heads than blocks.0")
-        if (not _identity(a.q_norm), not _identity(a.norm), a.out_gate is not None, a.qkv.bias is not None) != (
+        if (_qk_norm(a), not _identity(a.norm), a.out_gate is not None, _in_linear(a).bias is not None) != (
                 spec["qk_norm"], spec["scale_attn_norm"], spec["gated"], spec["qkv_bias"]):
             raise no(f"blocks.{i}.attn differs in structure from blocks.0.attn")
     return _jsonable(spec)
