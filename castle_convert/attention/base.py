@@ -69,9 +69,30 @@ class SoftmaxAttentionSpec:
 
 
 class CastlingModule(nn.Module):
-    """Base of every converted attention (training and inference forms)."""
+    """Base of every converted attention (training and inference forms).
+
+    Subclasses set ``dw`` (a DW branch or None), ``norm``, ``out_gate``, ``proj``, ``proj_drop``
+    from the pretrained attention; the helpers below are the parts every kind shares.
+    """
 
     is_training_form: bool = False
+    kind_label: str = "linear"                   # for messages, e.g. "linear-angular"
+
+    def _dw(self, v_tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        return None if self.dw is None else self.dw(v_tokens)              # (B, N, C)
+
+    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out_norm, the gated output (timm), the output projection: (B, N, C) -> (B, N, dim)."""
+        out = self.norm(out)
+        if self.out_gate is not None:
+            out = out * self.out_gate(x).sigmoid()
+        return self.proj_drop(self.proj(out))
+
+    def _check_mask(self, attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError(
+                f"{self.kind_label} attention has no attention matrix to mask: attn_mask/is_causal "
+                "are not supported (vision models do not pass them)")
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, head_dim={self.head_dim}, "

@@ -32,6 +32,8 @@ from castle_convert.config import CastlingConfig
 class _LinearAngularParts(CastlingModule):
     """Modules and helpers shared by both forms (same state_dict keys in both)."""
 
+    kind_label = "linear-angular"
+
     def _init_parts(self, *, dim: int, num_heads: int, head_dim: int, scale: float,
                     num_prefix_tokens: int, qkv: nn.Linear, proj: nn.Linear, q_norm: nn.Module,
                     k_norm: nn.Module, out_norm: nn.Module, out_gate: Optional[nn.Linear],
@@ -67,25 +69,10 @@ class _LinearAngularParts(CastlingModule):
     def _gamma(self) -> torch.Tensor:
         return self.gamma.view(1, -1, 1, 1)                                  # (1, h, 1, 1)
 
-    def _dw(self, v_tokens: torch.Tensor) -> Optional[torch.Tensor]:
-        return None if self.dw is None else self.dw(v_tokens)               # (B, N, C)
-
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        out = self.norm(out)                                                 # (B, N, C)
-        if self.out_gate is not None:
-            out = out * self.out_gate(x).sigmoid()
-        return self.proj_drop(self.proj(out))                                # (B, N, dim)
-
     def mixing_macs(self, num_tokens: int, grid: tuple[int, int]) -> int:
         C = self.num_heads * self.head_dim
         return 2 * num_tokens * self.head_dim * C + dw_macs(self.dw, num_tokens, grid, C)  # K̂ᵀV, Q(K̂ᵀV), DW
 
-    @staticmethod
-    def _check_mask(attn_mask, is_causal) -> None:
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError(
-                "linear-angular attention has no attention matrix to mask: attn_mask/is_causal "
-                "are not supported (vision models do not pass them)")
 
 
 class LinearAngularAttentionInference(_LinearAngularParts):

@@ -68,6 +68,8 @@ from castle_convert.config import CastlingConfig
 class _SeparableParts(CastlingModule):
     """Modules and helpers shared by both forms."""
 
+    kind_label = "separable"
+
     def _init_common(self, *, dim: int, num_heads: int, head_dim: int, scale: float,
                      num_prefix_tokens: int, proj: nn.Linear, out_norm: nn.Module,
                      out_gate: Optional[nn.Linear], dw: Optional[nn.Module],
@@ -95,15 +97,6 @@ class _SeparableParts(CastlingModule):
         return merge_heads(separable_context(scores, v, self._heads(self.context_gain),
                                              self._heads(self.relu_gain)))
 
-    def _dw(self, v_tokens: torch.Tensor) -> Optional[torch.Tensor]:
-        return None if self.dw is None else self.dw(v_tokens)             # (B, N, C)
-
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        out = self.norm(out)                                               # (B, N, C)
-        if self.out_gate is not None:
-            out = out * self.out_gate(x).sigmoid()
-        return self.proj_drop(self.proj(out))                              # (B, N, dim)
-
     def mixing_macs(self, num_tokens: int, grid: tuple[int, int]) -> int:
         h, d = self.num_heads, self.head_dim
         C = h * d
@@ -112,12 +105,6 @@ class _SeparableParts(CastlingModule):
         scores = 0 if (in_proj is not None and self.context_query is None) else num_tokens * C   # ⟨u, k_j⟩
         return delta + scores + num_tokens * C + dw_macs(self.dw, num_tokens, grid, C)  # + Σ_j s_j v_j, DW
 
-    @staticmethod
-    def _check_mask(attn_mask, is_causal) -> None:
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError(
-                "separable attention has no attention matrix to mask: attn_mask/is_causal "
-                "are not supported (vision models do not pass them)")
 
 
 class SeparableAttentionInference(_SeparableParts):

@@ -62,7 +62,38 @@ class _DWConv(nn.Module):
                                   bias=False)
 
 
-class CastlingAttention(nn.Module):
+class _CastlingAttentionBase(nn.Module):
+    """What both kinds share: geometry, the DW branch, out norm, gated output, output projection."""
+
+    def _init_shared(self, dim: int, num_heads: int, head_dim: int, num_prefix_tokens: int, castling: dict,
+                     proj_bias: bool, dim_out: Optional[int], out_norm_eps: Optional[float], gated: bool,
+                     gate_bias: bool) -> None:
+        _check_castling(castling)
+        C = num_heads * head_dim
+        self.num_heads, self.head_dim, self.num_prefix_tokens = num_heads, head_dim, num_prefix_tokens
+        mode = castling.get("dw", "2d")
+        self.dw = None if mode == "none" else _DWConv(mode, int(castling.get("dw_kernel", 3)), C, num_heads)
+        self.norm = nn.LayerNorm(C, eps=out_norm_eps) if out_norm_eps is not None else nn.Identity()
+        self.out_gate = nn.Linear(dim, C, bias=gate_bias) if gated else None
+        self.proj = nn.Linear(C, dim_out or dim, bias=proj_bias)
+
+    def _dw_term(self, v_tokens: torch.Tensor, hw: Optional[tuple]) -> Optional[torch.Tensor]:
+        """DW(V) (B, N, C), or None without a DW branch. v_tokens: (B, N, C)."""
+        if self.dw is None:
+            return None
+        if self.dw.mode == "2d":
+            P = self.num_prefix_tokens
+            return patch_grid_dw(v_tokens, self.dw.conv.weight, P, grid_for_tokens(v_tokens.shape[1] - P, hw))
+        return token_dw(v_tokens, self.dw.conv.weight, self.num_heads)
+
+    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        out = self.norm(out)                                                       # (B, N, C)
+        if self.out_gate is not None:
+            out = out * self.out_gate(x).sigmoid()
+        return self.proj(out)                                                      # (B, N, dim)
+
+
+class CastlingAttention(_CastlingAttentionBase):
     """Linear-angular attention, inference form. Keys: qkv, q_norm, k_norm, gamma, dw.conv, norm,
     out_gate, proj."""
 
@@ -71,19 +102,14 @@ class CastlingAttention(nn.Module):
                  qk_norm_eps: Optional[float] = None, out_norm_eps: Optional[float] = None,
                  gated: bool = False, gate_bias: bool = True):
         super().__init__()
-        _check_castling(castling)
         C = num_heads * head_dim
-        self.num_heads, self.head_dim, self.num_prefix_tokens = num_heads, head_dim, num_prefix_tokens
         self.eps = float(castling.get("eps", 1e-6))
         self.qkv = nn.Linear(dim, 3 * C, bias=qkv_bias)
         self.q_norm = nn.LayerNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
         self.k_norm = nn.LayerNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
         self.gamma = nn.Parameter(torch.ones(num_heads))                     # (h,)
-        mode = castling.get("dw", "2d")
-        self.dw = None if mode == "none" else _DWConv(mode, int(castling.get("dw_kernel", 3)), C, num_heads)
-        self.norm = nn.LayerNorm(C, eps=out_norm_eps) if out_norm_eps is not None else nn.Identity()
-        self.out_gate = nn.Linear(dim, C, bias=gate_bias) if gated else None
-        self.proj = nn.Linear(C, dim_out or dim, bias=proj_bias)
+        self._init_shared(dim, num_heads, head_dim, num_prefix_tokens, castling, proj_bias, dim_out,
+                          out_norm_eps, gated, gate_bias)
 
     def forward(self, x: torch.Tensor, hw: Optional[tuple] = None) -> torch.Tensor:
         B, N, _ = x.shape
@@ -91,21 +117,11 @@ class CastlingAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                            # each (B, h, N, d)
         v_tokens = qkv[:, :, 2].flatten(2)                                         # (B, N, C)
         q, k = self.q_norm(q), self.k_norm(k)
-        dw = None
-        if self.dw is not None:
-            if self.dw.mode == "2d":
-                P = self.num_prefix_tokens
-                dw = patch_grid_dw(v_tokens, self.dw.conv.weight, P, grid_for_tokens(N - P, hw))  # (B, N, C)
-            else:
-                dw = token_dw(v_tokens, self.dw.conv.weight, self.num_heads)                     # (B, N, C)
-        out = linear_angular_fused(q, k, v, self.gamma, self.eps, dw)             # (B, N, C)
-        out = self.norm(out)
-        if self.out_gate is not None:
-            out = out * self.out_gate(x).sigmoid()
-        return self.proj(out)                                                      # (B, N, dim)
+        out = linear_angular_fused(q, k, v, self.gamma, self.eps, self._dw_term(v_tokens, hw))  # (B, N, C)
+        return self._output(x, out)
 
 
-class CastlingSeparableAttention(nn.Module):
+class CastlingSeparableAttention(_CastlingAttentionBase):
     """Separable self-attention (MobileViTv2), inference form. Keys: in_proj ([values | context
     logits], or [values | keys] + k_norm + context_query with qk-norm), context_gain, relu_gain,
     dw.conv, norm, out_gate, proj."""
@@ -115,9 +131,7 @@ class CastlingSeparableAttention(nn.Module):
                  qk_norm_eps: Optional[float] = None, out_norm_eps: Optional[float] = None,
                  gated: bool = False, gate_bias: bool = True):
         super().__init__()
-        _check_castling(castling)
         C = num_heads * head_dim
-        self.num_heads, self.head_dim, self.num_prefix_tokens = num_heads, head_dim, num_prefix_tokens
         self.scale = head_dim ** -0.5
         folded = qk_norm_eps is None                    # no k_norm: the context projection is folded in
         self.in_proj = nn.Linear(dim, C + (num_heads if folded else C), bias=qkv_bias)
@@ -125,11 +139,8 @@ class CastlingSeparableAttention(nn.Module):
         self.context_query = None if folded else nn.Parameter(torch.zeros(C))      # (C,)  u
         self.context_gain = nn.Parameter(torch.ones(C))                             # (C,)  a
         self.relu_gain = nn.Parameter(torch.zeros(C))                               # (C,)  b
-        mode = castling.get("dw", "2d")
-        self.dw = None if mode == "none" else _DWConv(mode, int(castling.get("dw_kernel", 3)), C, num_heads)
-        self.norm = nn.LayerNorm(C, eps=out_norm_eps) if out_norm_eps is not None else nn.Identity()
-        self.out_gate = nn.Linear(dim, C, bias=gate_bias) if gated else None
-        self.proj = nn.Linear(C, dim_out or dim, bias=proj_bias)
+        self._init_shared(dim, num_heads, head_dim, num_prefix_tokens, castling, proj_bias, dim_out,
+                          out_norm_eps, gated, gate_bias)
 
     def forward(self, x: torch.Tensor, hw: Optional[tuple] = None) -> torch.Tensor:
         B, N, _ = x.shape
@@ -145,16 +156,8 @@ class CastlingSeparableAttention(nn.Module):
             scores = context_scores(k, self.context_query.view(h, d), self.scale)  # (B, h, N)
         out = merge_heads(separable_context(scores, v, self.context_gain.view(h, d),
                                             self.relu_gain.view(h, d)))            # (B, N, C)
-        if self.dw is not None:
-            if self.dw.mode == "2d":
-                P = self.num_prefix_tokens
-                out = out + patch_grid_dw(v_tokens, self.dw.conv.weight, P, grid_for_tokens(N - P, hw))
-            else:
-                out = out + token_dw(v_tokens, self.dw.conv.weight, self.num_heads)
-        out = self.norm(out)
-        if self.out_gate is not None:
-            out = out * self.out_gate(x).sigmoid()
-        return self.proj(out)                                                      # (B, N, dim)
+        dw = self._dw_term(v_tokens, hw)
+        return self._output(x, out if dw is None else out + dw)
 
 
 def make_attention(dim: int, num_heads: int, head_dim: int, num_prefix_tokens: int, castling: dict,
