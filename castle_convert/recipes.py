@@ -15,7 +15,7 @@ import yaml
 
 from castle_convert.config import CastlingConfig, ConfigError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).parent / "_recipes"      # -> ../recipes in the repository; copied into wheels
 
 
 class RecipeError(ConfigError):

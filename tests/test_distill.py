@@ -74,6 +74,18 @@ def test_shipped_recipes_parse():
     assert load_recipe("quick").model == "fmnist_vit"
 
 
+def test_recipes_ship_inside_the_package():
+    """The package reads recipes from castle_convert/_recipes (a link to recipes/, declared as package
+    data), so a wheel install carries them; the two views must be the same files."""
+    import tomllib
+
+    from castle_convert.recipes import RECIPES_DIR
+    assert RECIPES_DIR.parent == Path(cc.__file__).parent
+    assert sorted(p.name for p in RECIPES_DIR.glob("*.yaml")) == sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "_recipes/*.yaml" in data["castle_convert"]
+
+
 def test_recipe_overrides_and_errors(tmp_path):
     r = load_recipe("quick", ["optim.lr=1e-4", "castling.dw=1d", "epochs=0.5", "castling.anneal.end_epoch=0.25"])
     assert (r.optim.lr, r.castling.dw, r.epochs) == (1e-4, "1d", 0.5)
