@@ -4,8 +4,6 @@ backbone that has ``patch_embed``, ``blocks`` and ``num_prefix_tokens``."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 

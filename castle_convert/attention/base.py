@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from castle_convert.attention.functional import grid_for_tokens
+from castle_convert.attention.functional import grid_for_tokens, merge_heads
 
 
 class GridTracker:
@@ -122,6 +122,15 @@ class CastlingTrainingForm(CastlingModule):
 
     def to_inference(self) -> CastlingModule:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _record_transfer(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lin: torch.Tensor,
+                         aux: Optional[torch.Tensor]) -> None:
+        """Attention transfer: ``last_transfer_loss`` = MSE between the linear branch ``lin``
+        (B, N, C) and the exact softmax attention of the same q, k, v (B, h, N, d)."""
+        with torch.no_grad():
+            target = aux if (aux is not None and self.threshold <= 0.0) else \
+                F.scaled_dot_product_attention(q, k, v, scale=self.scale)      # (B, h, N, d)
+        self.last_transfer_loss = F.mse_loss(lin.float(), merge_heads(target).float())
 
     @classmethod
     def config_problem(cls, config) -> Optional[tuple[str, str]]:

@@ -7,7 +7,6 @@ Both take and return values in merged-head token layout ``(B, N, C)`` and start 
 from __future__ import annotations
 
 import torch
-import torch
 from torch import nn
 
 from castle_convert.attention.base import GridTracker

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from castle_convert.attention.base import (CastlingModule, CastlingTrainingForm,
@@ -154,13 +153,6 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
         else:                                                               # blend
             out = lin if g <= 0.0 else g * self._merge(aux) + (1.0 - g) * lin
         return self._output(x, out)
-
-    def _record_transfer(self, q, k, v, lin: torch.Tensor, aux: Optional[torch.Tensor]) -> None:
-        """MSE between the linear branch ``lin`` (B, N, C) and the exact softmax attention."""
-        with torch.no_grad():
-            target = aux if (aux is not None and self.threshold <= 0.0) else \
-                F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, h, N, d)
-        self.last_transfer_loss = F.mse_loss(lin.float(), self._merge(target).float())
 
     # -- calibration of γ ----------------------------------------------------------------------
     def start_calibration(self) -> None:

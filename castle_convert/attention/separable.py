@@ -55,7 +55,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from castle_convert.attention.base import (CastlingModule, CastlingTrainingForm,
@@ -234,13 +233,6 @@ class SeparableAttention(CastlingTrainingForm, _SeparableParts):
 
     def _q_norm_trains(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.q_norm.parameters())
-
-    def _record_transfer(self, q, k, v, lin: torch.Tensor, aux: Optional[torch.Tensor]) -> None:
-        """MSE between the separable branch ``lin`` (B, N, C) and the exact softmax attention."""
-        with torch.no_grad():
-            target = aux if (aux is not None and self.threshold <= 0.0) else \
-                F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, h, N, d)
-        self.last_transfer_loss = F.mse_loss(lin.float(), merge_heads(target).float())
 
     # -- calibration of the context query ------------------------------------------------------
     def start_calibration(self) -> None:

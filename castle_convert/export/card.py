@@ -257,7 +257,7 @@ def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Option
               + (f" (built-in `{src['builtin']}`)" if src.get("builtin") else ""),
               "* castling: " + ", ".join(f"{k}={v}" for k, v in castling.items() if k in (
                   "kind", "combine", "dw", "dw_kernel", "eps")),
-              f"* files: `model.safetensors` (inference-only weights), `config.json`, `preprocessor_config.json`, "
+              "* files: `model.safetensors` (inference-only weights), `config.json`, `preprocessor_config.json`, "
               "`configuration_castling.py` / `modeling_castling.py` / `castling_functional.py` (remote code), "
               "`recipe.yaml`, `report.json`", ""]
     if recipe_yaml:
