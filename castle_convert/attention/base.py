@@ -78,6 +78,14 @@ class CastlingModule(nn.Module):
     is_training_form: bool = False
     kind_label: str = "linear"                   # for messages, e.g. "linear-angular"
 
+    def _qkv(self, x: torch.Tensor):
+        """q, k (through q_norm / k_norm), v: (B, h, N, d) from the fused ``qkv``; v_tokens (B, N, C) view."""
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)   # (B, N, 3, h, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                      # each (B, h, N, d)
+        v_tokens = qkv[:, :, 2].flatten(2)                                   # (B, N, C) view
+        return self.q_norm(q), self.k_norm(k), v, v_tokens
+
     def _dw(self, v_tokens: torch.Tensor) -> Optional[torch.Tensor]:
         return None if self.dw is None else self.dw(v_tokens)              # (B, N, C)
 
@@ -122,6 +130,12 @@ class CastlingTrainingForm(CastlingModule):
 
     def to_inference(self) -> CastlingModule:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _aux(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The auxiliary masked-softmax branch (B, h, N, d); records ``last_mask_density``."""
+        drop = self.attn_drop.p if self.training else 0.0
+        out, self.last_mask_density = masked_softmax_attention(q, k, v, self.scale, self.threshold, drop)
+        return out
 
     def _record_transfer(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lin: torch.Tensor,
                          aux: Optional[torch.Tensor]) -> None:

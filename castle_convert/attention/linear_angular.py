@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from castle_convert.attention.base import (CastlingModule, CastlingTrainingForm,
-                                           SoftmaxAttentionSpec, masked_softmax_attention)
+                                           SoftmaxAttentionSpec)
 from castle_convert.attention.dwconv import build_dw, dw_macs
 from castle_convert.attention.functional import (angular_linear, linear_angular_fused,
                                                  merge_heads)
@@ -54,13 +54,6 @@ class _LinearAngularParts(CastlingModule):
         self.out_gate = out_gate
         self.proj = proj
         self.proj_drop = nn.Dropout(proj_drop)
-
-    def _qkv(self, x: torch.Tensor):
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)   # (B, N, 3, h, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                      # each (B, h, N, d)
-        v_tokens = qkv[:, :, 2].flatten(2)                                   # (B, N, C) view
-        return self.q_norm(q), self.k_norm(k), v, v_tokens
 
     def _merge(self, heads: torch.Tensor) -> torch.Tensor:
         return merge_heads(heads)                                            # (B, N, C)
@@ -119,12 +112,6 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", combine={self.combine}, "
                 f"gate={self.aux_gate:g}, threshold={self.threshold:g}")
-
-    # -- auxiliary masked-softmax branch -------------------------------------------------------
-    def _aux(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        drop = self.attn_drop.p if self.training else 0.0
-        out, self.last_mask_density = masked_softmax_attention(q, k, v, self.scale, self.threshold, drop)
-        return out                                                          # (B, h, N, d)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from castle_convert.attention.base import (CastlingModule, CastlingTrainingForm,
-                                           SoftmaxAttentionSpec, masked_softmax_attention)
+                                           SoftmaxAttentionSpec)
 from castle_convert.attention.dwconv import build_dw, dw_macs
 from castle_convert.attention.functional import context_scores, merge_heads, separable_context
 from castle_convert.config import CastlingConfig
@@ -192,19 +192,6 @@ class SeparableAttention(CastlingTrainingForm, _SeparableParts):
             return torch.zeros(C, device=w.device, dtype=w.dtype)
         q = self.q_norm(b[:C].detach().view(1, self.num_heads, 1, self.head_dim))  # (1, h, 1, d)
         return q.reshape(C).to(w.dtype).clone()
-
-    def _qkv(self, x: torch.Tensor):
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                     # each (B, h, N, d)
-        v_tokens = qkv[:, :, 2].flatten(2)                                  # (B, N, C) view
-        return self.q_norm(q), self.k_norm(k), v, v_tokens
-
-    def _aux(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        drop = self.attn_drop.p if self.training else 0.0
-        out, self.last_mask_density = masked_softmax_attention(q, k, v, self.scale, self.threshold,
-                                                               drop)
-        return out                                                          # (B, h, N, d)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
