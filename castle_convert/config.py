@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 COMBINES = ("blend", "sum")
 DW_MODES = ("2d", "1d", "none")
@@ -37,6 +37,11 @@ class CastlingConfig:
             query of each head); ``one`` uses no data (γ = 1; the separable context query from
             the query bias).
         eps: epsilon of every normalisation.
+        ref_tokens: ``linear_angular``: the token count N_ref the global term ``Q̂(K̂ᵀV)`` is
+            weighted for; at N tokens it is scaled by ``N_ref / N``, so its balance against ½V
+            does not drift with the resolution. None (default): ``convert()`` sets it to the token
+            count of the calibration images (the resolution the model is fitted at); 0 = plain sum
+            (what checkpoints written before this option compute).
     """
 
     kind: str = "linear_angular"
@@ -47,6 +52,7 @@ class CastlingConfig:
     threshold: float = 0.0
     gamma_init: str = "calibrate"
     eps: float = 1e-6
+    ref_tokens: Optional[int] = None
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -73,6 +79,9 @@ class CastlingConfig:
             raise bad("threshold", self.threshold, "use a value >= 0 (in units of 1/N)")
         if self.gamma_init not in GAMMA_INITS:
             raise bad("gamma_init", self.gamma_init, f"choose one of {list(GAMMA_INITS)}")
+        if self.ref_tokens is not None and (not isinstance(self.ref_tokens, int) or isinstance(self.ref_tokens, bool)
+                                            or self.ref_tokens < 0):
+            raise bad("ref_tokens", self.ref_tokens, "use 0 (plain sum) or a positive token count")
         if not (0.0 < float(self.eps) < 1e-2):
             raise bad("eps", self.eps, "use a small positive value such as 1e-6")
         problem = KINDS[self.kind].config_problem(self)

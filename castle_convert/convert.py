@@ -7,6 +7,7 @@ the style of timm's ``reparameterize_model`` (each training form knows its infer
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
@@ -83,6 +84,43 @@ def _resolve_config(config: Union[CastlingConfig, Mapping, None], **overrides: A
     return config
 
 
+def keep_softmax_filter(model: nn.Module, keep_softmax: Optional[list[int]],
+                        filter_fn: Optional[FilterFn] = None) -> Optional[FilterFn]:
+    """A filter_fn that leaves the attentions at ``keep_softmax`` (indices in the model's attention
+    order, as ``inspect`` lists them) as softmax; the error names the valid range."""
+    if not keep_softmax:
+        return filter_fn
+    adapter = adapters.adapter_for(model)
+    if adapter is None:
+        return filter_fn
+    names = [c.name for c in adapter.scan(model).candidates if filter_fn is None or filter_fn(c.name, c.module)]
+    bad = [i for i in keep_softmax if not 0 <= int(i) < len(names)]
+    if bad:
+        raise ConversionError(f"keep_softmax {bad} out of range: {_model_name(model)} has {len(names)} attention "
+                              f"layers (indices 0..{len(names) - 1})")
+    if len(set(keep_softmax)) >= len(names):
+        raise ConversionError(f"keep_softmax {sorted(keep_softmax)} keeps every attention layer softmax: "
+                              "nothing would be converted")
+    kept = {names[int(i)] for i in keep_softmax}
+    return lambda name, m: name not in kept and (filter_fn is None or filter_fn(name, m))
+
+
+def restore_softmax(student: nn.Module, teacher: nn.Module, paths: list[str]) -> nn.Module:
+    """Put the teacher's own softmax attention back at ``paths`` of a converted ``student`` (hybrid
+    layers chosen after conversion, e.g. by their stage-1 error). In place; returns ``student``."""
+    converted = list(getattr(student, "castling_converted", []))
+    missing = [p for p in paths if p not in converted]
+    if missing:
+        raise ConversionError(f"cannot restore softmax at {missing}: not converted attention paths")
+    if len(set(paths)) >= len(converted):
+        raise ConversionError("restoring every converted layer would leave no linear attention")
+    device = next(student.parameters()).device
+    for path in paths:
+        student.set_submodule(path, copy.deepcopy(teacher.get_submodule(path)).to(device))
+    student.castling_converted = [p for p in converted if p not in set(paths)]
+    return student
+
+
 def _plan(model: nn.Module, filter_fn: Optional[FilterFn]):
     """Scan and validate without modifying anything; returns (adapter, scan, candidates)."""
     converted = [n for n, _ in castling_modules(model)]
@@ -116,7 +154,8 @@ def _plan(model: nn.Module, filter_fn: Optional[FilterFn]):
 
 def convert(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = None, *,
             inplace: bool = False, filter_fn: Optional[FilterFn] = None,
-            calibration_inputs: Optional[torch.Tensor] = None, **overrides: Any) -> nn.Module:
+            calibration_inputs: Optional[torch.Tensor] = None, keep_softmax: Optional[list[int]] = None,
+            **overrides: Any) -> nn.Module:
     """Replace every softmax self-attention of ``model`` with the Castling training form.
 
     With the default ``combine='blend'``, ``gate=1`` and ``threshold=0`` the result computes the
@@ -128,15 +167,20 @@ def convert(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
             ``combine=...``) replace its fields. ``kind`` picks the attention kind
             (``linear_angular``, default, or ``separable``); ``attention=`` is an alias.
         filter_fn: ``(name, module) -> bool`` to convert only some attentions.
+        keep_softmax: hybrid model: indices of attention layers (in the model's order, as
+            ``inspect`` lists them) that stay softmax.
         calibration_inputs: image batch the kind is initialised from (``gamma_init='calibrate'``:
             linear-angular's γ, separable's context query); default: a fixed-seed random batch at
             the model's input size.
     """
     config = _resolve_config(config, **overrides)
+    filter_fn = keep_softmax_filter(model, keep_softmax, filter_fn)
     _plan(model, filter_fn)                                   # raises before any change
     if not inplace:
         model = copy.deepcopy(model)
     adapter, scan, candidates = _plan(model, filter_fn)
+    if config.ref_tokens is None and scan.backbones:          # the token count the layers are fitted at
+        config = dataclasses.replace(config, ref_tokens=_token_count(model, scan, calibration_inputs))
     kind = KINDS[config.kind]
     grids: dict[str, GridTracker] = {}
     for bb in scan.backbones:
@@ -151,6 +195,14 @@ def convert(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
     if config.gamma_init == "calibrate" and next(model.parameters()).device.type != "meta":
         calibrate(model, calibration_inputs)
     return model
+
+
+def _token_count(model: nn.Module, scan, images: Optional[torch.Tensor]) -> int:
+    """Tokens of the first backbone for ``images`` (default: the model's own input size)."""
+    bb = scan.backbones[0]
+    h, w = images.shape[-2:] if images is not None else adapters.adapter_for(model).input_size(model)[1:]
+    gh, gw = GridTracker(bb.patch_size, pad=bb.pad).grid_for(int(h), int(w))
+    return gh * gw + bb.num_prefix_tokens
 
 
 @torch.no_grad()
@@ -201,7 +253,8 @@ def finalize(model: nn.Module, *, inplace: bool = False, check: bool = True,
 
     The auxiliary softmax branch, its mask and its schedule state are dropped. The result is
     compared with the training form at gate 0 on a random batch (or ``inputs``); if the largest
-    absolute logit difference exceeds ``atol`` (1e-4 for fp32) a :class:`FinalizeError` is raised
+    absolute logit difference exceeds ``atol`` (default 1e-4 in fp32 times the largest |output|
+    when that is above 1: a backbone's features are larger than logits) a :class:`FinalizeError` is raised
     and ``model`` is left as it was.
     """
     forms = training_forms(model)
@@ -228,7 +281,9 @@ def finalize(model: nn.Module, *, inplace: bool = False, check: bool = True,
         got = _eval_logits(out, x)
         diff = (got - reference).abs().max().item()
         dtype = next(model.parameters()).dtype
-        tol = atol if atol is not None else (1e-4 if dtype == torch.float32 else 2e-2)
+        # relative to the output's scale: logits are O(1), a backbone's features can be O(10)
+        scale = max(1.0, reference.abs().max().item()) if torch.isfinite(reference).all() else 1.0
+        tol = atol if atol is not None else (1e-4 if dtype == torch.float32 else 2e-2) * scale
         if not diff <= tol:                                       # also catches NaN
             if inplace:
                 for name, m in forms:
@@ -250,6 +305,8 @@ class InspectReport:
     tokens: int
     converted: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
+    kept: list[dict] = field(default_factory=list)        # hybrid: layers that stay softmax
+    layer_macs: list[dict] = field(default_factory=list)  # per attention layer: token-mixing MACs either way
     params_before: int = 0
     params_after: int = 0
     macs_before: int = 0
@@ -268,6 +325,9 @@ class InspectReport:
         for c in self.converted:
             lines.append(f"  + {c['name']:<32} {c['class']:<16} heads={c['heads']} head_dim={c['head_dim']} "
                          f"prefix_tokens={c['prefix_tokens']}")
+        if self.kept:
+            lines.append(f"softmax:    {len(self.kept)} attention modules kept (keep_softmax)")
+            lines += [f"  = {c['name']:<32} {c['class']}" for c in self.kept]
         if self.error:
             lines.append(f"cannot convert: {self.error}")
             return "\n".join(lines)
@@ -278,13 +338,21 @@ class InspectReport:
             f"{self.params_after / max(self.params_before, 1):>8.3f}",
             f"{'MACs':<12}{self.macs_before / 1e9:>13.3f}G{self.macs_after / 1e9:>13.3f}G{ratio:>8.3f}",
         ]
+        if self.layer_macs:
+            soft = self.layer_macs[0]["softmax"]
+            lin = next((m["castling"] for m in self.layer_macs if m["castling"] is not None), None)
+            if lin is not None and self.macs_before:
+                lines.append(f"each layer kept softmax costs {(soft - lin) / 1e6:+.2f}M MACs "
+                             f"({(soft - lin) / self.macs_before:+.2%} of the original) at {self.tokens} tokens "
+                             f"(token mixing: softmax {soft / 1e6:.2f}M vs castling {lin / 1e6:.2f}M per layer)")
         return "\n".join(lines)
 
 
 def inspect(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = None, *,
             img_size: Optional[tuple[int, int]] = None, filter_fn: Optional[FilterFn] = None,
-            **overrides: Any) -> InspectReport:
-    """Dry run: what would be converted, and parameters / MACs before and after.
+            keep_softmax: Optional[list[int]] = None, **overrides: Any) -> InspectReport:
+    """Dry run: what would be converted (and, with ``keep_softmax``, what stays softmax), parameters
+    and MACs before and after, and the token-mixing MACs of each layer either way.
 
     Works on a meta-device copy (shapes only): no weights are needed, nothing is computed,
     ``model`` is not modified.
@@ -293,6 +361,10 @@ def inspect(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
 
     config = _resolve_config(config, **overrides)
     meta = copy.deepcopy(model).to("meta")
+    try:
+        kept_filter = keep_softmax_filter(meta, keep_softmax, filter_fn)
+    except ConversionError as e:
+        raise ConversionError(str(e)) from None
     adapter = adapters.adapter_for(meta)
     x = adapters.example_inputs(meta, batch=1, img_size=img_size) if adapter else None
     report = InspectReport(model=_model_name(model), adapter=adapter.NAME if adapter else "none",
@@ -301,6 +373,10 @@ def inspect(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
         scan = adapter.scan(meta)
         for c in scan.candidates:
             spec = c.build_spec(GridTracker((1, 1)))
+            if kept_filter is not None and not kept_filter(c.name, c.module):
+                if filter_fn is None or filter_fn(c.name, c.module):
+                    report.kept.append(dict(name=c.name, **{"class": type(c.module).__name__}))
+                continue
             report.converted.append(dict(name=c.name, **{"class": type(c.module).__name__},
                                          heads=spec.num_heads, head_dim=spec.head_dim,
                                          prefix_tokens=spec.num_prefix_tokens))
@@ -312,11 +388,21 @@ def inspect(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
             report.tokens = gh * gw + bb.num_prefix_tokens
     report.params_before = sum(p.numel() for p in meta.parameters())
     try:
-        converted = finalize(convert(meta, config, inplace=True, filter_fn=filter_fn, gamma_init="one"),
+        converted = finalize(convert(meta, config, inplace=True, filter_fn=kept_filter, gamma_init="one"),
                              inplace=True, check=False)
     except ConversionError as e:
         report.error = str(e)
         return report
+    if scan.backbones:
+        bb = scan.backbones[0]
+        grid = GridTracker(bb.patch_size, bb.pad).grid_for(x.shape[-2], x.shape[-1])
+        mods = dict(castling_modules(converted))
+        specs = {k.name: k.build_spec(GridTracker((1, 1))) for k in scan.candidates}
+        for c in report.converted + report.kept:
+            inner = next((m for n, m in mods.items() if n == c["name"] or n.startswith(c["name"] + ".")), None)
+            C = specs[c["name"]].num_heads * specs[c["name"]].head_dim
+            report.layer_macs.append(dict(name=c["name"], softmax=2 * report.tokens ** 2 * C,
+                                          castling=None if inner is None else inner.mixing_macs(report.tokens, grid)))
     report.macs_before = count_macs(copy.deepcopy(model).to("meta"), x)
     report.params_after = sum(p.numel() for p in converted.parameters())
     report.macs_after = count_macs(converted, x)

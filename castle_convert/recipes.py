@@ -52,6 +52,19 @@ class DistillSection:
     attn_transfer: float = 0.0          # weight of per-layer MSE(student attention out, teacher's)
     local_transfer: float = 0.0         # weight of per-layer MSE(linear branch, softmax of the same q,k,v)
     feature_loss: str = "cosine"        # headless backbones: cosine | mse on final embeddings
+    feature_target: str = "pooled"      # headless backbones: pooled (CLS / pooled output) | tokens (every
+                                        # final token, CLS included: a backbone's value is all its features)
+
+
+@dataclass
+class TransferSection:
+    """Stage 1: per-layer attention transfer on the teacher's hidden states (distill/transfer.py)."""
+
+    steps: int = 0                      # optimizer steps (batches); 0 = no stage 1
+    batch_size: int = 32                # images per step (per process)
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    train: str = "attention"            # replacement | qk | attention: what learns besides the new parameters
 
 
 @dataclass
@@ -69,7 +82,14 @@ class CastlingSection:
     dw: str = "2d"
     dw_kernel: int = 3
     gamma_init: str = "calibrate"
+    keep_softmax: str = ""              # hybrid: layers that stay softmax: "" (none), "0,11" (indices in
+                                        # the model's attention order), "auto:K" (the K layers with the
+                                        # largest stage-1 error; needs transfer.steps > 0)
     anneal: AnnealSection = field(default_factory=AnnealSection)
+
+    def keep_softmax_spec(self) -> tuple[list[int], int]:
+        """(explicit layer indices, K of ``auto:K``); raises RecipeError on a malformed value."""
+        return parse_keep_softmax(self.keep_softmax)
 
     def to_config(self) -> CastlingConfig:
         return CastlingConfig(kind=self.kind, combine=self.combine, dw=self.dw, dw_kernel=self.dw_kernel,
@@ -89,6 +109,7 @@ class Recipe:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     distill: DistillSection = field(default_factory=DistillSection)
+    transfer: TransferSection = field(default_factory=TransferSection)
     castling: CastlingSection = field(default_factory=CastlingSection)
 
     def to_dict(self) -> dict:
@@ -103,7 +124,9 @@ class Recipe:
 
         choices = {"data.augmentation": ("none", "light", "strong"), "optim.schedule": ("cosine", "constant"),
                    "distill.loss": ("soft", "hard"), "distill.feature_loss": ("cosine", "mse"),
-                   "castling.anneal.curve": ("cosine", "linear"), "mixed_precision": ("no", "bf16", "fp16")}
+                   "castling.anneal.curve": ("cosine", "linear"), "mixed_precision": ("no", "bf16", "fp16"),
+                   "distill.feature_target": ("pooled", "tokens"),
+                   "transfer.train": ("replacement", "qk", "attention")}
         for path, allowed in choices.items():
             value = _get(self, path)
             if value not in allowed:
@@ -113,6 +136,18 @@ class Recipe:
         for path in positive:
             if not _get(self, path) > 0:
                 raise bad(path, _get(self, path), "use a value > 0")
+        for path in ("transfer.batch_size", "transfer.lr"):
+            if not _get(self, path) > 0:
+                raise bad(path, _get(self, path), "use a value > 0")
+        if self.transfer.steps < 0:
+            raise bad("transfer.steps", self.transfer.steps, "use 0 (no stage 1) or a positive number of steps")
+        try:
+            _, auto_k = self.castling.keep_softmax_spec()
+        except RecipeError as e:
+            raise RecipeError(f"recipe '{self.name}': {e}") from None
+        if auto_k and not self.transfer.steps:
+            raise bad("castling.keep_softmax", self.castling.keep_softmax,
+                      "auto:K ranks layers by their stage-1 error: set transfer.steps > 0 too, or list indices")
         if not 0.0 <= self.distill.alpha <= 1.0:
             raise bad("distill.alpha", self.distill.alpha, "use a value in [0, 1]")
         a = self.castling.anneal
@@ -127,6 +162,26 @@ class Recipe:
         except ConfigError as e:
             raise RecipeError(f"recipe '{self.name}': castling section: {e}") from e
         return self
+
+
+def parse_keep_softmax(value: Any) -> tuple[list[int], int]:
+    """``""`` → ([], 0); ``"0,11"`` / ``[0, 11]`` → ([0, 11], 0); ``"auto:2"`` → ([], 2)."""
+    if value is None or value == "" or value == []:
+        return [], 0
+    text = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value).strip()
+    fix = "use layer indices such as '0,11', or 'auto:K' (K layers with the largest stage-1 error)"
+    if text.startswith("auto:"):
+        k = text[5:]
+        if not k.isdigit() or int(k) < 1:
+            raise RecipeError(f"castling.keep_softmax={value!r} is invalid: {fix}")
+        return [], int(k)
+    try:
+        indices = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise RecipeError(f"castling.keep_softmax={value!r} is invalid: {fix}") from None
+    if any(i < 0 for i in indices):
+        raise RecipeError(f"castling.keep_softmax={value!r} is invalid: indices are >= 0; {fix}")
+    return indices, 0
 
 
 def _get(obj: Any, path: str) -> Any:
@@ -153,6 +208,9 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
         return value
     if annotation is str and isinstance(value, str):
         return value
+    if annotation is str and path.endswith("keep_softmax") and (value is None or isinstance(value, (list, int))) \
+            and not isinstance(value, bool):                      # YAML [0, 11], a single index, or empty
+        return ",".join(str(v) for v in (value if isinstance(value, list) else [] if value is None else [value]))
     if annotation is bool and isinstance(value, bool):
         return value
     name = getattr(annotation, "__name__", str(annotation))

@@ -75,14 +75,19 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
         teacher = load_model(model_spec, arch=arch, pretrained=True)
     teacher.eval()
     d = recipe.data
+    _check_resolution(teacher, d.resolution, recipe)
     data = build_data(data_spec, teacher, resolution=d.resolution, augmentation=d.augmentation,
                       max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples,
                       seed=recipe.seed)
-    student = convert(teacher, recipe.castling.to_config(), calibration_inputs=_calibration_batch(data.train))
+    keep, _ = recipe.castling.keep_softmax_spec()
+    student = convert(teacher, recipe.castling.to_config(), calibration_inputs=_calibration_batch(data.train),
+                      keep_softmax=keep)
     result = distill(teacher, student, data, recipe, work_dir=work_dir, resume=resume, progress=progress,
                      on_step=on_step)
     size = data.val[0][0].shape[-2:]
-    costs = inspect(teacher, recipe.castling.to_config(), img_size=tuple(size))
+    kept = set(result.kept_softmax)
+    costs = inspect(teacher, recipe.castling.to_config(), img_size=tuple(size),
+                    filter_fn=(lambda name, m: name not in kept) if kept else None)
     report = {
         "model": model_spec,
         "dataset": data_spec,
@@ -96,6 +101,9 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
                  "tokens": costs.tokens},
         "steps": result.steps,
         "epochs": result.epochs,
+        "keep_softmax": result.kept_softmax,
+        "stage1": result.transfer,
+        "stage1_time_s": (result.transfer or {}).get("wall_time_s", 0.0),
         "train_time_s": result.wall_time_s,
         "total_time_s": time.time() - t0,
         "train_images_per_s": result.images_per_s,
@@ -110,6 +118,23 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
         shutil.rmtree(work_dir, ignore_errors=True)            # checkpoints are done with
     state.wait_for_everyone()
     return RunResult(output=output, report=report, distill=result)
+
+
+def _check_resolution(teacher: nn.Module, resolution: Optional[int], recipe: Recipe) -> None:
+    """The recipe's ``data.resolution`` must be one the teacher accepts (a fixed-size timm / transformers
+    ViT takes only its own): one probe forward, a one-line error before any work."""
+    if resolution is None:
+        return
+    from castle_convert import adapters
+    x = adapters.example_inputs(teacher, batch=1, img_size=(resolution, resolution))
+    try:
+        with torch.no_grad():
+            teacher(x)
+    except Exception as e:  # noqa: BLE001 - each family words its size check differently
+        c, h, w = adapters.adapter_for(teacher).input_size(teacher) if adapters.adapter_for(teacher) else (3, "?", "?")
+        raise DataError(f"recipe '{recipe.name}' distils at data.resolution={resolution} px but this model takes only "
+                        f"{h}x{w} inputs ({type(e).__name__}): add --set data.resolution=null to use its own size, "
+                        "or build it for any size (timm: dynamic_img_size=True)") from None
 
 
 def _latency(teacher: nn.Module, student: nn.Module, resolution: int) -> dict:
@@ -138,13 +163,22 @@ def format_table(report: dict) -> str:
         return f"{ev['top1']:.2f}%" if "top1" in ev else f"cos {ev['cosine']:.4f}"
 
     rows = [("teacher (softmax)", report["teacher"], report["params"]["teacher"], report["macs"]["teacher"]),
-            ("student at start", report["student_start"], report["params"]["student"], None),
+            ("student after stage 1" if report.get("stage1") else "student at start", report["student_start"],
+             report["params"]["student"], None),
             ("student, training form g=0", report["student_train_form_g0"], report["params"]["student"], None),
             ("student, finalized", report["student"], report["params"]["student"], report["macs"]["student"])]
-    lines = [f"{'model':<28}{'top-1':>10}{'params':>10}{'MACs':>10}", "-" * 58]
+    metric = "top-1" if "top1" in report["teacher"] else "cosine"
+    lines = [f"{'model':<28}{metric:>10}{'params':>10}{'MACs':>10}", "-" * 58]
     for name, ev, params, macs in rows:
         m = f"{macs / 1e6:.1f}M" if macs else ""
         lines.append(f"{name:<28}{acc(ev):>10}{params / 1e6:>9.2f}M{m:>10}")
+    if report.get("keep_softmax"):
+        lines.append(f"kept softmax (hybrid): {', '.join(report['keep_softmax'])}")
+    if report.get("stage1"):
+        errs = report["stage1"]["errors"]
+        lines.append(f"stage 1: mean per-layer error {sum(report['stage1']['errors_before'].values()) / len(errs):.3f} "
+                     f"→ {sum(errs.values()) / len(errs):.3f} ({report['stage1']['wall_time_s']:.0f}s); "
+                     f"stage 2: {report['train_time_s']:.0f}s")
     lat = report.get("latency") or {}
     if "ratio" in lat:
         lines.append(f"latency, batch 1, {lat['resolution']} px, {lat['device']}: teacher "

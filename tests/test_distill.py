@@ -67,11 +67,12 @@ def teacher_dir(tmp_path_factory) -> Path:
 # -- recipes -------------------------------------------------------------------------------------
 
 def test_shipped_recipes_parse():
-    assert {"quick", "distill-10ep", "distill-30ep"} <= set(available())
+    assert {"quick", "toy", "distill-10ep", "distill-30ep"} <= set(available())
     r30, r10 = load_recipe("distill-30ep"), load_recipe("distill-10ep")
     assert (r30.epochs, r10.epochs) == (30, 10) and r10.optim.batch_size == r30.optim.batch_size
     assert r30.castling.anneal.end_epoch < r30.epochs, "a phase at gate 0 follows the anneal"
-    assert load_recipe("quick").model == "fmnist_vit"
+    assert load_recipe("toy").model == "fmnist_vit"
+    assert load_recipe("quick").model == "dinov2_small" and load_recipe("quick").transfer.steps > 0
 
 
 def test_recipes_ship_inside_the_package():
@@ -87,14 +88,14 @@ def test_recipes_ship_inside_the_package():
 
 
 def test_recipe_overrides_and_errors(tmp_path):
-    r = load_recipe("quick", ["optim.lr=1e-4", "castling.dw=1d", "epochs=0.5", "castling.anneal.end_epoch=0.25"])
+    r = load_recipe("toy", ["optim.lr=1e-4", "castling.dw=1d", "epochs=0.5", "castling.anneal.end_epoch=0.25"])
     assert (r.optim.lr, r.castling.dw, r.epochs) == (1e-4, "1d", 0.5)
     with pytest.raises(RecipeError, match=r"optim\.lrr.*valid keys under 'optim': lr"):
-        load_recipe("quick", ["optim.lrr=1"])
+        load_recipe("toy", ["optim.lrr=1"])
     with pytest.raises(RecipeError, match=r"'optim\.batch_size' must be int"):
-        load_recipe("quick", ["optim.batch_size=abc"])
+        load_recipe("toy", ["optim.batch_size=abc"])
     with pytest.raises(RecipeError, match="combine"):
-        load_recipe("quick", ["castling.combine=avg"])
+        load_recipe("toy", ["castling.combine=avg"])
     with pytest.raises(RecipeError, match="no recipe 'nope'"):
         load_recipe("nope")
     custom = tmp_path / "mine.yaml"
@@ -169,7 +170,7 @@ def test_class_count_mismatch_is_an_error_before_training(image_folder):
     teacher = tiny_teacher(num_classes=5)
     data = build_data(str(image_folder), teacher)
     with pytest.raises(DataError, match="3 classes but the teacher's head has 5"):
-        distill(teacher, cc.convert(teacher), data, load_recipe("quick", TINY_RUN), progress=False)
+        distill(teacher, cc.convert(teacher), data, load_recipe("toy", TINY_RUN), progress=False)
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ def test_class_count_mismatch_is_an_error_before_training(image_folder):
 def test_distill_end_to_end_with_attention_transfer(image_folder):
     teacher = tiny_teacher()
     data = build_data(str(image_folder), teacher)
-    recipe = load_recipe("quick", TINY_RUN + ["distill.attn_transfer=0.5", "distill.alpha=0.8"])
+    recipe = load_recipe("toy", TINY_RUN + ["distill.attn_transfer=0.5", "distill.alpha=0.8"])
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     result = distill(teacher, cc.convert(teacher), data, recipe, progress=False)
     assert result.steps == 6 and result.epochs == pytest.approx(2.0)
@@ -199,7 +200,7 @@ def test_separable_kind_from_the_command_line(teacher_dir, image_folder, tmp_pat
     from castle_convert.cli import main
     out = tmp_path / "sep"
     sets = [a for s in TINY_RUN + ["epochs=1", "castling.anneal.end_epoch=0.5"] for a in ("--set", s)]
-    r = CliRunner().invoke(main, [str(teacher_dir), "--attention", "separable", "--recipe", "quick", "--data",
+    r = CliRunner().invoke(main, [str(teacher_dir), "--attention", "separable", "--recipe", "toy", "--data",
                                   str(image_folder), "--output", str(out), "--no-progress", *sets])
     assert r.exit_code == 0, r.output
     config = json.loads((out / "config.json").read_text())
@@ -214,7 +215,7 @@ def test_separable_kind_from_the_command_line(teacher_dir, image_folder, tmp_pat
 
 def test_public_distill_api_takes_names(image_folder):
     teacher = tiny_teacher()
-    result = cc.distill(teacher, cc.convert(teacher), str(image_folder), recipe="quick",
+    result = cc.distill(teacher, cc.convert(teacher), str(image_folder), recipe="toy",
                         overrides=TINY_RUN + ["epochs=1", "castling.anneal.end_epoch=0.5"], progress=False)
     assert result.steps == 3 and "top1" in result.student_final_eval
 
@@ -223,7 +224,7 @@ def test_distill_leaves_teacher_reusable(image_folder):
     """A second convert + distill of the same teacher gives the same student as the first."""
     teacher = tiny_teacher()
     data = build_data(str(image_folder), teacher)
-    recipe = load_recipe("quick", TINY_RUN + ["epochs=1", "castling.anneal.end_epoch=0.5"])
+    recipe = load_recipe("toy", TINY_RUN + ["epochs=1", "castling.anneal.end_epoch=0.5"])
     flags = [p.requires_grad for p in teacher.parameters()]
     first = distill(teacher, cc.convert(teacher), data, recipe, progress=False).student.state_dict()
     assert [p.requires_grad for p in teacher.parameters()] == flags, "teacher's requires_grad untouched"
@@ -236,14 +237,14 @@ def test_headless_backbone_distils_on_features(image_folder):
     teacher = timm.create_model("vit_small_patch14_reg4_dinov2", img_size=28, patch_size=7, embed_dim=32, depth=2,
                                 num_heads=2, num_classes=0)
     data = build_data(str(image_folder), teacher)
-    result = distill(teacher, cc.convert(teacher), data, load_recipe("quick", TINY_RUN + ["epochs=1"]),
+    result = distill(teacher, cc.convert(teacher), data, load_recipe("toy", TINY_RUN + ["epochs=1"]),
                      progress=False)
     assert result.student_start_eval["cosine"] == pytest.approx(1.0, abs=1e-5)
     assert "cosine" in result.student_final_eval and "feature" in result.history[0]
 
 
 def _run(model_dir, folder, out, extra=(), **kw):
-    recipe = load_recipe("quick", TINY_RUN + list(extra))
+    recipe = load_recipe("toy", TINY_RUN + list(extra))
     return run(str(model_dir), recipe, data_spec=str(folder), output=out, progress=False, **kw)
 
 
@@ -304,7 +305,7 @@ def test_two_process_accelerate_launch(teacher_dir, image_folder, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
-           "-m", "castle_convert", str(teacher_dir), "--recipe", "quick",
+           "-m", "castle_convert", str(teacher_dir), "--recipe", "toy",
            "--data", str(image_folder), "--output", str(out), "--no-progress",
            *[a for s in TINY_RUN + ["optim.batch_size=8"] for a in ("--set", s)]]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -323,7 +324,7 @@ def test_hugging_face_teacher_distils(image_folder):
     torch.manual_seed(0)
     teacher = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                   intermediate_size=64, image_size=32, patch_size=8, num_labels=3))
-    result = cc.distill(teacher, cc.convert(teacher), str(image_folder), recipe="quick",
+    result = cc.distill(teacher, cc.convert(teacher), str(image_folder), recipe="toy",
                         overrides=TINY_RUN + ["epochs=1", "castling.anneal.end_epoch=0.5"], progress=False)
     assert result.student_start_eval["agree"] == 100.0 and result.steps == 3
     assert abs(result.student_final_eval["top1"] - result.student_train_form_eval["top1"]) <= 0.1

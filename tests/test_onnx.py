@@ -24,12 +24,15 @@ def saved(tmp_path_factory):
     for fid in CASES:
         base, _, kind = fid.partition(":")
         torch.manual_seed(0)
-        model = cc.finalize(cc.convert(BY_ID[base].build(), kind=kind or "linear_angular"))
+        keep = [1] if kind == "hybrid" else None               # a hybrid: the second layer stays softmax
+        kind = "linear_angular" if kind in ("", "hybrid") else kind
+        model = cc.finalize(cc.convert(BY_ID[base].build(), kind=kind, keep_softmax=keep))
         out[fid] = cc.save_pretrained(model, root / fid.replace(":", "-"), verify=False)
     return out
 
 
-CASES = ["timm-deit-distilled", "hf-dinov2-registers", "timm-qknorm:separable", "hf-vit:separable"]
+CASES = ["timm-deit-distilled", "hf-dinov2-registers", "timm-qknorm:separable", "hf-vit:separable",
+         "timm-vit:hybrid", "hf-dinov2-registers:hybrid"]
 
 
 @pytest.mark.parametrize("fid", CASES)

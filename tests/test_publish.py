@@ -53,8 +53,12 @@ def _subprocess(script: str, tmp: Path, *, block_castle: bool = False) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _finalized(model, kind="linear_angular"):
-    return cc.finalize(cc.convert(model, kind=kind))
+def _finalized(model, kind="linear_angular", keep_softmax=None):
+    return cc.finalize(cc.convert(model, kind=kind, keep_softmax=keep_softmax))
+
+
+# hybrid models (castling.keep_softmax): the second attention layer stays softmax
+HYBRID_CASES = ("timm-vit", "timm-reg4-dinov2", "hf-vit", "hf-dinov2-registers")
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +68,11 @@ def published(tmp_path_factory):
     cases = {}
     builds = [(f.id, f.build, f.size, f.hf, "linear_angular") for f in FAMILIES] + [
         ("fmnist_vit", lambda: zoo.create("fmnist_vit"), 28, False, "linear_angular")] + [
-        (f"{f.id}-separable", f.build, f.size, f.hf, "separable") for f in FAMILIES if f.id in SEPARABLE_CASES]
+        (f"{f.id}-separable", f.build, f.size, f.hf, "separable") for f in FAMILIES if f.id in SEPARABLE_CASES] + [
+        (f"{f.id}-hybrid", f.build, f.size, f.hf, "linear_angular") for f in FAMILIES if f.id in HYBRID_CASES]
     for fid, build, size, hf, kind in builds:
         torch.manual_seed(1)
-        model = _finalized(build().eval(), kind)
+        model = _finalized(build().eval(), kind, keep_softmax=[1] if fid.endswith("-hybrid") else None)
         with torch.no_grad():          # a non-zero DW conv, so the 2-D depthwise path is exercised too
             for m in model.modules():
                 if hasattr(m, "dw") and m.dw is not None:
@@ -78,7 +83,7 @@ def published(tmp_path_factory):
         cc.save_pretrained(model, out, **kw)
         gen = torch.Generator().manual_seed(7)
         x = torch.randn(3, 3, size, size, generator=gen)
-        base_id = fid.removesuffix("-separable")
+        base_id = fid.removesuffix("-separable").removesuffix("-hybrid")
         p = FAMILIES[0].patch if fid == "fmnist_vit" else next(f.patch for f in FAMILIES if f.id == base_id)
         x2 = torch.randn(2, 3, 5 * p, 6 * p, generator=gen)          # non-square, not the native size
         with torch.no_grad():

@@ -191,7 +191,7 @@ def test_combine_sum_is_rejected_for_separable():
         cc.CastlingConfig(kind="separable", combine="sum")
     assert "'sum'" in str(err.value) and "separable" in str(err.value) and "blend" in str(err.value)
     with pytest.raises(RecipeError, match="combine='blend'"):
-        load_recipe("quick", ["castling.kind=separable", "castling.combine=sum"])
+        load_recipe("toy", ["castling.kind=separable", "castling.combine=sum"])
     model = FAMILIES[0].build()
     with pytest.raises(cc.ConfigError, match="combine"):
         cc.convert(model, kind="separable", combine="sum", inplace=True)
@@ -204,7 +204,7 @@ def test_kind_is_selectable_everywhere():
                     cc.convert(model, {"kind": "separable"})):
         assert isinstance(student.blocks[0].attn, SeparableAttention)
         assert student.castling_config.kind == "separable"
-    assert load_recipe("quick", ["castling.kind=separable"]).castling.to_config().kind == "separable"
+    assert load_recipe("toy", ["castling.kind=separable"]).castling.to_config().kind == "separable"
     with pytest.raises(TypeError, match="disagree"):
         cc.convert(model, kind="linear_angular", attention="separable")
 

@@ -16,32 +16,47 @@ import torch.nn.functional as F
 INV_PI = 1.0 / math.pi
 
 
+def global_scale(num_tokens: int, ref_tokens: float) -> float:
+    """Weight of the global term ``Q̂(K̂ᵀV)`` relative to ``½V``: ``ref_tokens / N``.
+
+    The global term is a sum over the N tokens while ½V is one token's value, so with a plain sum
+    their balance drifts with the token count (a student fitted at 112 px would be dominated by the
+    global term at 224 px). Scaling it by ``N_ref / N`` makes it a mean times the token count the
+    layer was fitted at: identical at ``N_ref``, the same balance at every other resolution.
+    ``ref_tokens = 0`` keeps the plain sum (checkpoints written before this option).
+    """
+    return float(ref_tokens) / num_tokens if ref_tokens else 1.0
+
+
 def angular_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float,
-                   extra: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """normalize(½·V + (1/π)·Q̂(K̂ᵀV) [+ extra]) per token per head. q, k, v: (B, h, N, d).
+                   extra: Optional[torch.Tensor] = None, ref_tokens: float = 0.0) -> torch.Tensor:
+    """normalize(½·V + (r/π)·Q̂(K̂ᵀV) [+ extra]) per token per head, r = :func:`global_scale`.
+    q, k, v: (B, h, N, d).
 
     Computed on ``V/√N`` (normalize removes the factor; it keeps K̂ᵀV inside the fp16 range at
     high token counts). ``extra`` (B, h, N, d) is added before the normalisation unscaled.
     """
-    c = v.shape[-2] ** -0.5                                           # 1/√N, removed by normalize
+    N = v.shape[-2]
+    c = N ** -0.5                                                     # 1/√N, removed by normalize
     vs = v * c                                                        # (B, h, N, d)
     qh = F.normalize(q, dim=-1, eps=eps)                              # (B, h, N, d)
     kh = F.normalize(k, dim=-1, eps=eps)                              # (B, h, N, d)
     kv = kh.transpose(-2, -1) @ vs                                    # (B, h, d, d)
     la = torch.baddbmm(vs.flatten(0, 1), qh.flatten(0, 1), kv.flatten(0, 1),
-                       beta=0.5, alpha=INV_PI).view_as(vs)            # (B, h, N, d)
+                       beta=0.5, alpha=INV_PI * global_scale(N, ref_tokens)).view_as(vs)   # (B, h, N, d)
     if extra is not None:
         la = la + extra * c
     return F.normalize(la, dim=-1, eps=eps)                           # (B, h, N, d)
 
 
 def linear_angular_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
-                         eps: float, dw: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         eps: float, dw: Optional[torch.Tensor] = None, ref_tokens: float = 0.0) -> torch.Tensor:
     """The inference form's attention: ``merge(γ·normalize(LA)) + DW``, in few memory passes.
 
     q, k, v: (B, h, N, d) views of the fused qkv projection (any strides), gamma: (h,),
     dw: (B, N, h·d) or None. Returns (B, N, h·d). Equal to ``merge_heads(γ·angular_linear(q, k, v))
-    + dw`` up to rounding; written for eager speed and for ``torch.compile`` to fuse:
+    + dw`` (with the same ``ref_tokens``) up to rounding; written for eager speed and for
+    ``torch.compile`` to fuse:
 
     * normalize(LA) is invariant to a per-token scale, so Q̂ is never materialised: with
       ``T = Q (K̂ᵀV)`` (two small GEMMs, matmul order Q(KᵀV)), ``LA ∝ V + (2/π)·T/‖q‖`` is one
@@ -58,8 +73,8 @@ def linear_angular_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamm
     k_den = torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(eps) / c    # (B, h, N, 1)
     kv = (k / k_den).transpose(-2, -1) @ v                                          # (B, h, d, d)
     t = q @ kv                                                                      # (B, h, N, d)
-    q_den = torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(eps) * (0.5 * math.pi)
-    # la = c·(V + (2/π)·Q̂K̂ᵀV) = (2c√N)·LA, laid out like v: (B, N, h, d) in memory
+    q_den = torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(eps) * (0.5 * math.pi / global_scale(N, ref_tokens))
+    # la = c·(V + (2r/π)·Q̂K̂ᵀV) = (2c√N)·LA, laid out like v: (B, N, h, d) in memory
     la = torch.addcdiv(v * c if half else v, t, q_den)                               # (B, h, N, d)
     # the same eps as F.normalize(LA): ‖LA‖ ≥ eps  ⇔  ‖la‖ ≥ 2c√N·eps
     la_norm = torch.linalg.vector_norm(la, dim=-1, keepdim=True).clamp_min(2.0 * c * N ** 0.5 * eps)

@@ -37,7 +37,7 @@ class _LinearAngularParts(CastlingModule):
                     num_prefix_tokens: int, qkv: nn.Linear, proj: nn.Linear, q_norm: nn.Module,
                     k_norm: nn.Module, out_norm: nn.Module, out_gate: Optional[nn.Linear],
                     dw: Optional[nn.Module], gamma: nn.Parameter, proj_drop: float, eps: float,
-                    combine: str) -> None:
+                    combine: str, ref_tokens: int = 0) -> None:
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -45,6 +45,7 @@ class _LinearAngularParts(CastlingModule):
         self.num_prefix_tokens = num_prefix_tokens
         self.eps = eps
         self.combine = combine
+        self.ref_tokens = int(ref_tokens or 0)                             # global term × N_ref/N (0: plain sum)
         self.qkv = qkv
         self.q_norm = q_norm
         self.k_norm = k_norm
@@ -74,7 +75,7 @@ class LinearAngularAttentionInference(_LinearAngularParts):
                 is_causal: bool = False) -> torch.Tensor:
         self._check_mask(attn_mask, is_causal)
         q, k, v, v_tokens = self._qkv(x)                                    # (B, h, N, d)
-        out = linear_angular_fused(q, k, v, self.gamma, self.eps, self._dw(v_tokens))  # (B, N, C)
+        out = linear_angular_fused(q, k, v, self.gamma, self.eps, self._dw(v_tokens), self.ref_tokens)  # (B, N, C)
         return self._output(x, out)
 
 
@@ -93,7 +94,7 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
                         spec.grid),
             gamma=nn.Parameter(torch.ones(spec.num_heads, device=spec.qkv.weight.device,
                                           dtype=spec.qkv.weight.dtype)),
-            proj_drop=spec.proj_drop, eps=config.eps, combine=config.combine)
+            proj_drop=spec.proj_drop, eps=config.eps, combine=config.combine, ref_tokens=config.ref_tokens or 0)
         self.attn_drop = nn.Dropout(spec.attn_drop)
         self.set_schedule(config.gate, config.threshold)
         self.last_mask_density: Optional[torch.Tensor] = None
@@ -110,7 +111,7 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
         return cls(spec, config)
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", combine={self.combine}, "
+        return (super().extra_repr() + f", ref_tokens={self.ref_tokens}, combine={self.combine}, "
                 f"gate={self.aux_gate:g}, threshold={self.threshold:g}")
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
@@ -127,14 +128,14 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
         dw = self._dw(v_tokens)                                             # (B, N, C) or None
         lin = None
         if self.combine == "blend" or self.compute_transfer:
-            lin = self._merge(self._gamma() * angular_linear(q, k, v, self.eps))  # (B, N, C)
+            lin = self._merge(self._gamma() * angular_linear(q, k, v, self.eps, ref_tokens=self.ref_tokens))
             if dw is not None:
                 lin = lin + dw
         if self.compute_transfer:
             self._record_transfer(q, k, v, lin, aux)
         if self.combine == "sum":
             extra = g * aux if (aux is not None and g > 0.0) else None
-            out = self._merge(self._gamma() * angular_linear(q, k, v, self.eps, extra))
+            out = self._merge(self._gamma() * angular_linear(q, k, v, self.eps, extra, self.ref_tokens))
             if dw is not None:
                 out = out + dw
         else:                                                               # blend
@@ -160,5 +161,5 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
             num_prefix_tokens=self.num_prefix_tokens, qkv=self.qkv, proj=self.proj,
             q_norm=self.q_norm, k_norm=self.k_norm, out_norm=self.norm, out_gate=self.out_gate,
             dw=self.dw, gamma=self.gamma, proj_drop=self.proj_drop.p, eps=self.eps,
-            combine=self.combine)
+            combine=self.combine, ref_tokens=self.ref_tokens)
         return inf.train(self.training)

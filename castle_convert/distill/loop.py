@@ -6,6 +6,7 @@ moves g_t / τ_t on fractional epochs; resumable state every ``save_every`` opti
 
 from __future__ import annotations
 
+import itertools
 import math
 import shutil
 import time
@@ -18,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from castle_convert.convert import finalize, primary_output, set_schedule, training_forms
-from castle_convert.data import DataBundle, DataError
+from castle_convert.data import DataBundle, DataError, Materialized
 from castle_convert.distill import losses
 from castle_convert.distill.evaluate import embeddings, evaluate, head_classes
 from castle_convert.distill.schedule import AnnealSchedule, lr_factor
@@ -51,9 +52,11 @@ class DistillResult:
     student_final_eval: dict                 # finalized
     steps: int
     epochs: float
-    wall_time_s: float
+    wall_time_s: float                       # stage 2 (end-to-end distillation)
     images_per_s: float
     history: list = field(default_factory=list)
+    transfer: Optional[dict] = None          # stage 1: TransferResult.to_dict() (per-layer errors, time)
+    kept_softmax: list = field(default_factory=list)   # hybrid: attention paths left softmax
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -136,7 +139,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
     opt = recipe.optim
     work_dir = Path(work_dir) if work_dir else None
     ckpt_dir = work_dir / "checkpoint" if work_dir else None
-    if resume and not (ckpt_dir and ckpt_dir.is_dir()):
+    if resume and not (ckpt_dir and (ckpt_dir.is_dir() or (work_dir / STAGE1_DIR / STAGE1_WEIGHTS).is_file())):
         raise ResumeError(f"--resume: no checkpoint to resume in {ckpt_dir} (the run saves one every "
                           f"save_every={recipe.save_every} steps)")
 
@@ -167,6 +170,11 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
     total_params = sum(p.numel() for p in student.parameters())
     if trainable == 0:
         raise ValueError("student has no trainable parameters (requires_grad is False everywhere)")
+    student = student.to(accelerator.device)
+    stage1 = run_stage1(teacher, student, data, recipe, accelerator, work_dir, resume=resume, progress=progress)
+    kept_softmax = list(stage1.get("kept_softmax", [])) if stage1 else []
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in student.parameters())
     optimizer = torch.optim.AdamW(_param_groups(student, opt.weight_decay), lr=opt.lr)
     student, optimizer, train_loader, val_loader = accelerator.prepare(student, optimizer, train_loader, val_loader)
     raw_student = accelerator.unwrap_model(student)
@@ -184,13 +192,16 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
                                                             "lr": opt.lr, "batch_size": opt.batch_size})
 
     history: list[dict] = []
-    teacher_eval = evaluate(teacher, val_loader, accelerator, classify=classify,
-                            reference=None if classify else teacher)
+    # a headless teacher's cosine to itself is 1 by definition: not worth a pass over the data
+    teacher_eval = evaluate(teacher, val_loader, accelerator, classify=True) if classify else \
+        {"cosine": 1.0, "n": len(data.val)}
+    # the student as stage 2 starts it: after stage 1, at the schedule's first gate
+    set_schedule(raw_student, *anneal.at(0.0))
     start_eval = evaluate(student, val_loader, accelerator, classify=classify, reference=teacher) \
-        if not resume else {}
+        if not (resume and ckpt_dir.is_dir()) else {}
     accelerator.print(f"teacher {_fmt(teacher_eval)} | student at start {_fmt(start_eval) or '(resumed)'} | "
                       f"trainable parameters {trainable / 1e6:.2f}M / {total_params / 1e6:.2f}M")
-    if resume:                                   # after the evaluations: restores the RNG states too
+    if resume and ckpt_dir.is_dir():             # after the evaluations: restores the RNG states too
         accelerator.load_state(str(ckpt_dir))
         accelerator.print(f"resumed from {ckpt_dir} at step {state.step}")
 
@@ -293,7 +304,106 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
     return DistillResult(student=final.cpu(), teacher_eval=teacher_eval, student_start_eval=start_eval,
                          student_train_form_eval=train_form_eval, student_final_eval=final_eval,
                          steps=state.step, epochs=micro / batches_per_epoch, wall_time_s=wall,
-                         images_per_s=images_seen / max(wall, 1e-9), history=history)
+                         images_per_s=images_seen / max(wall, 1e-9), history=history,
+                         transfer=(stage1 or {}).get("transfer"), kept_softmax=kept_softmax)
+
+
+STAGE1_DIR, STAGE1_WEIGHTS, STAGE1_REPORT = "stage1", "student.safetensors", "stage1.json"
+
+
+def _kept_paths(teacher: nn.Module, student: nn.Module, indices: list[int]) -> list[str]:
+    """Attention paths of ``indices`` in the teacher's attention order (as ``inspect`` lists them)."""
+    from castle_convert import adapters
+    from castle_convert.convert import ConversionError
+    names = [c.name for c in adapters.adapter_for(teacher).scan(teacher).candidates]
+    bad = [i for i in indices if not 0 <= i < len(names)]
+    if bad:
+        raise ConversionError(f"castling.keep_softmax {bad} out of range: the model has {len(names)} attention "
+                              f"layers (indices 0..{len(names) - 1})")
+    return [names[i] for i in indices]
+
+
+def run_stage1(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Recipe, accelerator,
+               work_dir: Optional[Path], *, resume: bool = False, progress: bool = True) -> Optional[dict]:
+    """Stage 1 (attention transfer) and the hybrid choice, before the end-to-end loop.
+
+    Explicit ``castling.keep_softmax`` indices put the teacher's softmax back at those layers (if the
+    student was converted without them); ``auto:K`` after stage 1, at the K layers with the largest
+    stage-1 error. The student after stage 1 and the report are written to ``work_dir/stage1/``: a
+    resumed run loads them instead of redoing stage 1 (a run killed during stage 1 redoes it).
+    Returns ``{"transfer": TransferResult dict or None, "kept_softmax": [paths]}`` or None when
+    there is nothing to do.
+    """
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from castle_convert.convert import restore_softmax
+    from castle_convert.distill.transfer import attention_transfer
+
+    tr = recipe.transfer
+    indices, auto_k = recipe.castling.keep_softmax_spec()
+    converted = set(_converted_paths(student))
+    explicit = _kept_paths(teacher, student, indices)
+    if not tr.steps and not indices:
+        return None
+    folder = work_dir / STAGE1_DIR if work_dir else None
+    if any(p in converted for p in explicit):        # cc.distill of a student converted without them
+        restore_softmax(student, teacher, [p for p in explicit if p in converted])
+    if resume and folder and (folder / STAGE1_REPORT).is_file():
+        report = json.loads((folder / STAGE1_REPORT).read_text())
+        try:
+            student.load_state_dict(load_file(str(folder / STAGE1_WEIGHTS), device=str(accelerator.device)))
+        except (RuntimeError, OSError) as e:
+            raise ResumeError(f"--resume: the stage-1 checkpoint in {folder} does not fit this student (was the "
+                              f"recipe's castling section changed?): pass --overwrite to start over ({str(e)[:160]})"
+                              ) from None
+        accelerator.print(f"stage 1: loaded from {folder} (resumed)")
+        errors = (report.get("transfer") or {}).get("errors")
+        kept = list(explicit) + _auto_keep(student, teacher, errors, auto_k, explicit, accelerator)
+        return {**report, "kept_softmax": kept}
+    result = None
+    if tr.steps:
+        world, rank = accelerator.num_processes, accelerator.process_index
+        shard = data.train if world == 1 else torch.utils.data.Subset(data.train, range(rank, len(data.train), world))
+        workers = 0 if isinstance(data.train, Materialized) else recipe.data.workers
+        loader = DataLoader(shard, batch_size=tr.batch_size, shuffle=True, drop_last=True, num_workers=workers,
+                            generator=torch.Generator().manual_seed(recipe.seed + 17))
+        if len(loader) == 0:
+            raise DataError(f"dataset '{data.name}' has fewer training images than one stage-1 batch "
+                            f"(transfer.batch_size={tr.batch_size})")
+        held_out = [images for images, _ in itertools.islice(DataLoader(data.val, batch_size=tr.batch_size), 2)]
+        result = attention_transfer(teacher, student, loader, steps=tr.steps, lr=tr.lr, train=tr.train,
+                                    weight_decay=tr.weight_decay, eval_batches=held_out, accelerator=accelerator,
+                                    progress=progress)
+        accelerator.print("stage 1: per-layer normalized error (held-out images, gate 0)\n" + result.format() +
+                          f"\nstage 1 took {result.wall_time_s:.0f}s ({result.images} images)")
+    report = {"transfer": result.to_dict() if result else None}
+    if folder and accelerator.is_main_process:      # before the auto:K choice: a resume (or another K) redoes it
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()},
+                  str(folder / (STAGE1_WEIGHTS + ".tmp")))
+        (folder / (STAGE1_WEIGHTS + ".tmp")).replace(folder / STAGE1_WEIGHTS)
+        (folder / STAGE1_REPORT).write_text(json.dumps(report, indent=2))      # written last: marks it done
+    accelerator.wait_for_everyone()
+    kept = list(explicit) + _auto_keep(student, teacher, result.errors if result else None, auto_k, explicit,
+                                       accelerator)
+    return {**report, "kept_softmax": kept}
+
+
+def _auto_keep(student: nn.Module, teacher: nn.Module, errors: Optional[dict], k: int, explicit: list[str],
+               accelerator) -> list[str]:
+    """``keep_softmax: auto:K``: restore softmax at the K converted layers with the largest stage-1 error."""
+    from castle_convert.convert import restore_softmax
+    if not k:
+        return []
+    if not errors:
+        raise ResumeError("keep_softmax auto:K needs the stage-1 errors, and this run has none (transfer.steps: 0)")
+    ranked = [p for p in sorted(errors, key=errors.get, reverse=True) if p not in explicit]
+    auto = ranked[:k]
+    restore_softmax(student, teacher, auto)
+    accelerator.print(f"keep_softmax auto:{k}: {', '.join(auto)} stay softmax (largest stage-1 errors)")
+    return auto
 
 
 def _loss(recipe: Recipe, s_out, t_out, labels, classify: bool, capture) -> tuple[torch.Tensor, dict]:
@@ -308,6 +418,10 @@ def _loss(recipe: Recipe, s_out, t_out, labels, classify: bool, capture) -> tupl
             ce = torch.nn.functional.cross_entropy(s_logits.float(), labels)
             loss = loss + (1.0 - d.alpha) * ce
             parts["ce"] = ce.item()
+    elif d.feature_target == "tokens":
+        s_feat, t_feat = primary_output(s_out), primary_output(t_out)      # (B, N, C), or (B, C) pooled
+        loss = losses.feature_loss(s_feat.flatten(0, -2), t_feat.flatten(0, -2), d.feature_loss)
+        parts["feature"] = loss.item()
     else:
         loss = losses.feature_loss(embeddings(s_out), embeddings(t_out), d.feature_loss)
         parts["feature"] = loss.item()

@@ -215,12 +215,17 @@ def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Option
               if src.get("base_model") else
               f"castle-convert's built-in `{src['builtin']}` teacher (trained locally, not on the Hub)"
               if src.get("builtin") else f"`{src.get('model') or src.get('architecture') or title}`")
+    kept = list((report or {}).get("keep_softmax") or [])
     lines = [f"# {title}", "", MARKER, "",
              f"This {'backbone' if headless else 'image classifier'} is {origin}, converted with "
              f"castle-convert to {_kind(config)[0]} ({_kind(config)[1]}) and distilled against the original "
-             "model (the teacher). Every softmax self-attention "
-             f"({len(config.get('converted_modules') or [])} modules) now computes "
-             f"{_kind(config)[2]}, so its cost grows linearly with the number of tokens.", ""]
+             "model (the teacher). " + (
+                 "Every softmax self-attention " if not kept else "A hybrid: ") +
+             f"{'(' if not kept else ''}{len(config.get('converted_modules') or [])} modules"
+             f"{')' if not kept else ' of its self-attentions'} now compute{'s' if not kept else ''} "
+             f"{_kind(config)[2]}, so {'its' if not kept else 'their'} cost grows linearly with the number of tokens"
+             + (f"; {len(kept)} stay softmax attention (`keep_softmax`: {', '.join(f'`{k}`' for k in kept)})"
+                if kept else "") + ".", ""]
     lines += ["## Results", ""]
     t, s = report.get("teacher"), report.get("student")
     params, macs = report.get("params", {}), report.get("macs", {})

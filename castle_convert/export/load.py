@@ -112,7 +112,8 @@ def build_converted(config: dict, *, device: Any = "cpu") -> nn.Module:
     from castle_convert.convert import convert, finalize
     from castle_convert.export.source import build_source
 
-    castling = CastlingConfig.from_dict(config["castling"])
+    # written before ref_tokens existed: the plain sum (never the calibration-size default)
+    castling = CastlingConfig.from_dict({"ref_tokens": 0, **config["castling"]})
     base = build_source(config["source"], device=device)
     converted = set(config.get("converted_modules") or [])
     filter_fn = (lambda name, m: name in converted) if converted else None

@@ -133,6 +133,7 @@ def timm_data_config(model: nn.Module) -> dict:
 def timm_vit_spec(model: nn.Module) -> dict:
     """Geometry of a timm ViT for ``modeling_castling.CastlingTimmViT*`` (raises RemoteCodeUnsupported)."""
     from timm.layers import LayerScale, Mlp, PatchEmbed
+    from timm.layers.attention import Attention
     from timm.models.vision_transformer import Block
 
     from castle_convert.attention import LinearAngularAttentionInference, SeparableAttentionInference
@@ -161,8 +162,11 @@ def timm_vit_spec(model: nn.Module) -> dict:
         where = f"blocks.{i}"
         if type(blk) is not Block:
             raise no(f"{where} is a {type(blk).__name__}, not timm's Block")
-        if not isinstance(blk.attn, (LinearAngularAttentionInference, SeparableAttentionInference)):
+        softmax = type(blk.attn) is Attention                      # a hybrid's layer kept softmax
+        if not softmax and not isinstance(blk.attn, (LinearAngularAttentionInference, SeparableAttentionInference)):
             raise no(f"{where}.attn is {type(blk.attn).__name__}, not a finalized castling attention")
+        if softmax and getattr(blk.attn, "gate", None) is not None:
+            raise no(f"{where}.attn is a gated softmax attention (hybrid of a gated model)")
         if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.fc1, nn.Linear):
             raise no(f"{where}.mlp is {type(blk.mlp).__name__}, not timm's Mlp")
         if not isinstance(blk.mlp.act, nn.GELU):
@@ -180,7 +184,7 @@ def timm_vit_spec(model: nn.Module) -> dict:
             if not _identity(dp) and model.training:
                 raise no("drop path in training mode")
         a = blk.attn
-        if a.out_gate is not None and (a.out_gate.bias is not None) != (_in_linear(a).bias is not None):
+        if getattr(a, "out_gate", None) is not None and (a.out_gate.bias is not None) != (_in_linear(a).bias is not None):
             raise no(f"{where}.attn gate bias differs from qkv bias")
         if _in_linear(a).in_features != model.embed_dim or a.proj.out_features != model.embed_dim:
             raise no(f"{where}.attn changes the width")
@@ -205,7 +209,7 @@ def timm_vit_spec(model: nn.Module) -> dict:
         act=act, qkv_bias=_in_linear(a0).bias is not None, proj_bias=a0.proj.bias is not None,
         qk_norm=_qk_norm(a0), scale_attn_norm=not _identity(a0.norm),
         mlp_norm_eps=None if _identity(model.blocks[0].mlp.norm) else model.blocks[0].mlp.norm.eps,
-        gated=a0.out_gate is not None, layer_scale=not _identity(model.blocks[0].ls1),
+        gated=getattr(a0, "out_gate", None) is not None, layer_scale=not _identity(model.blocks[0].ls1),
         class_token=model.cls_token is not None, reg_tokens=int(getattr(model, "num_reg_tokens", 0) or 0),
         distilled=distilled, no_embed_class=bool(model.no_embed_class), pos_embed=model.pos_embed is not None,
         pre_norm=not _identity(model.norm_pre),
@@ -222,7 +226,8 @@ def timm_vit_spec(model: nn.Module) -> dict:
         if (a.num_heads, a.head_dim, blk.mlp.fc1.out_features) != (spec["num_heads"], spec["head_dim"],
                                                                      spec["mlp_hidden"]):
             raise no(f"blocks.{i} has a different width/heads than blocks.0")
-        if (_qk_norm(a), not _identity(a.norm), a.out_gate is not None, _in_linear(a).bias is not None) != (
+        if (_qk_norm(a), not _identity(a.norm), getattr(a, "out_gate", None) is not None,
+                _in_linear(a).bias is not None) != (
                 spec["qk_norm"], spec["scale_attn_norm"], spec["gated"], spec["qkv_bias"]):
             raise no(f"blocks.{i}.attn differs in structure from blocks.0.attn")
     return _jsonable(spec)

@@ -65,7 +65,7 @@ def create_castle_model(arch: str, pretrained: bool = False, pretrained_cfg: Any
     if not pretrained:
         base = timm.create_model(arch, pretrained=False, **kwargs)
         model = finalize(convert(base, inplace=True, gamma_init="one"), inplace=True, check=False)
-        model.castling_config = CastlingConfig()
+        model.castling_config = dataclasses.replace(CastlingConfig(), ref_tokens=model.castling_config.ref_tokens)
         model.pretrained_cfg = {**model.pretrained_cfg, **cfg, "architecture": name}
         return model
     file = _weights_file(cfg, cache_dir)

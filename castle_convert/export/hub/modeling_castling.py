@@ -104,6 +104,7 @@ class CastlingAttention(_CastlingAttentionBase):
         super().__init__()
         C = num_heads * head_dim
         self.eps = float(castling.get("eps", 1e-6))
+        self.ref_tokens = int(castling.get("ref_tokens", 0))      # global term × N_ref/N (0: plain sum)
         self.qkv = nn.Linear(dim, 3 * C, bias=qkv_bias)
         self.q_norm = nn.LayerNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
         self.k_norm = nn.LayerNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
@@ -117,7 +118,8 @@ class CastlingAttention(_CastlingAttentionBase):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                            # each (B, h, N, d)
         v_tokens = qkv[:, :, 2].flatten(2)                                         # (B, N, C)
         q, k = self.q_norm(q), self.k_norm(k)
-        out = linear_angular_fused(q, k, v, self.gamma, self.eps, self._dw_term(v_tokens, hw))  # (B, N, C)
+        out = linear_angular_fused(q, k, v, self.gamma, self.eps, self._dw_term(v_tokens, hw),
+                                   self.ref_tokens)                                # (B, N, C)
         return self._output(x, out)
 
 
@@ -158,6 +160,30 @@ class CastlingSeparableAttention(_CastlingAttentionBase):
                                             self.relu_gain.view(h, d)))            # (B, N, C)
         dw = self._dw_term(v_tokens, hw)
         return self._output(x, out if dw is None else out + dw)
+
+
+class SoftmaxAttention(nn.Module):
+    """A layer a hybrid model keeps as softmax attention (``keep_softmax``), timm's ``Attention``
+    keys: qkv, q_norm, k_norm, norm, proj."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, num_prefix_tokens: int = 0,
+                 castling: Optional[dict] = None, *, qkv_bias: bool = True, proj_bias: bool = True,
+                 qk_norm_eps: Optional[float] = None, out_norm_eps: Optional[float] = None, **_):
+        super().__init__()
+        C = num_heads * head_dim
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.qkv = nn.Linear(dim, 3 * C, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
+        self.k_norm = nn.LayerNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
+        self.norm = nn.LayerNorm(C, eps=out_norm_eps) if out_norm_eps is not None else nn.Identity()
+        self.proj = nn.Linear(C, dim, bias=proj_bias)
+
+    def forward(self, x: torch.Tensor, hw: Optional[tuple] = None) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)                                                    # each (B, h, N, d)
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)    # (B, h, N, d)
+        return self.proj(self.norm(out.transpose(1, 2).reshape(B, N, -1)))         # (B, N, dim)
 
 
 def make_attention(dim: int, num_heads: int, head_dim: int, num_prefix_tokens: int, castling: dict,
@@ -234,11 +260,14 @@ class _Mlp(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, spec: dict, castling: dict, num_prefix_tokens: int):
+    def __init__(self, spec: dict, castling: dict, num_prefix_tokens: int, softmax: bool = False):
         super().__init__()
         dim, eps = spec["embed_dim"], spec["norm_eps"]
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = make_attention(
+        if softmax and spec.get("gated"):
+            raise ValueError("a gated-attention timm model with softmax layers kept is not supported by this "
+                             "modeling_castling.py: load it with castle_convert.load()")
+        self.attn = (SoftmaxAttention if softmax else make_attention)(
             dim, spec["num_heads"], spec["head_dim"], num_prefix_tokens, castling,
             qkv_bias=spec.get("qkv_bias", True), proj_bias=spec.get("proj_bias", True),
             qk_norm_eps=eps if spec.get("qk_norm") else None,
@@ -299,7 +328,10 @@ class CastlingTimmViTPreTrainedModel(PreTrainedModel):
             self.pos_embed = None
         eps = spec["norm_eps"]
         self.norm_pre = nn.LayerNorm(D, eps=eps) if spec.get("pre_norm") else nn.Identity()
-        self.blocks = nn.ModuleList([_Block(spec, castling, self.num_prefix_tokens) for _ in range(spec["depth"])])
+        converted = set(config.converted_modules or [])          # hybrid: the other blocks stay softmax
+        self.blocks = nn.ModuleList([
+            _Block(spec, castling, self.num_prefix_tokens, softmax=bool(converted) and f"blocks.{i}.attn" not in converted)
+            for i in range(spec["depth"])])
         self.norm = nn.LayerNorm(D, eps=eps) if spec.get("final_norm", True) and not spec.get("fc_norm") \
             else nn.Identity()
         self.fc_norm = nn.LayerNorm(D, eps=eps) if spec.get("final_norm", True) and spec.get("fc_norm") \
@@ -459,6 +491,10 @@ def _castling_swap_hf(model: PreTrainedModel, config) -> None:
     for name, m in base.named_modules():
         if _hf_layout(m) is not None and not any(name.startswith(f + ".") for f in found):
             found.append(name)
+    converted = set(getattr(config, "converted_modules", None) or [])   # hybrid: the others stay softmax
+    prefix = "" if base is model else next(n for n, m in model.named_modules() if m is base) + "."
+    if converted:
+        found = [name for name in found if prefix + name in converted]
     if not found:
         raise ValueError(f"no self-attention found in {type(model).__name__}: this transformers version has an "
                          "attention layout modeling_castling.py does not know")
