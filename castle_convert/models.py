@@ -135,7 +135,7 @@ def load_model(spec: str, *, arch: Optional[str] = None, pretrained: bool = True
 
     from castle_convert import zoo
     if spec in zoo.BUILTINS:
-        return zoo.load_builtin(spec, pretrained=pretrained)
+        return zoo.load_builtin(spec, pretrained=pretrained, img_size=img_size)
 
     import timm
     name = resolve_name(spec)

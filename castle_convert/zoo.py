@@ -59,7 +59,7 @@ def dinov2_dir() -> Path:
     return out
 
 
-def load_builtin(name: str, pretrained: bool = True, progress: bool = True) -> nn.Module:
+def load_builtin(name: str, pretrained: bool = True, progress: bool = True, img_size: int | None = None) -> nn.Module:
     """A built-in teacher; made (extracted, or trained in a few minutes on CPU) and cached on first use."""
     from safetensors.torch import load_file
     if name == "dinov2_small":
@@ -68,10 +68,13 @@ def load_builtin(name: str, pretrained: bool = True, progress: bool = True) -> n
             from transformers import Dinov2Model
 
             from castle_convert.dinov2_weights import hf_config, image_processor
-            model = Dinov2Model(hf_config())
+            config = hf_config()
+            if img_size is not None:
+                config.image_size = img_size
+            model = Dinov2Model(config)
             model.castle_image_processor = image_processor()
             return model.eval()
-        return load_model(str(dinov2_dir() / "hf"), pretrained=True).eval()
+        return load_model(str(dinov2_dir() / "hf"), pretrained=True, img_size=img_size).eval()
     model = create(name)
     if not pretrained:
         return model

@@ -197,3 +197,40 @@ def test_recipe_resolution_a_fixed_size_model_cannot_take_is_a_clear_error():
         _check_resolution(fixed, 16, load_recipe("quick"))
     _check_resolution(fixed, 32, load_recipe("quick"))                       # its own size is fine
     _check_resolution(FAMILIES[0].build(), 16, load_recipe("quick"))         # dynamic_img_size is fine
+
+
+# -- resolution: the global term's balance against ½V does not drift with the token count ---------
+
+def test_global_term_balance_is_token_count_invariant():
+    from castle_convert.attention.functional import angular_linear, linear_angular_fused, merge_heads
+    q, k, v = torch.randn(3, 2, 2, 10, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    rep = lambda t: t.repeat_interleave(4, dim=2)                       # noqa: E731 - every token 4 times
+    plain, scaled = angular_linear(q, k, v, 1e-6), angular_linear(q, k, v, 1e-6, ref_tokens=10)
+    assert torch.allclose(plain, scaled, atol=1e-6)                      # identical at N = N_ref
+    big = angular_linear(rep(q), rep(k), rep(v), 1e-6, ref_tokens=10)   # N = 40: same balance
+    assert torch.allclose(big, rep(scaled), atol=1e-5)
+    drift = angular_linear(rep(q), rep(k), rep(v), 1e-6)                # plain sum: the global term grows
+    assert not torch.allclose(drift, rep(plain), atol=1e-3)
+    g = torch.rand(2) + 0.5
+    fused = linear_angular_fused(rep(q), rep(k), rep(v), g, 1e-6, None, 10)
+    assert torch.allclose(fused, merge_heads(g.view(1, -1, 1, 1) * big), atol=1e-5)
+
+
+def test_convert_records_the_fitting_token_count_and_old_checkpoints_keep_the_plain_sum(tmp_path):
+    import json
+
+    f = FAMILIES[0]                                                      # test_vit, patch 8, 1 prefix token
+    teacher = f.build()
+    assert cc.convert(teacher).castling_config.ref_tokens == (32 // 8) ** 2 + 1
+    student = cc.convert(teacher, calibration_inputs=torch.randn(2, 3, 64, 48))
+    assert student.castling_config.ref_tokens == (64 // 8) * (48 // 8) + 1
+    assert all(m.ref_tokens == 49 for _, m in _forms(student))
+    final = cc.finalize(student)
+    cc.save_pretrained(final, tmp_path / "out", remote_code=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["castling"]["ref_tokens"] == 49
+    assert all(m.ref_tokens == 49 for _, m in cc.load(tmp_path / "out").named_modules() if hasattr(m, "ref_tokens"))
+    del config["castling"]["ref_tokens"]                                 # a checkpoint from before the option
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    old = cc.load(tmp_path / "out")
+    assert [m.ref_tokens for _, m in old.named_modules() if hasattr(m, "ref_tokens")] == [0, 0]
