@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import castle_convert as cc
-from castle_convert.convert import ConversionError, primary_output, restore_softmax
+from castle_convert.convert import ConversionError, primary_output, restore_softmax, training_forms
 from castle_convert.distill.transfer import attention_transfer, layer_errors, trainable_parameters
 from castle_convert.recipes import RecipeError, load_recipe, parse_keep_softmax
 from families import FAMILIES
@@ -18,8 +18,9 @@ KINDS = ["linear_angular", "separable"]
 
 
 def _forms(model):
-    from castle_convert.convert import training_forms
     return training_forms(model)
+
+
 STAGE1_FAMILIES = [f for f in FAMILIES if f.id in ("timm-vit", "timm-reg4-dinov2", "hf-vit", "hf-dinov2-registers")]
 
 
