@@ -26,7 +26,7 @@ from castle_convert.recipes import AnnealSection, RecipeError, available, load_r
 from castle_convert.run import format_table, run
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_RUN = ["epochs=2", "optim.batch_size=8", "optim.warmup_epochs=0.5", "castling.anneal.end_epoch=1",
+TINY_RUN = ["epochs=2", "optim.batch_size=8", "optim.warmup_epochs=0.5", "castling.anneal.end_epoch=1", "transfer.steps=0",
             "save_every=2", "log_every=1", "eval_every=1", "data.workers=0", "data.augmentation=light"]
 
 

@@ -104,7 +104,7 @@ def test_keep_softmax_parse_and_validate():
         with pytest.raises(RecipeError, match="keep_softmax"):
             parse_keep_softmax(bad)
     with pytest.raises(RecipeError, match="transfer.steps"):
-        load_recipe("toy", ["castling.keep_softmax=auto:1"])
+        load_recipe("toy", ["transfer.steps=0", "castling.keep_softmax=auto:1"])
     assert load_recipe("toy", ["castling.keep_softmax=[0, 1]"]).castling.keep_softmax == "0,1"
 
 
