@@ -84,15 +84,12 @@ def _resolve_config(config: Union[CastlingConfig, Mapping, None], **overrides: A
     return config
 
 
-def keep_softmax_filter(model: nn.Module, keep_softmax: Optional[list[int]],
-                        filter_fn: Optional[FilterFn] = None) -> Optional[FilterFn]:
-    """A filter_fn that leaves the attentions at ``keep_softmax`` (indices in the model's attention
-    order, as ``inspect`` lists them) as softmax; the error names the valid range."""
-    if not keep_softmax:
-        return filter_fn
+def kept_softmax_paths(model: nn.Module, keep_softmax: list[int], filter_fn: Optional[FilterFn] = None) -> list[str]:
+    """Attention paths at ``keep_softmax`` (indices in the model's attention order, as ``inspect``
+    lists them); an out-of-range index is an error naming the valid range."""
     adapter = adapters.adapter_for(model)
-    if adapter is None:
-        return filter_fn
+    if adapter is None or not keep_softmax:
+        return []
     names = [c.name for c in adapter.scan(model).candidates if filter_fn is None or filter_fn(c.name, c.module)]
     bad = [i for i in keep_softmax if not 0 <= int(i) < len(names)]
     if bad:
@@ -101,7 +98,15 @@ def keep_softmax_filter(model: nn.Module, keep_softmax: Optional[list[int]],
     if len(set(keep_softmax)) >= len(names):
         raise ConversionError(f"keep_softmax {sorted(keep_softmax)} keeps every attention layer softmax: "
                               "nothing would be converted")
-    kept = {names[int(i)] for i in keep_softmax}
+    return [names[int(i)] for i in keep_softmax]
+
+
+def keep_softmax_filter(model: nn.Module, keep_softmax: Optional[list[int]],
+                        filter_fn: Optional[FilterFn] = None) -> Optional[FilterFn]:
+    """A filter_fn that leaves the attentions at ``keep_softmax`` as softmax (see :func:`kept_softmax_paths`)."""
+    kept = set(kept_softmax_paths(model, keep_softmax or [], filter_fn))
+    if not kept:
+        return filter_fn
     return lambda name, m: name not in kept and (filter_fn is None or filter_fn(name, m))
 
 

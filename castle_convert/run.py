@@ -131,7 +131,7 @@ def _check_resolution(teacher: nn.Module, resolution: Optional[int], recipe: Rec
         with torch.no_grad():
             teacher(x)
     except Exception as e:  # noqa: BLE001 - each family words its size check differently
-        c, h, w = adapters.adapter_for(teacher).input_size(teacher) if adapters.adapter_for(teacher) else (3, "?", "?")
+        _, h, w = adapters.adapter_for(teacher).input_size(teacher) if adapters.adapter_for(teacher) else (3, "?", "?")
         raise DataError(f"recipe '{recipe.name}' distils at data.resolution={resolution} px but this model takes only "
                         f"{h}x{w} inputs ({type(e).__name__}): add --set data.resolution=null to use its own size, "
                         "or build it for any size (timm: dynamic_img_size=True)") from None

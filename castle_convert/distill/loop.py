@@ -166,9 +166,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
     # them (a later convert(teacher) must not inherit frozen weights). Its mode is restored at the end.
     teacher_was_training = teacher.training
     teacher = teacher.to(accelerator.device).eval()
-    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    total_params = sum(p.numel() for p in student.parameters())
-    if trainable == 0:
+    if not any(p.requires_grad for p in student.parameters()):
         raise ValueError("student has no trainable parameters (requires_grad is False everywhere)")
     student = student.to(accelerator.device)
     stage1 = run_stage1(teacher, student, data, recipe, accelerator, work_dir, resume=resume, progress=progress)
@@ -311,18 +309,6 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
 STAGE1_DIR, STAGE1_WEIGHTS, STAGE1_REPORT = "stage1", "student.safetensors", "stage1.json"
 
 
-def _kept_paths(teacher: nn.Module, student: nn.Module, indices: list[int]) -> list[str]:
-    """Attention paths of ``indices`` in the teacher's attention order (as ``inspect`` lists them)."""
-    from castle_convert import adapters
-    from castle_convert.convert import ConversionError
-    names = [c.name for c in adapters.adapter_for(teacher).scan(teacher).candidates]
-    bad = [i for i in indices if not 0 <= i < len(names)]
-    if bad:
-        raise ConversionError(f"castling.keep_softmax {bad} out of range: the model has {len(names)} attention "
-                              f"layers (indices 0..{len(names) - 1})")
-    return [names[i] for i in indices]
-
-
 def run_stage1(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Recipe, accelerator,
                work_dir: Optional[Path], *, resume: bool = False, progress: bool = True) -> Optional[dict]:
     """Stage 1 (attention transfer) and the hybrid choice, before the end-to-end loop.
@@ -338,13 +324,13 @@ def run_stage1(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe:
 
     from safetensors.torch import load_file, save_file
 
-    from castle_convert.convert import restore_softmax
+    from castle_convert.convert import kept_softmax_paths, restore_softmax
     from castle_convert.distill.transfer import attention_transfer
 
     tr = recipe.transfer
     indices, auto_k = recipe.castling.keep_softmax_spec()
     converted = set(_converted_paths(student))
-    explicit = _kept_paths(teacher, student, indices)
+    explicit = kept_softmax_paths(teacher, indices)
     if not tr.steps and not indices:
         return None
     folder = work_dir / STAGE1_DIR if work_dir else None

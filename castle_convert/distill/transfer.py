@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
@@ -225,14 +225,14 @@ def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable
     t0 = time.time()
     result = TransferResult(errors_before=layer_errors(student, teacher, eval_batches, paths), errors={},
                             trainable=sum(p.numel() for p in params))
-    layerwise = _layerwise(student, teacher, paths)
-    layerwise.__enter__()
     bar = None
     if progress and (accelerator is None or accelerator.is_local_main_process):
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, desc="stage 1: attention transfer", dynamic_ncols=True)
     images = first
+    stack = ExitStack()
     try:
+        stack.enter_context(_layerwise(student, teacher, paths))
         for step in range(steps):
             if step:
                 images = next(source)
@@ -264,7 +264,7 @@ def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable
             h.remove()
         for p in student.parameters():
             p.requires_grad_(saved_flags[id(p)])
-        layerwise.__exit__(None, None, None)
+        stack.close()
     result.errors = layer_errors(student, teacher, eval_batches, paths)
     result.wall_time_s = time.time() - t0
     return result
