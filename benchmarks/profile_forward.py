@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     base = timm.create_model(resolve_name(args.model), pretrained=False).eval()
-    conv0 = cc.finalize(cc.convert(base, kind=args.kind, gamma_init="one"))
+    conv0 = cc.finalize(cc.convert(base, kind=args.kind, gamma_init="one"), force=True)
     report = {"model": args.model, "kind": args.kind, "threads": torch.get_num_threads(), "profiles": []}
     for res in [int(r) for r in args.resolutions.split(",")]:
         x = torch.randn(1, 3, res, res)

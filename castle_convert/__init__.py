@@ -22,12 +22,22 @@ _install_timm_route()
 from castle_convert.config import CastlingConfig, ConfigError  # noqa: E402
 from castle_convert.convert import (ConversionError, FinalizeError, InspectReport, convert, finalize,  # noqa: E402
                                     inspect, set_schedule)
+from castle_convert.attention.base import NotAnnealedError  # noqa: E402
 from castle_convert.distill import distill  # noqa: E402
+from castle_convert.distill.schedule import GateSchedule  # noqa: E402
 from castle_convert.distill.transfer import attention_transfer, layer_errors  # noqa: E402
 from castle_convert.export import CheckpointError, ExportError, load, save_pretrained  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["CastlingConfig", "CheckpointError", "ConfigError", "ConversionError", "ExportError", "FinalizeError",
-           "InspectReport", "attention_transfer", "convert", "distill", "finalize", "inspect", "layer_errors", "load",
+
+def __getattr__(name: str):
+    if name == "CastlingTrainerCallback":      # imports transformers' Trainer machinery: only when asked for
+        from castle_convert.distill.callbacks import CastlingTrainerCallback
+        return CastlingTrainerCallback
+    raise AttributeError(f"module 'castle_convert' has no attribute {name!r}")
+
+
+__all__ = ["CastlingConfig", "CastlingTrainerCallback", "CheckpointError", "ConfigError", "ConversionError", "ExportError", "FinalizeError",
+           "GateSchedule", "InspectReport", "NotAnnealedError", "attention_transfer", "convert", "distill", "finalize", "inspect", "layer_errors", "load",
            "save_pretrained", "set_schedule", "__version__"]

@@ -237,7 +237,7 @@ def benchmark(model: nn.Module, *, converted: Optional[nn.Module] = None, resolu
         raise BenchError(f"{type(model).__name__} is not a timm or transformers ViT")
     model = model.eval()
     if converted is None:
-        converted = finalize(convert(model, kind=kind, gamma_init="one", keep_softmax=keep_softmax))
+        converted = finalize(convert(model, kind=kind, gamma_init="one", keep_softmax=keep_softmax), force=True)
     converted = converted.eval()
     cfg = getattr(converted, "castling_config", None)
     result = BenchResult(model=model_name or _model_name(model), kind=getattr(cfg, "kind", kind or "?"),

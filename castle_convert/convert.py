@@ -16,6 +16,7 @@ from torch import nn
 
 from castle_convert import adapters
 from castle_convert.attention import KINDS, CastlingModule, CastlingTrainingForm, GridTracker
+from castle_convert.attention.base import ANNEAL_FIX, FinalizeError, NotAnnealedError
 from castle_convert.config import CastlingConfig
 
 FilterFn = Callable[[str, nn.Module], bool]
@@ -23,10 +24,6 @@ FilterFn = Callable[[str, nn.Module], bool]
 
 class ConversionError(ValueError):
     """The model cannot be converted (as it is); the message says why and what to do."""
-
-
-class FinalizeError(RuntimeError):
-    """The inference form does not reproduce the training form."""
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -197,6 +194,9 @@ def convert(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
         model.set_submodule(cand.name, cand.wrap(new))
     model.castling_config = config
     model.castling_converted = [c.name for c in candidates]   # paths of the replaced attentions
+    if adapter.NAME == "transformers":        # save_pretrained / push_to_hub / output_attentions: see guards
+        from castle_convert.export import guards
+        guards.install(model)
     if config.gamma_init == "calibrate" and next(model.parameters()).device.type != "meta":
         calibrate(model, calibration_inputs)
     return model
@@ -253,8 +253,14 @@ def _eval_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def finalize(model: nn.Module, *, inplace: bool = False, check: bool = True,
-             atol: Optional[float] = None, inputs: Optional[torch.Tensor] = None) -> nn.Module:
+             atol: Optional[float] = None, inputs: Optional[torch.Tensor] = None, force: bool = False) -> nn.Module:
     """Swap every training form for its inference form and verify parity.
+
+    A training form that never ran a forward with gradients at gate 0 (its linear attention
+    never trained: the gate starts at 1, where the linear branch gets exactly zero gradient) is
+    refused with :class:`NotAnnealedError` naming the schedule to use (``cc.distill``,
+    :class:`GateSchedule`, :class:`CastlingTrainerCallback`); ``force=True`` finalizes anyway
+    (e.g. to measure speed, or an untrained conversion on purpose).
 
     The auxiliary softmax branch, its mask and its schedule state are dropped. The result is
     compared with the training form at gate 0 on a random batch (or ``inputs``); if the largest
@@ -267,6 +273,13 @@ def finalize(model: nn.Module, *, inplace: bool = False, check: bool = True,
         if any(True for _ in castling_modules(model)):
             raise ConversionError(f"{_model_name(model)} is already finalized (inference form).")
         raise ConversionError(f"{_model_name(model)} has no castling attention: call convert() first.")
+    untrained = [n for n, m in forms if not m.trained_at_gate_zero]
+    if untrained and not force:
+        gates = sorted({f"{m.aux_gate:g}" for _, m in forms})
+        raise NotAnnealedError(
+            f"finalize: {len(untrained)} of {len(forms)} converted attentions (e.g. '{untrained[0]}') never "
+            f"trained at gate 0 (gate now {'/'.join(gates)}), so their linear attention learned nothing and the "
+            f"inference form would drop the softmax branch the model computes: {ANNEAL_FIX}")
     meta = next(model.parameters()).device.type == "meta"
     check = check and not meta
     reference = None
@@ -394,7 +407,7 @@ def inspect(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
     report.params_before = sum(p.numel() for p in meta.parameters())
     try:
         converted = finalize(convert(meta, config, inplace=True, filter_fn=kept_filter, gamma_init="one"),
-                             inplace=True, check=False)
+                             inplace=True, check=False, force=True)
     except ConversionError as e:
         report.error = str(e)
         return report

@@ -50,7 +50,7 @@ def test_benchmark_cells_are_measured_and_macs_match_analytic(fid):
 def test_analytic_mixing_macs_match_the_counter(kind, dw, qk_norm):
     import timm
     model = timm.create_model("test_vit", img_size=32, patch_size=8, num_classes=3, qk_norm=qk_norm).eval()
-    conv = cc.finalize(cc.convert(model, kind=kind, dw=dw, gamma_init="one"))
+    conv = cc.finalize(cc.convert(model, kind=kind, dw=dw, gamma_init="one"), force=True)
     x = torch.empty(3, 3, 32, 32, device="meta")
     grid, n = geometry(model, (32, 32))
     soft, cast = mixing_macs(conv, 3, grid)
@@ -68,7 +68,7 @@ def test_benchmark_separable_kind():
 def test_benchmark_uses_a_given_converted_model_and_rejects_bad_settings():
     fam = FAMILIES[0]
     model = fam.build()
-    conv = cc.finalize(cc.convert(model, dw="none", gamma_init="one"))
+    conv = cc.finalize(cc.convert(model, dw="none", gamma_init="one"), force=True)
     r = benchmark(model, converted=conv, resolutions=[fam.size], **FAST)
     assert r.cells[0].castling_macs == count_macs(conv, torch.randn(1, 3, fam.size, fam.size))
     with pytest.raises(BenchError, match="dtype"):

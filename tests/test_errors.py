@@ -61,7 +61,7 @@ def test_already_converted_and_finalize_misuse():
     student = cc.convert(family.build())
     with pytest.raises(cc.ConversionError, match="already converted"):
         cc.convert(student)
-    final = cc.finalize(student)
+    final = cc.finalize(student, force=True)
     with pytest.raises(cc.ConversionError, match="already converted"):
         cc.convert(final)
     with pytest.raises(cc.ConversionError, match="already finalized"):
@@ -82,7 +82,7 @@ def test_failed_parity_raises_and_keeps_model(monkeypatch):
 
     monkeypatch.setattr(LinearAngularAttention, "to_inference", broken)
     with pytest.raises(cc.FinalizeError, match="parity"):
-        cc.finalize(student, inplace=True)
+        cc.finalize(student, inplace=True, force=True)
     assert all(type(b.attn) is LinearAngularAttention for b in student.blocks), "inplace swap was undone"
 
 
@@ -124,7 +124,7 @@ def test_checkpoint_without_arch_and_missing_path(tmp_path):
 
 
 def test_attention_masks_are_refused():
-    final = cc.finalize(cc.convert(FAMILIES[0].build()))
+    final = cc.finalize(cc.convert(FAMILIES[0].build()), force=True)
     x = torch.randn(1, 17, 64)
     with pytest.raises(NotImplementedError, match="attn_mask"):
         final.blocks[0].attn(x, attn_mask=torch.zeros(17, 17))

@@ -87,7 +87,7 @@ def test_finalize_parity(family, kind):
     student = cc.convert(family.build(), kind=kind)
     _perturb(student)
     cc.set_schedule(student, gate=0.3, threshold=1.0)
-    final = cc.finalize(student)
+    final = cc.finalize(student, force=True)
     assert final.castling_parity <= 1e-4
     cc.set_schedule(student, gate=0.0, threshold=0.0)
     for x in (_inputs(family, seed=3), _inputs(family, w_extra=family.patch, seed=4)):
@@ -114,7 +114,7 @@ class _OpRecorder(TorchDispatchMode):
 
 
 def test_inference_form_is_clean(family, kind):
-    final = cc.finalize(cc.convert(family.build(), kind=kind))
+    final = cc.finalize(cc.convert(family.build(), kind=kind), force=True)
     allowed = INFERENCE_STATE[kind]
     for name, m in final.named_modules():
         if isinstance(m, CastlingModule):
@@ -139,7 +139,7 @@ def test_inference_form_is_clean(family, kind):
 
 
 def test_compile_fullgraph_and_export(family, kind):
-    final = cc.finalize(cc.convert(family.build(), kind=kind)).eval()
+    final = cc.finalize(cc.convert(family.build(), kind=kind), force=True).eval()
     x = _inputs(family)
     ref = _out(family, final, x)
     torch._dynamo.reset()            # each family × kind compiles the same forward code: no recompile limit
@@ -159,7 +159,7 @@ def test_non_square_grid(family, kind):
     x = _inputs(family, w_extra=3 * family.patch)               # (H, W) = (s, s + 3p)
     _perturb(student)
     cc.set_schedule(student, gate=0.0, threshold=0.0)
-    final = cc.finalize(student, inputs=x)
+    final = cc.finalize(student, inputs=x, force=True)
     out = _out(family, final, x)
     assert grid.hw is not None and torch.isfinite(out).all()
     hw = next(m for m in final.modules() if isinstance(m, CastlingModule)).dw.grid.hw
@@ -171,7 +171,7 @@ def test_bf16_autocast_is_finite(family, kind, form):
     model = cc.convert(family.build(), kind=kind)
     cc.set_schedule(model, gate=0.5, threshold=1.0)
     if form == "inference":
-        model = cc.finalize(model)
+        model = cc.finalize(model, force=True)
     x = _inputs(family) * 30                                   # large activations on purpose
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = _out(family, model.eval(), x)

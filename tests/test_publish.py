@@ -54,7 +54,7 @@ def _subprocess(script: str, tmp: Path, *, block_castle: bool = False) -> dict:
 
 
 def _finalized(model, kind="linear_angular", keep_softmax=None):
-    return cc.finalize(cc.convert(model, kind=kind, keep_softmax=keep_softmax))
+    return cc.finalize(cc.convert(model, kind=kind, keep_softmax=keep_softmax), force=True)
 
 
 # hybrid models (castling.keep_softmax): the second attention layer stays softmax
@@ -399,7 +399,7 @@ def test_save_pretrained_rules(tmp_path):
         cc.save_pretrained(student, tmp_path / "a")
     with pytest.raises(ExportError, match="no castling attention"):
         cc.save_pretrained(model, tmp_path / "a")
-    final = cc.finalize(student)
+    final = cc.finalize(student, force=True)
     cc.save_pretrained(final, tmp_path / "a", verify=False)
     with pytest.raises(OutputExistsError):
         cc.save_pretrained(final, tmp_path / "a")

@@ -115,7 +115,7 @@ def test_hybrid_convert_inspect_restore(family):
     student = cc.convert(teacher, keep_softmax=[1])
     assert student.castling_converted == names[:1]
     assert type(student.get_submodule(names[1])) is type(teacher.get_submodule(names[1]))   # still softmax
-    final = cc.finalize(student)
+    final = cc.finalize(student, force=True)
     assert final.castling_converted == names[:1]
     report = cc.inspect(teacher, keep_softmax=[1])
     assert [c["name"] for c in report.kept] == [names[1]] and len(report.converted) == 1
@@ -226,7 +226,7 @@ def test_convert_records_the_fitting_token_count_and_old_checkpoints_keep_the_pl
     student = cc.convert(teacher, calibration_inputs=torch.randn(2, 3, 64, 48))
     assert student.castling_config.ref_tokens == (64 // 8) * (48 // 8) + 1
     assert all(m.ref_tokens == 49 for _, m in _forms(student))
-    final = cc.finalize(student)
+    final = cc.finalize(student, force=True)
     cc.save_pretrained(final, tmp_path / "out", remote_code=False)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["castling"]["ref_tokens"] == 49

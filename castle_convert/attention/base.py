@@ -68,6 +68,21 @@ class SoftmaxAttentionSpec:
     proj_drop: float = 0.0
 
 
+class FinalizeError(RuntimeError):
+    """The inference form does not reproduce the training form, or the training form was never
+    trained at gate 0 (its linear attention learned nothing)."""
+
+
+class NotAnnealedError(FinalizeError):
+    """finalize / fuse of a training form whose linear branch never trained at gate 0."""
+
+
+ANNEAL_FIX = ("anneal the gate to 0 while training: cc.distill(...); in your own loop "
+              "cc.GateSchedule(model, total_steps=N) with schedule.step() after each optimizer step (timm "
+              "scheduler style: step(epoch) / step_update(num_updates)); with transformers.Trainer "
+              "callbacks=[cc.CastlingTrainerCallback()]; or pass force=True to finalize anyway")
+
+
 class CastlingModule(nn.Module):
     """Base of every converted attention (training and inference forms).
 
@@ -122,6 +137,22 @@ class CastlingTrainingForm(CastlingModule):
 
     aux_gate: float
     threshold: float
+    # Set by a forward with gradients at gate 0 (the linear branch alone produced the output, so it
+    # was trained as the inference form computes it). finalize() refuses a model without it.
+    trained_at_gate_zero: bool = False
+
+    def _note_training(self, gate: float) -> None:
+        if gate <= 0.0 and self._calib is None and torch.is_grad_enabled() \
+                and not torch.compiler.is_compiling() and not self.trained_at_gate_zero:
+            self.trained_at_gate_zero = True
+
+    def fuse(self) -> CastlingModule:
+        """timm's ``reparameterize_model`` hook: the inference form of this module (no parity check;
+        refused like :func:`castle_convert.finalize` when it never trained at gate 0)."""
+        if not self.trained_at_gate_zero:
+            raise NotAnnealedError(f"cannot fuse a {self.kind_label} training form that never trained at gate 0 "
+                                   f"(gate is {self.aux_gate:g}): {ANNEAL_FIX}")
+        return self.to_inference()
 
     def set_schedule(self, gate: float, threshold: float) -> None:
         """Set the blend gate g_t (1 → 0) and the mask threshold τ_t (in units of 1/N)."""

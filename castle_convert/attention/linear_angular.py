@@ -121,6 +121,7 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
         q, k, v, v_tokens = self._qkv(x)                                    # (B, h, N, d)
         calibrating = self._calib is not None
         aux = self._aux(q, k, v) if (g > 0.0 or calibrating) else None     # (B, h, N, d) or None
+        self._note_training(g)
         if calibrating:                      # record the teacher's output norms, pass its output on
             self._calib[0] += aux.detach().float().norm(dim=-1).mean(dim=(0, 2))  # (h,)
             self._calib[1] += 1

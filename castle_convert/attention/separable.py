@@ -200,6 +200,7 @@ class SeparableAttention(CastlingTrainingForm, _SeparableParts):
         q, k, v, v_tokens = self._qkv(x)                                    # (B, h, N, d)
         calibrating = self._calib is not None
         aux = self._aux(q, k, v) if (g > 0.0 or calibrating) else None     # (B, h, N, d) or None
+        self._note_training(g)
         if calibrating:                     # record the mean query, pass the teacher's output on
             self._calib[0] += q.detach().float().sum(dim=(0, 2))           # (h, d)
             self._calib[1] += q.shape[0] * q.shape[2]

@@ -288,7 +288,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
     # Final: the training form at g = 0, then the finalized (inference) form; the two must agree.
     set_schedule(raw_student, 0.0, 0.0)
     train_form_eval = evaluate(student, val_loader, accelerator, classify=classify, reference=teacher)
-    final = finalize(raw_student)
+    final = finalize(raw_student, force=True)      # the loop ran the anneal and ends at g = 0 itself
     final_eval = evaluate(final, val_loader, accelerator, classify=classify, reference=teacher)
     accelerator.log({f"eval/final_{k}": v for k, v in final_eval.items()}, step=state.step)
     for tracker in accelerator.trackers:          # not end_training(): it tears down the process group

@@ -53,3 +53,75 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: OptimSection)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     floor = cfg.min_lr / cfg.lr
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class GateSchedule:
+    """The castling anneal as a scheduler object, for training loops other than ``cc.distill``.
+
+    The gate starts at 1, where the converted model computes its teacher's softmax attention and
+    the linear branch gets exactly zero gradient; this object moves ``g`` 1 → 0 (and the mask
+    threshold τ 0 → ``threshold``) over the fraction ``[start, end]`` of training, then keeps
+    ``g = 0`` so the rest trains the inference form. Plain loop::
+
+        schedule = cc.GateSchedule(student, total_steps=epochs * len(loader))
+        for images, labels in ...:
+            loss.backward(); optimizer.step(); optimizer.zero_grad()
+            schedule.step()                       # one optimizer step
+        deployable = cc.finalize(student)
+
+    timm scheduler style (``total_epochs`` + ``updates_per_epoch``): ``step_update(num_updates)``
+    after each update, and/or ``step(epoch)`` at the start/end of each epoch, as timm's train.py calls
+    its lr scheduler. ``state_dict`` / ``load_state_dict`` checkpoint it.
+    """
+
+    def __init__(self, model, total_steps: int | None = None, *, total_epochs: float | None = None,
+                 updates_per_epoch: int | None = None, start: float = 0.0, end: float = 0.8,
+                 threshold: float = AnnealSection.threshold, curve: str = AnnealSection.curve):
+        if (total_steps is None) == (total_epochs is None):
+            raise ValueError("GateSchedule: pass exactly one of total_steps (step() after each optimizer step) "
+                             "or total_epochs (step(epoch) / step_update(num_updates) with updates_per_epoch)")
+        total = total_steps if total_steps is not None else total_epochs
+        if not total or total <= 0:
+            raise ValueError(f"GateSchedule: the training length must be positive, got {total!r}")
+        if not (0.0 <= start <= end < 1.0):
+            raise ValueError(f"GateSchedule: need 0 <= start <= end < 1 (fractions of training), got start={start}, "
+                             f"end={end}; end < 1 leaves the last part of training at gate 0, the inference form")
+        if curve not in ("cosine", "linear"):
+            raise ValueError(f"GateSchedule: curve={curve!r}, choose 'cosine' or 'linear'")
+        self.model = model
+        self.total = float(total)
+        self.unit = "steps" if total_steps is not None else "epochs"
+        self.updates_per_epoch = updates_per_epoch
+        self.anneal = AnnealSchedule(AnnealSection(start_epoch=start, end_epoch=end, curve=curve,
+                                                   threshold=float(threshold)))
+        self.t = 0.0
+        self.gate, self.threshold = self._apply()
+
+    def _apply(self) -> tuple[float, float]:
+        from castle_convert.convert import set_schedule
+        g, tau = self.anneal.update(self.t / self.total)
+        set_schedule(self.model, g, tau)
+        self.gate, self.threshold = g, tau
+        return g, tau
+
+    def step(self, epoch: float | None = None, metric=None) -> tuple[float, float]:
+        """Advance one unit (no argument) or go to ``epoch`` (timm style); returns (gate, threshold)."""
+        self.t = self.t + 1 if epoch is None else float(epoch)
+        return self._apply()
+
+    def step_update(self, num_updates: int, metric=None) -> tuple[float, float]:
+        """timm's per-update call: ``num_updates`` optimizer steps so far."""
+        if self.unit == "steps":
+            self.t = float(num_updates)
+        elif not self.updates_per_epoch:
+            raise ValueError("GateSchedule.step_update with total_epochs needs updates_per_epoch=len(loader) // accum")
+        else:
+            self.t = num_updates / self.updates_per_epoch
+        return self._apply()
+
+    def state_dict(self) -> dict:
+        return {"t": self.t}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t = float(state["t"])
+        self._apply()

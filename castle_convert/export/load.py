@@ -118,7 +118,7 @@ def build_converted(config: dict, *, device: Any = "cpu") -> nn.Module:
     converted = set(config.get("converted_modules") or [])
     filter_fn = (lambda name, m: name in converted) if converted else None
     model = convert(base, castling, inplace=True, filter_fn=filter_fn, gamma_init="one")
-    model = finalize(model, inplace=True, check=False)
+    model = finalize(model, inplace=True, check=False, force=True)
     model.castling_config = castling
     return model.eval()
 
@@ -177,7 +177,13 @@ def load(path: Union[str, Path], *, device: Any = "cpu", dtype: Optional[torch.d
     if processor.is_file() and config["source"].get("library") == "transformers":
         model.castle_image_processor = json.loads(processor.read_text())
     model.castle_source = dict(config["source"])
-    if config.get("id2label") and config["source"].get("library") == "timm":
-        labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
-        model.pretrained_cfg = {**model.pretrained_cfg, "label_names": labels}
+    if config["source"].get("library") == "timm":
+        from castle_convert.export.timm_route import castle_config, converted_pretrained_cfg
+        # names castle_<arch>, no softmax hub id: timm's save_for_hf / push_to_hf_hub of it reload as converted
+        model.pretrained_cfg = converted_pretrained_cfg(model.pretrained_cfg, config["source"]["architecture"],
+                                                        castle_config(config))
+        if config.get("id2label"):
+            labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+            model.pretrained_cfg["label_names"] = labels
+        model.default_cfg = model.pretrained_cfg
     return model.to(device).eval()
