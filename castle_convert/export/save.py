@@ -100,7 +100,7 @@ def _labels(model: nn.Module, labels: Optional[list[str]]) -> Optional[list[str]
         return [str(x) for x in labels]
     if is_timm(model):
         names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
-        if names and len(names) == model.num_classes:
+        if names and len(names) == getattr(model, "num_classes", 0):
             return list(names)
         try:                       # ImageNet heads: timm knows the class descriptions
             from timm.data import ImageNetInfo, infer_imagenet_subset
@@ -108,7 +108,7 @@ def _labels(model: nn.Module, labels: Optional[list[str]]) -> Optional[list[str]
             names = ImageNetInfo(subset).label_descriptions() if subset else None
         except Exception:  # noqa: BLE001 - labels are a nicety
             names = None
-        return list(names) if names and len(names) == model.num_classes else None
+        return list(names) if names and len(names) == getattr(model, "num_classes", 0) else None
     id2label = getattr(model.config, "id2label", None) or {}
     names = [id2label.get(i, id2label.get(str(i))) for i in range(len(id2label))]
     if names and not all(n == f"LABEL_{i}" for i, n in enumerate(names)):
@@ -164,7 +164,7 @@ def build_config(model: nn.Module, *, source: dict, labels: Optional[list[str]],
     if source["library"] == "timm":
         # timm-style fields for timm.create_model("local-dir:DIR" / "hf-hub:ID"), in timm's flat layout:
         # a "pretrained_cfg" key would make transformers read the directory as a timm checkpoint.
-        n = int(model.num_classes)
+        n = int(getattr(model, "num_classes", 0) or 0)        # 0: headless / features_only
         config.update({k: v for k, v in source.get("pretrained_cfg", {}).items() if k not in ("num_classes",)})
         config.update(architecture=f"castle_{source['architecture']}", num_classes=n,
                       num_features=int(getattr(model, "num_features", 0) or 0))
@@ -198,7 +198,10 @@ def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
     try:
         with torch.no_grad():
-            return primary_output(adapters.forward(model, x)).float()
+            out = adapters.forward(model, x)
+            if isinstance(out, list) and out and all(isinstance(t, torch.Tensor) for t in out):
+                return torch.cat([t.flatten(1).float() for t in out], 1)    # features_only: every feature map
+            return primary_output(out).float()
     finally:
         model.train(was)
 
@@ -253,7 +256,7 @@ def verify_directory(model: nn.Module, path: Path, config: dict, *, remote_code:
 
 def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = None, report: Optional[dict] = None,
                     overwrite: bool = False, labels: Optional[list[str]] = None, base_model: Optional[str] = None,
-                    source: Optional[dict] = None, remote_code: bool = True, verify: bool = True,
+                    source: Optional[dict] = None, remote_code: Optional[bool] = None, verify: bool = True,
                     repo_id: Optional[str] = None, extra_files: Optional[dict[str, Path]] = None) -> Path:
     """Write a finalized castling model to ``path`` as a publishable directory (atomically).
 
@@ -267,6 +270,7 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
         source: extra provenance recorded in ``config.json`` ``source`` (e.g. ``{"builtin": ...}``).
         remote_code: write the transformers remote-code files (an architecture they do not
             implement is an error; ``False`` writes a directory for castle_convert.load / timm only).
+            Default (None): written, except for timm ``features_only`` models (timm and cc.load only).
         verify: load the directory back (castle_convert and remote code) and compare outputs
             with ``model`` before it appears (max |Δ| ≤ 1e-5 in fp32).
         repo_id: Hub repo id used in the model card's usage snippets.
@@ -275,9 +279,13 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
     from castle_convert.export.processor import image_processor_config
     from safetensors.torch import save_file
 
+    from castle_convert.export.source import features_net
+
     path = Path(path)
     check_output_dir(path, overwrite)
     _check_model(model)
+    if remote_code is None:
+        remote_code = features_net(model) is None
     recipe_yaml = recipe if (recipe is None or isinstance(recipe, str)) else recipe.to_yaml()
     src = describe_source(model)
     src.update({k: v for k, v in (getattr(model, "castle_source", None) or {}).items()

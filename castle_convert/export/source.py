@@ -69,16 +69,26 @@ def timm_architecture(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")
     if arch:
-        return arch
+        return arch[len("castle_"):] if arch.startswith("castle_") else arch
     if type(model).__name__ == "VisionTransformer":
         return "vit_base_patch16_224"      # every shaping argument is recorded explicitly
     raise ValueError(f"cannot tell which timm architecture {type(model).__name__} is: build it with "
                      "timm.create_model() so model.pretrained_cfg names it")
 
 
+def features_net(model: nn.Module) -> Optional[nn.Module]:
+    """``model`` when it is timm's ``features_only`` wrapper of a ViT (``FeatureGetterNet``), else None."""
+    return model if type(model).__name__ == "FeatureGetterNet" and hasattr(model, "model") else None
+
+
 def timm_model_args(model: nn.Module) -> dict:
     """Every constructor argument that shapes ``model`` (timm ``VisionTransformer`` family)."""
     import inspect as _inspect
+
+    if features_net(model) is not None:       # features_only: the (pruned) ViT inside, rebuilt and wrapped alike
+        args = timm_model_args(model.model)
+        args.update(features_only=True, out_indices=list(model.out_indices))   # what timm's ViT takes
+        return _jsonable(args)
 
     from timm.models.vision_transformer import VisionTransformer
 
@@ -126,7 +136,7 @@ def timm_data_config(model: nn.Module) -> dict:
     d = data_config(model)
     out = {k: cfg[k] for k in _DATA_FIELDS if cfg.get(k) is not None}
     out.update(input_size=list(d.input_size), mean=list(d.mean), std=list(d.std), crop_pct=d.crop_pct,
-               interpolation=d.interpolation, num_classes=model.num_classes)
+               interpolation=d.interpolation, num_classes=int(getattr(model, "num_classes", 0) or 0))
     return _jsonable(out)
 
 

@@ -31,6 +31,71 @@ default_cfgs: dict[str, dict] = {}           # read by timm's register_model
 _NO_WEIGHTS = ("url", "hf_hub_id", "hf_hub_filename", "hf_hub_revision", "file", "state_dict", "custom_load",
                "tag", "source")
 _registered = False
+# pretrained_cfg key holding the castle-convert config (format_version, castling, converted_modules, source):
+# timm's save_for_hf / push_to_hf_hub write pretrained_cfg into config.json, so their output reloads here.
+CFG_KEY = "castle_convert"
+_FEATURE_ARGS = ("out_indices", "feature_cls")      # what timm's ViT features_only takes
+
+
+def converted_pretrained_cfg(cfg: dict, arch: str, castle: Optional[dict]) -> dict:
+    """The ``pretrained_cfg`` of a converted model: names ``castle_<arch>``, no softmax-weights source
+    (hub id, url, tag, file), and the castle-convert config when known (``CFG_KEY``)."""
+    out = {k: v for k, v in cfg.items() if k not in _NO_WEIGHTS and k != CFG_KEY}
+    out["architecture"] = PREFIX + arch
+    if castle:
+        out[CFG_KEY] = castle
+    return out
+
+
+def _caller_checkpoint_path() -> Optional[str]:
+    """``checkpoint_path=`` of the ``timm.create_model`` call that is building this model, if any.
+
+    timm loads that file only after the entry point has built the model, so the entry point reads the
+    castle-convert config out of it (safetensors metadata; nothing is unpickled) to build the right kind.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "create_model" and frame.f_globals.get("__name__") == "timm.models._factory":
+            path = frame.f_locals.get("checkpoint_path")
+            return str(path) if path else None
+        frame = frame.f_back
+    return None
+
+
+def _castle_metadata(file: Path) -> bool:
+    """Whether ``file`` is a safetensors file with castle-convert's config in its metadata (header only)."""
+    if not str(file).endswith(".safetensors") or not Path(file).is_file():
+        return False
+    from safetensors import safe_open
+
+    from castle_convert.export.load import METADATA_KEY
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return METADATA_KEY in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - not ours to judge: timm's load_checkpoint reports it
+        return False
+
+
+def _features(model, kwargs: dict):
+    """timm's ``features_only`` wrapper of a ViT (``FeatureGetterNet``), as ``build_model_with_cfg`` makes it."""
+    from timm.models._builder import pretrained_cfg_for_features
+    from timm.models._features import FeatureGetterNet
+
+    cfg = dict(kwargs)
+    feature_cls = cfg.pop("feature_cls", "getter")
+    if feature_cls not in ("getter", FeatureGetterNet):
+        from castle_convert.export.load import CheckpointError
+        raise CheckpointError(f"features_only with feature_cls={feature_cls!r}: castle_<arch> models give features "
+                              "through timm's getter (feature_cls='getter', the ViT default)")
+    cfg.setdefault("out_indices", 3)
+    castle = {k: getattr(model, k) for k in ("castling_config", "castling_converted", "castle_source")
+              if hasattr(model, k)}
+    net = FeatureGetterNet(model, **cfg)
+    net.pretrained_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    net.default_cfg = net.pretrained_cfg
+    for k, v in castle.items():
+        setattr(net, k, v if k != "castling_converted" else [f"model.{p}" for p in v])
+    return net
 
 
 def _weights_file(cfg: dict, cache_dir: Any = None) -> Optional[Path]:
@@ -53,21 +118,31 @@ def create_castle_model(arch: str, pretrained: bool = False, pretrained_cfg: Any
 
     from castle_convert.config import CastlingConfig
     from castle_convert.convert import convert, finalize
-    from castle_convert.export.load import (CheckpointError, build_converted, config_from_metadata, load_into,
-                                            read_safetensors)
+    from castle_convert.export.load import (METADATA_KEY, CheckpointError, build_converted, check_format,
+                                            config_from_metadata, load_into, read_safetensors)
 
     name = PREFIX + arch
     kwargs.pop("pretrained_model_args", None)
+    features = kwargs.pop("features_only", False)
+    feature_kwargs = {k: kwargs.pop(k) for k in _FEATURE_ARGS if k in kwargs}
+    embedded = None
     if isinstance(pretrained_cfg, dict):       # local-dir / hf-hub: the whole flat config.json
+        embedded = pretrained_cfg.get(CFG_KEY)   # timm's save_for_hf of a converted model
         fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
         pretrained_cfg = {k: v for k, v in pretrained_cfg.items() if k in fields}
     cfg = resolve_pretrained_cfg(name, pretrained_cfg, pretrained_cfg_overlay).to_dict()
+    checkpoint = _caller_checkpoint_path()
+    if not pretrained and checkpoint and _castle_metadata(Path(checkpoint)):
+        # timm.create_model(name, checkpoint_path=FILE): build what FILE holds (its kind, hybrid layers, settings);
+        # timm then loads FILE into it
+        pretrained, cfg = True, {**cfg, "file": checkpoint}
     if not pretrained:
         base = timm.create_model(arch, pretrained=False, **kwargs)
-        model = finalize(convert(base, inplace=True, gamma_init="one"), inplace=True, check=False)
+        model = finalize(convert(base, inplace=True, gamma_init="one"), inplace=True, check=False, force=True)
         model.castling_config = dataclasses.replace(CastlingConfig(), ref_tokens=model.castling_config.ref_tokens)
-        model.pretrained_cfg = {**model.pretrained_cfg, **cfg, "architecture": name}
-        return model
+        model.pretrained_cfg = converted_pretrained_cfg({**model.pretrained_cfg, **cfg}, arch, None)
+        model.default_cfg = model.pretrained_cfg
+        return _features(model, feature_kwargs) if features else model
     file = _weights_file(cfg, cache_dir)
     if file is None:
         raise CheckpointError(
@@ -75,7 +150,11 @@ def create_castle_model(arch: str, pretrained: bool = False, pretrained_cfg: Any
             f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='out/model.safetensors'))"
             ", or timm.create_model('local-dir:out', pretrained=True) / ('hf-hub:REPO', pretrained=True)")
     state, metadata = read_safetensors(file)
-    config = config_from_metadata(metadata, file)
+    if METADATA_KEY not in metadata and embedded:
+        config = embedded                      # timm's save_for_hf: the config travels in pretrained_cfg
+        check_format(config.get("format_version", 1), file)
+    else:
+        config = config_from_metadata(metadata, file)
     src = config["source"]
     if src.get("library") != "timm" or src.get("architecture") != arch:
         other = f"castle_{src.get('architecture')}" if src.get("library") == "timm" else "castle_convert.load()"
@@ -96,15 +175,22 @@ def create_castle_model(arch: str, pretrained: bool = False, pretrained_cfg: Any
         model.reset_classifier(num_classes)
     if img_size is not None and _norm(img_size) != _norm(stored.get("img_size")):
         model.set_input_size(img_size=img_size if not isinstance(img_size, list) else tuple(img_size))
-    model.pretrained_cfg = {**model.pretrained_cfg, **{k: v for k, v in cfg.items() if v is not None},
-                            **{k: tuple(v) if isinstance(v, list) else v
-                               for k, v in (src.get("pretrained_cfg") or {}).items()},
-                            "architecture": name}
+    model.pretrained_cfg = converted_pretrained_cfg(
+        {**model.pretrained_cfg, **{k: v for k, v in cfg.items() if v is not None},
+         **{k: tuple(v) if isinstance(v, list) else v for k, v in (src.get("pretrained_cfg") or {}).items()}},
+        arch, castle_config(config))
     if num_classes is not None:
         model.pretrained_cfg["num_classes"] = num_classes
     model.default_cfg = model.pretrained_cfg
     model.castle_source = dict(src)
+    if features:
+        model = _features(model, feature_kwargs)
     return model.train()                      # timm.create_model returns models in train mode
+
+
+def castle_config(config: dict) -> dict:
+    """The fields of a config.json / metadata that rebuild the converted architecture."""
+    return {k: config[k] for k in ("format_version", "castling", "converted_modules", "source") if k in config}
 
 
 def _norm(v: Any) -> Any:

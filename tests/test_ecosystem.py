@@ -1,0 +1,238 @@
+"""A converted model wherever a timm / transformers / PEFT / Accelerate user takes it: every route
+either works or stops with a one-line error saying what to do instead (issue 10)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import castle_convert as cc
+from families import FAMILIES
+
+BY_ID = {f.id: f for f in FAMILIES}
+
+
+def _linear_params(model):
+    """The parameters only the linear branch uses (γ / separable gains, DW): zero gradient at gate 1."""
+    return {n: p for n, p in model.named_parameters()
+            if n.endswith(("gamma", "dw.conv.weight", "context_gain", "relu_gain", "context_query"))}
+
+
+# -- 2. training outside cc.distill ----------------------------------------------------------------
+
+def test_gate_one_trains_nothing_and_finalize_refuses():
+    f = FAMILIES[0]
+    student = cc.convert(f.build()).train()
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    for _ in range(3):                                   # a user's loop, no schedule: gate stays 1
+        student(torch.randn(2, 3, 32, 32)).pow(2).mean().backward()
+        assert all(p.grad is None or p.grad.abs().max() == 0 for p in _linear_params(student).values())
+        opt.step()
+        opt.zero_grad()
+    with pytest.raises(cc.NotAnnealedError, match="never trained at gate 0.*GateSchedule.*CastlingTrainerCallback"
+                                                  ".*force=True"):
+        cc.finalize(student)
+    assert cc.finalize(student, force=True) is not None             # the escape hatch
+
+
+@pytest.mark.parametrize("kind", ["linear_angular", "separable"])
+def test_gate_schedule_plain_loop(kind):
+    student = cc.convert(FAMILIES[0].build(), kind=kind).train()
+    before = {n: p.detach().clone() for n, p in _linear_params(student).items()}
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    schedule = cc.GateSchedule(student, total_steps=10, end=0.5)
+    assert schedule.gate == 1.0
+    gates = []
+    for _ in range(10):
+        student(torch.randn(2, 3, 32, 32)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        gates.append(schedule.step()[0])
+    assert gates[0] < 1.0 and gates[-1] == 0.0 and gates == sorted(gates, reverse=True)
+    assert any((p - before[n]).abs().max() > 0 for n, p in _linear_params(student).items())
+    assert cc.finalize(student).castling_parity <= 1e-4
+    state = schedule.state_dict()
+    again = cc.GateSchedule(student, total_steps=10, end=0.5)
+    again.load_state_dict(state)
+    assert again.gate == 0.0
+
+
+def test_gate_schedule_timm_style_and_errors():
+    student = cc.convert(FAMILIES[0].build())
+    s = cc.GateSchedule(student, total_epochs=4, updates_per_epoch=5, end=0.5)
+    assert s.step_update(5)[0] == pytest.approx(0.5)     # epoch 1 of the 2-epoch anneal, cosine: half way
+    assert s.step(2)[0] == 0.0
+    forms = [m for m in student.modules() if isinstance(m, cc.attention.CastlingTrainingForm)]
+    assert all(m.aux_gate == 0.0 for m in forms)
+    with pytest.raises(ValueError, match="exactly one of total_steps"):
+        cc.GateSchedule(student)
+    with pytest.raises(ValueError, match="end < 1"):
+        cc.GateSchedule(student, total_steps=10, end=1.0)
+    with pytest.raises(ValueError, match="updates_per_epoch"):
+        cc.GateSchedule(student, total_epochs=2).step_update(3)
+
+
+def test_trainer_callback_anneals_under_hf_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    f = BY_ID["hf-vit"]
+    data = [{"pixel_values": torch.randn(3, 32, 32), "labels": i % 10} for i in range(16)]
+
+    def run(callbacks):
+        student = cc.convert(f.build())
+        args = TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=6, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no",
+                                 logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+        Trainer(model=student, args=args, train_dataset=data, callbacks=callbacks).train()
+        return student
+
+    plain = run([])
+    with pytest.raises(cc.NotAnnealedError):
+        cc.finalize(plain)
+    cb = cc.CastlingTrainerCallback(end=0.5)
+    before = {n: p.detach().clone() for n, p in _linear_params(cc.convert(f.build())).items()}
+    student = run([cb])
+    assert cb.gate == 0.0
+    assert any((p.detach().cpu() - before[n]).abs().max() > 0 for n, p in _linear_params(student).items())
+    assert cc.finalize(student).castling_parity <= 1e-4
+
+
+# -- 1. transformers' own save_pretrained / push_to_hub ---------------------------------------------
+
+def _annealed(model, kind="linear_angular", **kw):
+    """A converted model trained (one step) at gate 0, so finalize accepts it."""
+    student = cc.convert(model, kind=kind, **kw)
+    cc.set_schedule(student, 0.0, 0.0)
+    from castle_convert.adapters import example_inputs, forward
+    from castle_convert.convert import primary_output
+    primary_output(forward(student, example_inputs(student))).float().pow(2).mean().backward()
+    student.zero_grad(set_to_none=True)
+    return student
+
+
+def test_hf_save_pretrained_training_form_refused(tmp_path):
+    student = cc.convert(BY_ID["hf-vit"].build())
+    for m in (student, student.vit):
+        with pytest.raises(cc.ExportError, match=r"training form.*cc.save_pretrained\(cc.finalize\(model\), DIR\)"):
+            m.save_pretrained(tmp_path / "x")
+        with pytest.raises(cc.ExportError, match="training form"):
+            m.push_to_hub("me/x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_hf_save_pretrained_inference_form_writes_castle_directory(tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    final = cc.finalize(_annealed(BY_ID["hf-vit"].build())).eval()
+    final.save_pretrained(tmp_path / "d", safe_serialization=True)        # transformers' own call
+    import json
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert config["model_type"] == "castling_vit" and "castling" in config
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = final(x).logits
+        hub = AutoModelForImageClassification.from_pretrained(tmp_path / "d", trust_remote_code=True).eval()
+        assert (hub(x).logits - ref).abs().max() <= 1e-5
+        assert (cc.load(tmp_path / "d")(x).logits - ref).abs().max() <= 1e-5
+    from castle_convert.export.save import OutputExistsError
+    with pytest.raises(OutputExistsError, match="overwrite=True"):
+        final.save_pretrained(tmp_path / "d")                               # never clobbers a directory silently
+    with pytest.raises(cc.ExportError, match="push_to_hub"):
+        final.save_pretrained(tmp_path / "e", push_to_hub=True)
+
+
+def test_hf_push_to_hub_uploads_the_castle_directory(monkeypatch):
+    from castle_convert.export import push as push_mod
+
+    final = cc.finalize(_annealed(BY_ID["hf-vit"].build()))
+    seen = {}
+
+    def fake_push(directory, repo_id, **kw):
+        seen.update(files=sorted(p.name for p in directory.iterdir()), repo=repo_id)
+        return "ok"
+
+    monkeypatch.setattr(push_mod, "push", fake_push)
+    assert final.push_to_hub("me/castle-vit") == "ok"
+    assert seen["repo"] == "me/castle-vit"
+    assert {"config.json", "model.safetensors", "modeling_castling.py", "README.md"} <= set(seen["files"])
+
+
+# -- 3. output_attentions / attn_implementation --------------------------------------------------
+
+@pytest.mark.parametrize("form", ["training", "inference"])
+def test_output_attentions_and_attn_implementation_refused(form):
+    student = cc.convert(BY_ID["hf-vit"].build())
+    model = student if form == "training" else cc.finalize(student, force=True)
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(NotImplementedError, match="output_attentions=True.*N×N"):
+        model(x, output_attentions=True)
+    assert model(x).attentions is None
+    with pytest.raises(NotImplementedError, match="attn_implementation"):
+        model.set_attn_implementation("eager")
+
+
+# -- 4. timm metadata; 11. checkpoint_path=; 6. features_only ----------------------------------------
+
+def _timm_dir(tmp_path, kind="linear_angular", name="d", **kw):
+    final = cc.finalize(_annealed(FAMILIES[0].build(), kind=kind, **kw)).eval()
+    return final, cc.save_pretrained(final, tmp_path / name)
+
+
+def test_timm_pretrained_cfg_after_load_names_castle_and_save_for_hf_reloads(tmp_path):
+    import timm
+    from timm.models import save_for_hf
+
+    assert FAMILIES[0].build().pretrained_cfg.get("hf_hub_id")         # the softmax weights' id, before
+    final, d = _timm_dir(tmp_path, kind="separable")
+    model = cc.load(d)
+    cfg = model.pretrained_cfg
+    assert cfg["architecture"] == "castle_test_vit"
+    assert not any(cfg.get(k) for k in ("hf_hub_id", "url", "tag", "file"))
+    save_for_hf(model, str(tmp_path / "hf"), safe_serialization=True)
+    again = timm.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (again(x) - final(x)).abs().max() <= 1e-5
+    # the timm route's own models carry the same metadata
+    routed = timm.create_model("castle_test_vit", pretrained=True, pretrained_cfg_overlay=dict(file=str(d)))
+    assert routed.pretrained_cfg["architecture"] == "castle_test_vit" and not routed.pretrained_cfg.get("hf_hub_id")
+
+
+def test_save_for_hf_without_castle_config_is_a_clear_error(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    final, d = _timm_dir(tmp_path)
+    save_file(final.state_dict(), str(tmp_path / "bare.safetensors"))    # weights with no castle-convert config
+    with pytest.raises(cc.CheckpointError, match="castle-convert"):
+        timm.create_model("castle_test_vit", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "bare.safetensors")))
+
+
+@pytest.mark.parametrize("kind", ["separable", "linear_angular"])
+def test_timm_checkpoint_path_reads_the_files_config(tmp_path, kind):
+    import timm
+
+    final, d = _timm_dir(tmp_path, kind=kind, keep_softmax=[1], dw_kernel=5)
+    model = timm.create_model("castle_test_vit", checkpoint_path=str(d / "model.safetensors")).eval()
+    assert model.castling_config.kind == kind and model.castling_config.dw_kernel == 5
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (model(x) - final(x)).abs().max() <= 1e-5
+
+
+def test_timm_features_only_route_and_save(tmp_path):
+    import timm
+
+    final, d = _timm_dir(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = final.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    for name, extra in ((f"local-dir:{d}", {}), ("castle_test_vit", dict(pretrained_cfg_overlay=dict(file=str(d))))):
+        feats = timm.create_model(name, pretrained=True, features_only=True, out_indices=(0, 1), **extra).eval()
+        with torch.no_grad():
+            out = feats(x)
+        assert len(out) == 2 and all((a - b).abs().max() <= 1e-5 for a, b in zip(out, ref))
+    cc.save_pretrained(feats, tmp_path / "feats")                        # the features model itself
+    back = cc.load(tmp_path / "feats")
+    with torch.no_grad():
+        assert all((a - b).abs().max() <= 1e-5 for a, b in zip(back(x), ref))
