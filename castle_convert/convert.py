@@ -19,7 +19,36 @@ from castle_convert.attention import KINDS, CastlingModule, CastlingTrainingForm
 from castle_convert.attention.base import ANNEAL_FIX, FinalizeError, NotAnnealedError
 from castle_convert.config import CastlingConfig
 
-FilterFn = Callable[[str, nn.Module], bool]
+FilterFn = Callable[[nn.Module, str], bool]     # (module, fqn) -> bool, as torchao's quantize_; see filter_by_name
+_NAME_FIRST = ("name", "n", "path")
+
+
+def filter_by_name(filter_fn: Optional[Callable]) -> Optional[Callable[[str, nn.Module], bool]]:
+    """``filter_fn`` as the internals call it, ``(name, module)``.
+
+    Public ``filter_fn`` arguments take ``(module, fqn)`` like torchao's ``quantize_``. A function
+    written for castle-convert's earlier ``(name, module)`` order is still accepted, recognised by its
+    first parameter alone: named ``name`` / ``n`` / ``path``, or annotated ``str``.
+    """
+    if filter_fn is None or getattr(filter_fn, "_castle_by_name", False):
+        return filter_fn
+    import inspect as _pyinspect
+    try:
+        params = [p for p in _pyinspect.signature(filter_fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    name_first = bool(params) and (params[0].name in _NAME_FIRST or params[0].annotation in (str, "str"))
+
+    def by_name(name: str, module: nn.Module) -> bool:
+        return bool(filter_fn(name, module) if name_first else filter_fn(module, name))
+    by_name._castle_by_name = True
+    return by_name
+
+
+def _by_name(fn: Callable[[str, nn.Module], bool]) -> Callable[[str, nn.Module], bool]:
+    fn._castle_by_name = True
+    return fn
 
 
 class ConversionError(ValueError):
@@ -87,6 +116,7 @@ def kept_softmax_paths(model: nn.Module, keep_softmax: list[int], filter_fn: Opt
     adapter = adapters.adapter_for(model)
     if adapter is None or not keep_softmax:
         return []
+    filter_fn = filter_by_name(filter_fn)
     names = [c.name for c in adapter.scan(model).candidates if filter_fn is None or filter_fn(c.name, c.module)]
     bad = [i for i in keep_softmax if not 0 <= int(i) < len(names)]
     if bad:
@@ -101,10 +131,11 @@ def kept_softmax_paths(model: nn.Module, keep_softmax: list[int], filter_fn: Opt
 def keep_softmax_filter(model: nn.Module, keep_softmax: Optional[list[int]],
                         filter_fn: Optional[FilterFn] = None) -> Optional[FilterFn]:
     """A filter_fn that leaves the attentions at ``keep_softmax`` as softmax (see :func:`kept_softmax_paths`)."""
+    filter_fn = filter_by_name(filter_fn)
     kept = set(kept_softmax_paths(model, keep_softmax or [], filter_fn))
     if not kept:
         return filter_fn
-    return lambda name, m: name not in kept and (filter_fn is None or filter_fn(name, m))
+    return _by_name(lambda name, m: name not in kept and (filter_fn is None or filter_fn(name, m)))
 
 
 def restore_softmax(student: nn.Module, teacher: nn.Module, paths: list[str]) -> nn.Module:
@@ -125,6 +156,7 @@ def restore_softmax(student: nn.Module, teacher: nn.Module, paths: list[str]) ->
 
 def _plan(model: nn.Module, filter_fn: Optional[FilterFn]):
     """Scan and validate without modifying anything; returns (adapter, scan, candidates)."""
+    filter_fn = filter_by_name(filter_fn)
     converted = [n for n, _ in castling_modules(model)]
     if converted:
         raise ConversionError(
@@ -168,7 +200,9 @@ def convert(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
         config: a :class:`CastlingConfig` or dict; keyword ``overrides`` (e.g. ``kind=...``,
             ``combine=...``) replace its fields. ``kind`` picks the attention kind
             (``linear_angular``, default, or ``separable``); ``attention=`` is an alias.
-        filter_fn: ``(name, module) -> bool`` to convert only some attentions.
+        filter_fn: ``(module, fqn) -> bool`` to convert only some attentions, as torchao's
+            ``quantize_`` takes it (``fqn``: the attention's path, e.g. ``blocks.3.attn``); a function
+            whose first parameter is named ``name`` (the earlier ``(name, module)`` order) still works.
         keep_softmax: hybrid model: indices of attention layers (in the model's order, as
             ``inspect`` lists them) that stay softmax.
         calibration_inputs: image batch the kind is initialised from (``gamma_init='calibrate'``:
@@ -378,6 +412,7 @@ def inspect(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
     from castle_convert.bench import count_macs
 
     config = _resolve_config(config, **overrides)
+    filter_fn = filter_by_name(filter_fn)
     meta = copy.deepcopy(model).to("meta")
     try:
         kept_filter = keep_softmax_filter(meta, keep_softmax, filter_fn)

@@ -87,7 +87,7 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
     size = data.val[0][0].shape[-2:]
     kept = set(result.kept_softmax)
     costs = inspect(teacher, recipe.castling.to_config(), img_size=tuple(size),
-                    filter_fn=(lambda name, m: name not in kept) if kept else None)
+                    filter_fn=(lambda m, fqn: fqn not in kept) if kept else None)
     report = {
         "model": model_spec,
         "dataset": data_spec,

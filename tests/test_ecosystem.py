@@ -236,3 +236,51 @@ def test_timm_features_only_route_and_save(tmp_path):
     back = cc.load(tmp_path / "feats")
     with torch.no_grad():
         assert all((a - b).abs().max() <= 1e-5 for a, b in zip(back(x), ref))
+
+
+# -- 9. filter_fn order ----------------------------------------------------------------------------
+
+def test_filter_fn_takes_module_fqn_like_torchao_and_the_old_order():
+    from timm.layers.attention import Attention
+
+    model = FAMILIES[0].build()
+    seen = []
+
+    def torchao_style(module, fqn):
+        seen.append((type(module).__name__, fqn))
+        return isinstance(module, Attention) and fqn.startswith("blocks.0.")
+
+    def typed(n: str, m) -> bool:           # old (name, module) order, recognised by the annotation
+        return n.startswith("blocks.0.")
+
+    for fn in (torchao_style, lambda module, fqn: fqn.startswith("blocks.0."),
+               lambda name, m: name.startswith("blocks.0."), typed):
+        assert cc.convert(model, filter_fn=fn).castling_converted == ["blocks.0.attn"]
+        assert [c["name"] for c in cc.inspect(model, filter_fn=fn).converted] == ["blocks.0.attn"]
+    assert seen and all(cls == "Attention" and isinstance(fqn, str) for cls, fqn in seen)
+
+
+# -- 10. cc.load("owner/repo") ----------------------------------------------------------------------
+
+def test_load_resolves_a_hub_repo_id_from_the_cache(tmp_path, monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+
+    final, d = _timm_dir(tmp_path)
+    cache = tmp_path / "hub-cache"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = cache / "models--me--castle-vit" / "snapshots" / commit
+    shutil.copytree(d, snap)
+    (cache / "models--me--castle-vit" / "refs").mkdir()
+    (cache / "models--me--castle-vit" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    model = cc.load("me/castle-vit")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (model(x) - final(x)).abs().max() <= 1e-5
+    with pytest.raises(cc.CheckpointError, match="me/missing.*could not be fetched.*local Hugging Face cache"):
+        cc.load("me/missing")
+    with pytest.raises(cc.CheckpointError, match="no such directory"):
+        cc.load(tmp_path / "nope")

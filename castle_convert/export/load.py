@@ -116,7 +116,7 @@ def build_converted(config: dict, *, device: Any = "cpu") -> nn.Module:
     castling = CastlingConfig.from_dict({"ref_tokens": 0, **config["castling"]})
     base = build_source(config["source"], device=device)
     converted = set(config.get("converted_modules") or [])
-    filter_fn = (lambda name, m: name in converted) if converted else None
+    filter_fn = (lambda m, fqn: fqn in converted) if converted else None
     model = convert(base, castling, inplace=True, filter_fn=filter_fn, gamma_init="one")
     model = finalize(model, inplace=True, check=False, force=True)
     model.castling_config = castling
@@ -152,15 +152,43 @@ def _float_dtype(state: dict[str, torch.Tensor]) -> Optional[torch.dtype]:
     return None
 
 
-def load(path: Union[str, Path], *, device: Any = "cpu", dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Load a directory written by :func:`castle_convert.save_pretrained` (or the CLI).
+HUB_FILES = ["config.json", WEIGHTS_NAME, "preprocessor_config.json", "README.md", "report.json", "recipe.yaml"]
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")) and "\\" not in text
+
+
+def resolve_path(path: Union[str, Path], *, revision: Optional[str] = None, cache_dir: Any = None) -> Path:
+    """A local directory as it is; a Hub repo id (``owner/name``) through ``huggingface_hub``, as
+    ``from_pretrained`` does (the local cache when offline); anything else a :class:`CheckpointError`."""
+    local = Path(path).expanduser()
+    if local.exists() or not _looks_like_repo_id(str(path)):
+        return local
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(path), revision=revision, cache_dir=cache_dir, allow_patterns=HUB_FILES))
+    except Exception as e:  # noqa: BLE001 - offline / not found / network: one line
+        from huggingface_hub import constants
+        where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else "on the Hub"
+        raise CheckpointError(f"{path} is not a local directory, and the Hub repo '{path}' could not be fetched "
+                              f"{where}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}. Pass the "
+                              "path of a castle-convert output directory, or check the repo id / network") from e
+
+
+def load(path: Union[str, Path], *, device: Any = "cpu", dtype: Optional[torch.dtype] = None,
+         revision: Optional[str] = None, cache_dir: Any = None) -> nn.Module:
+    """Load a directory written by :func:`castle_convert.save_pretrained` (or the CLI), or a Hub repo
+    id (``owner/name``, at ``revision``) holding one: fetched with ``huggingface_hub`` like
+    ``from_pretrained`` (from the local cache when ``HF_HUB_OFFLINE=1``; weights from safetensors only).
 
     Rebuilds the source architecture (timm or transformers; nothing is downloaded), converts it
     to the inference form without calibration, and loads ``model.safetensors`` strictly. Returns
     the model in eval mode on ``device`` (in the stored dtype unless ``dtype`` is given), with its
     preprocessing attached (timm ``pretrained_cfg`` / ``castle_image_processor``).
     """
-    path = Path(path)
+    path = resolve_path(path, revision=revision, cache_dir=cache_dir)
     config = read_config(path)
     file = weights_path(path)
     state, _ = read_safetensors(file)
