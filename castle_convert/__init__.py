@@ -21,7 +21,7 @@ _install_timm_route()
 
 from castle_convert.config import CastlingConfig, ConfigError  # noqa: E402
 from castle_convert.convert import (ConversionError, FinalizeError, InspectReport, convert, finalize,  # noqa: E402
-                                    inspect, set_schedule)
+                                    inspect, lora_targets, set_schedule)
 from castle_convert.attention.base import NotAnnealedError  # noqa: E402
 from castle_convert.distill import distill  # noqa: E402
 from castle_convert.distill.schedule import GateSchedule  # noqa: E402
@@ -39,5 +39,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["CastlingConfig", "CastlingTrainerCallback", "CheckpointError", "ConfigError", "ConversionError", "ExportError", "FinalizeError",
-           "GateSchedule", "InspectReport", "NotAnnealedError", "attention_transfer", "convert", "distill", "finalize", "inspect", "layer_errors", "load",
+           "GateSchedule", "InspectReport", "NotAnnealedError", "attention_transfer", "convert", "distill", "finalize", "inspect", "layer_errors", "load", "lora_targets",
            "save_pretrained", "set_schedule", "__version__"]

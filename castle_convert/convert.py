@@ -347,6 +347,39 @@ def finalize(model: nn.Module, *, inplace: bool = False, check: bool = True,
     return out
 
 
+# -- PEFT target names ---------------------------------------------------------------------------
+
+# What the pretrained attention's projections are called in a converted model: q/k/v are fused into one
+# ``qkv`` Linear (``in_proj`` in the separable inference form, [values | context logits or keys]), the output
+# projection is ``proj``. "dense" also names transformers' MLP layers, which keep it.
+_LORA_NAMES = {**dict.fromkeys(("q_proj", "k_proj", "v_proj", "query", "key", "value", "qkv", "in_proj"), "qkv"),
+               **dict.fromkeys(("o_proj", "out_proj", "proj", "dense"), "proj")}
+
+
+def lora_targets(model: nn.Module, names: list[str]) -> list[str]:
+    """PEFT ``target_modules`` for a converted model, from the names a LoRA config uses on the original.
+
+    ``LoraConfig(target_modules=cc.lora_targets(student, ["q_proj", "v_proj"]))``: q/k/v → ``qkv``
+    (one fused projection: LoRA on it adapts q, k and v together) or ``in_proj`` (separable inference
+    form); ``o_proj`` / attention ``dense`` → ``proj``. Names the model still has (an MLP ``dense``, a
+    hybrid's softmax layers) are kept. An unknown name is an error listing the Linear names there are.
+    """
+    present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    out: list[str] = []
+    for name in names:
+        hits = [name] if name in present else []
+        mapped = _LORA_NAMES.get(name)
+        if mapped == "qkv":
+            hits += [n for n in ("qkv", "in_proj") if n in present and n not in hits]
+        elif mapped == "proj" and "proj" in present and "proj" not in hits:
+            hits.append("proj")
+        if not hits:
+            raise ValueError(f"lora_targets: no Linear named '{name}' (or a converted counterpart) in "
+                             f"{_model_name(model)}; its Linear names are {sorted(present)}")
+        out += [h for h in hits if h not in out]
+    return out
+
+
 # -- inspect -------------------------------------------------------------------------------------
 
 @dataclass

@@ -3,6 +3,8 @@ either works or stops with a one-line error saying what to do instead (issue 10)
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -284,3 +286,55 @@ def test_load_resolves_a_hub_repo_id_from_the_cache(tmp_path, monkeypatch):
         cc.load("me/missing")
     with pytest.raises(cc.CheckpointError, match="no such directory"):
         cc.load(tmp_path / "nope")
+
+
+# -- 8. PEFT names -------------------------------------------------------------------------------
+
+def test_lora_targets_map_original_names_and_unmerged_save_refused(tmp_path):
+    peft = pytest.importorskip("peft")
+
+    teacher = BY_ID["hf-vit"].build()
+    student = cc.convert(teacher)
+    assert cc.lora_targets(student, ["query", "value"]) == ["qkv"]
+    assert cc.lora_targets(student, ["q_proj", "v_proj", "o_proj"]) == ["qkv", "proj"]
+    assert "proj" in cc.lora_targets(student, ["dense"])         # attention output.dense → proj
+    with pytest.raises(ValueError, match="no Linear named 'nope'"):
+        cc.lora_targets(student, ["nope"])
+    lora = peft.get_peft_model(student, peft.LoraConfig(r=2, target_modules=cc.lora_targets(student, ["query", "value"]),
+                                                        init_lora_weights=False))
+    assert any("qkv.lora_A" in n for n, _ in lora.named_parameters())
+    cc.set_schedule(lora, 0.0, 0.0)
+    lora(pixel_values=torch.randn(2, 3, 32, 32)).logits.pow(2).mean().backward()
+    with pytest.raises(cc.ExportError, match="merge_and_unload"):
+        cc.save_pretrained(lora, tmp_path / "a")
+    merged = lora.merge_and_unload()
+    final = cc.finalize(merged)
+    with pytest.raises(cc.ExportError, match="merge_and_unload"):           # LoRA layers inside, not merged
+        cc.save_pretrained(peft.get_peft_model(copy.deepcopy(final), peft.LoraConfig(r=2, target_modules=["proj"])).base_model.model,
+                           tmp_path / "b")
+    cc.save_pretrained(final, tmp_path / "c")
+    # the separable inference form renames qkv to in_proj: the same call finds it
+    sep = cc.finalize(_annealed(BY_ID["hf-vit"].build(), kind="separable"))
+    assert cc.lora_targets(sep, ["q_proj", "v_proj"]) == ["in_proj"]
+
+
+# -- 5. timm's reparameterize_model ------------------------------------------------------------------
+
+@pytest.mark.parametrize("fid", ["timm-vit", "hf-vit"])
+def test_reparameterize_model_finalizes_like_finalize(fid):
+    from timm.utils.model import reparameterize_model
+
+    from castle_convert.convert import castling_modules
+
+    f = BY_ID[fid]
+    with pytest.raises(cc.NotAnnealedError, match="GateSchedule"):
+        reparameterize_model(cc.convert(f.build()))
+    student = _annealed(f.build())
+    fused = reparameterize_model(student).eval()
+    assert all(not m.is_training_form for _, m in castling_modules(fused))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = f(cc.finalize(student).eval(), x)
+        got = f(fused, x)
+    from castle_convert.convert import primary_output
+    assert (primary_output(got) - primary_output(ref)).abs().max() <= 1e-6

@@ -79,6 +79,10 @@ def report_versions() -> dict[str, Any]:
 
 def _check_model(model: nn.Module) -> None:
     from castle_convert.convert import castling_modules
+    peft = [n or type(model).__name__ for n, m in model.named_modules() if type(m).__module__.startswith("peft.")]
+    if peft:
+        raise ExportError(f"the model has un-merged PEFT/LoRA layers (e.g. '{peft[0]}'): call "
+                          "model = model.merge_and_unload() first, then cc.save_pretrained(model, DIR)")
     mods = list(castling_modules(model))
     if not mods:
         raise ExportError(f"{type(model).__name__} has no castling attention: convert() and finalize() it first")
