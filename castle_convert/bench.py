@@ -311,14 +311,14 @@ def load_pair(spec: str, *, arch: Optional[str] = None, kind: Optional[str] = No
     path = Path(spec).expanduser()
     cfg_file = path / "config.json"
     if path.is_dir() and cfg_file.is_file() and "castling" in json.loads(cfg_file.read_text()):
-        from castle_convert.export.load import load, read_config
+        from castle_convert.export.load import full_source, load, read_config
         from castle_convert.export.source import build_source
         config = read_config(path)
         saved_kind = config["castling"].get("kind")
         if kind and kind != saved_kind:
             raise BenchError(f"{path} holds a converted model with attention kind '{saved_kind}'; drop "
                              f"--attention {kind}, or bench the original model with it")
-        return build_source(config["source"]).eval(), load(path)
+        return build_source(full_source(config)).eval(), load(path)
     return load_model(spec, arch=arch, pretrained=False), None
 
 

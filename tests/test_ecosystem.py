@@ -338,3 +338,91 @@ def test_reparameterize_model_finalizes_like_finalize(fid):
         got = f(fused, x)
     from castle_convert.convert import primary_output
     assert (primary_output(got) - primary_output(ref)).abs().max() <= 1e-6
+
+
+# -- 13. model card and config.json -------------------------------------------------------------------
+
+def test_card_library_and_config_without_training_keys_or_duplicates(tmp_path):
+    import json
+
+    from huggingface_hub import ModelCard
+
+    _, timm_dir = _timm_dir(tmp_path, name="t")
+    assert ModelCard.load(timm_dir / "README.md").data.library_name == "timm"
+    hf_final = cc.finalize(_annealed(BY_ID["hf-vit"].build())).eval()
+    hf_dir = cc.save_pretrained(hf_final, tmp_path / "h")
+    assert ModelCard.load(hf_dir / "README.md").data.library_name == "transformers"
+    for d in (timm_dir, hf_dir):
+        config = json.loads((d / "config.json").read_text())
+        assert not {"gate", "threshold", "gamma_init"} & set(config["castling"])
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert "config" not in config["source"] and config["hidden_size"] == 32      # geometry once, at the top
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = hf_final(x).logits
+        assert (cc.load(hf_dir)(x).logits - ref).abs().max() <= 1e-5
+    # a directory written before (training keys, source.config repeated) still loads
+    old = dict(config, castling={**config["castling"], "gate": 1.0, "threshold": 0.0, "gamma_init": "calibrate"})
+    old["source"] = {**config["source"], "config": {k: v for k, v in config.items() if k in (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size", "patch_size",
+        "num_labels", "id2label", "label2id", "qkv_bias")} | {"model_type": "vit"}}
+    (hf_dir / "config.json").write_text(json.dumps(old))
+    with torch.no_grad():
+        assert (cc.load(hf_dir)(x).logits - ref).abs().max() <= 1e-5
+
+
+# -- 7. timm-source checkpoints through transformers remote code ---------------------------------------
+
+def test_timm_checkpoint_through_remote_code_hidden_states_checkpointing_embeddings(tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    final, d = _timm_dir(tmp_path)
+    hub = AutoModelForImageClassification.from_pretrained(d, trust_remote_code=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = hub(x, output_hidden_states=True)
+        assert len(out.hidden_states) == len(final.blocks) + 1
+        assert (hub.norm(out.hidden_states[-1]) - final.forward_features(x)).abs().max() <= 1e-5
+        assert (out.logits - final(x)).abs().max() <= 1e-5
+    assert hub.get_input_embeddings() is hub.patch_embed
+    with pytest.raises(ValueError, match="output_attentions"):
+        hub(x, output_attentions=True)
+
+    def grads(model):
+        model.zero_grad()
+        model(x).logits.pow(2).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    hub.train()
+    plain = grads(hub)
+    hub.gradient_checkpointing_enable()
+    assert hub.is_gradient_checkpointing
+    calls = []
+    handle = hub.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    ckpt = grads(hub)
+    handle.remove()
+    assert len(calls) == 2                      # the block ran again in backward: checkpointed
+    assert plain.keys() == ckpt.keys() and all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain)
+
+
+# -- 12. engines beyond DDP ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])
+def test_distill_refuses_sharded_engines_in_one_line(engine):
+    from accelerate.utils import DistributedType
+    from torch.utils.data import TensorDataset
+
+    from castle_convert.data import DataBundle
+    from castle_convert.distill.loop import EngineUnsupported, distill
+    from castle_convert.recipes import load_recipe
+
+    class Sharded:                                # what an Accelerator launched with that plugin reports
+        distributed_type = getattr(DistributedType, engine)
+
+    teacher = FAMILIES[0].build()
+    ds = TensorDataset(torch.randn(8, 3, 32, 32), torch.arange(8) % 10)
+    data = DataBundle(name="t", train=ds, val=ds, num_classes=10, classes=[str(i) for i in range(10)])
+    with pytest.raises(EngineUnsupported, match=f"does not run under {engine}.*--multi_gpu.*GateSchedule") as e:
+        distill(teacher, cc.convert(teacher), data, load_recipe("toy", ["transfer.steps=0"]), accelerator=Sharded(),
+                progress=False)
+    assert "\n" not in str(e.value) and isinstance(e.value, cc.ConfigError)      # the CLI prints it in one line

@@ -246,7 +246,7 @@ def test_model_card(published):
     text = (Path(cases["fmnist_vit"]["dir"]) / "README.md").read_text()
     card = validate_card(text)
     data = card.data.to_dict()
-    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "image-classification"
+    assert data["library_name"] == "timm" and data["pipeline_tag"] == "image-classification"
     assert {"castling-vit", "linear-attention"} <= set(data["tags"])
     assert data["datasets"] == ["zalando-datasets/fashion_mnist"] and data["metrics"] == ["accuracy"]
     metrics = data["model-index"][0]["results"][0]["metrics"]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from castle_convert.config import ConfigError
 from castle_convert.convert import finalize, primary_output, set_schedule, training_forms
 from castle_convert.data import DataBundle, DataError, Materialized
 from castle_convert.distill import losses
@@ -114,6 +115,23 @@ def _accelerator(recipe: Recipe, work_dir: Optional[Path], grad_accum: int):
                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
 
 
+class EngineUnsupported(ConfigError):
+    """An Accelerate engine cc.distill does not run (FSDP / DeepSpeed / Megatron): a launch-configuration
+    error (a ConfigError, so the CLI reports it in one line)."""
+
+
+def check_engine(accelerator) -> None:
+    """cc.distill runs on one process or DDP (``accelerate launch --multi_gpu`` / multi-CPU). FSDP and
+    DeepSpeed shard the parameters: the end-of-run finalize and save need the gathered model, and
+    DeepSpeed takes gradient clipping from its own config (the recipe's ``clip_grad`` would be ignored)."""
+    engine = str(getattr(getattr(accelerator, "distributed_type", None), "value", "")).upper()
+    if engine in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA_FSDP"):
+        raise EngineUnsupported(
+            f"cc.distill does not run under {engine}: launch it on one process or with DDP (accelerate launch "
+            "--multi_gpu, no --use_fsdp/--use_deepspeed; a ViT student fits on one device). For a sharded run use "
+            "your own loop with cc.GateSchedule, gather the full state dict, then cc.finalize on one process")
+
+
 def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Recipe, *,
             work_dir: Optional[Path] = None, resume: bool = False, progress: bool = True,
             on_step: Optional[Callable[[int], None]] = None, accelerator=None) -> DistillResult:
@@ -144,6 +162,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
                           f"save_every={recipe.save_every} steps)")
 
     accelerator = accelerator or _accelerator(recipe, work_dir, opt.grad_accum)
+    check_engine(accelerator)
     set_seed(recipe.seed)
     world = accelerator.num_processes
     if opt.batch_size % (world * opt.grad_accum):

@@ -111,7 +111,8 @@ def front_matter(config: dict, report: dict, model_name: str) -> "Any":
                 results.append(EvalResult(task_type="image-classification", dataset_type=ds_id or ds_name,
                                           dataset_name=ds_name, dataset_split=split,
                                           metric_type="accuracy", metric_value=value, metric_name=label))
-    kwargs = dict(library_name="transformers",
+    # timm sources load with timm.create_model("hf-hub:REPO") (transformers remote code stays a documented route)
+    kwargs = dict(library_name="timm" if src.get("library") == "timm" else "transformers",
                   pipeline_tag="image-feature-extraction" if headless else "image-classification",
                   tags=tags, metrics=(["cosine_similarity"] if headless else ["accuracy"]) if results else None,
                   datasets=[ds_id] if ds_id else None)

@@ -106,6 +106,22 @@ def config_from_metadata(metadata: dict[str, str], file: Path) -> dict:
     return config
 
 
+# config.json keys castle-convert adds around a transformers source's own config fields
+_CASTLE_KEYS = ("model_type", "format_version", "castle_convert_version", "castling", "converted_modules", "source",
+                "castle_headless", "dtype", "architectures", "auto_map", "transformers_version", "timm_vit")
+
+
+def full_source(config: dict) -> dict:
+    """``config['source']`` with a transformers source's ``config`` (format 2 keeps the base config's fields
+    at the top level of config.json only; older directories also repeat them under ``source.config``)."""
+    source = dict(config["source"])
+    if source.get("library") == "transformers" and "config" not in source:
+        base = {k: v for k, v in config.items() if k not in _CASTLE_KEYS}
+        source["config"] = {**base, "model_type": source.get("model_type"),
+                            "architectures": list(source.get("architectures") or [])}
+    return source
+
+
 def build_converted(config: dict, *, device: Any = "cpu") -> nn.Module:
     """The converted, finalized architecture ``config`` describes — random weights, no calibration."""
     from castle_convert.config import CastlingConfig
@@ -114,7 +130,7 @@ def build_converted(config: dict, *, device: Any = "cpu") -> nn.Module:
 
     # written before ref_tokens existed: the plain sum (never the calibration-size default)
     castling = CastlingConfig.from_dict({"ref_tokens": 0, **config["castling"]})
-    base = build_source(config["source"], device=device)
+    base = build_source(full_source(config), device=device)
     converted = set(config.get("converted_modules") or [])
     filter_fn = (lambda m, fqn: fqn in converted) if converted else None
     model = convert(base, castling, inplace=True, filter_fn=filter_fn, gamma_init="one")

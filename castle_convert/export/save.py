@@ -42,6 +42,7 @@ HUB_FILES = {
 }
 # Keys of ``source`` that describe provenance (kept from a loaded model / the caller).
 _PROVENANCE = ("builtin", "model", "base_model", "license")
+TRAINING_ONLY = ("gate", "threshold", "gamma_init")       # CastlingConfig fields the inference form does not use
 _HF_BASE = {"vit": "ViTModel", "deit": "DeiTModel", "dinov2": "Dinov2Model",
             "dinov2_with_registers": "Dinov2WithRegistersModel"}
 
@@ -156,10 +157,14 @@ def build_config(model: nn.Module, *, source: dict, labels: Optional[list[str]],
         config.update({k: v for k, v in source["config"].items() if k not in (
             "model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype",
             "torch_dtype")})
+    # the inference form's settings only: gate / threshold / gamma_init describe training (the loader's
+    # CastlingConfig fills their defaults; older directories that have them still load)
+    castling = {k: v for k, v in model.castling_config.to_dict().items() if k not in TRAINING_ONLY}
+    # transformers sources: the base config's fields are the top level, not repeated under source.config
+    src = {k: v for k, v in source.items() if k != "config"} if source["library"] == "transformers" else source
     config.update(model_type="castling_vit", format_version=FORMAT_VERSION, castle_convert_version=__version__,
-                  castling=model.castling_config.to_dict(),
-                  converted_modules=list(getattr(model, "castling_converted", None) or []),
-                  source=source, castle_headless=headless, dtype=str(dtype).replace("torch.", ""))
+                  castling=castling, converted_modules=list(getattr(model, "castling_converted", None) or []),
+                  source=src, castle_headless=headless, dtype=str(dtype).replace("torch.", ""))
     if remote_code:
         arch, auto_map = _hub_classes(model, source, headless)
         config.update(architectures=[arch], auto_map=auto_map)

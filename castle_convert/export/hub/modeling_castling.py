@@ -303,6 +303,7 @@ class CastlingTimmViTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "castling_timm_vit"          # never a key prefix: keys are timm's
     main_input_name = "pixel_values"
     _no_split_modules = ["_Block"]
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: CastlingViTConfig):
         super().__init__(config)
@@ -340,7 +341,11 @@ class CastlingTimmViTPreTrainedModel(PreTrainedModel):
         self.head = nn.Linear(D, n) if n > 0 else nn.Identity()
         if spec.get("distilled"):
             self.head_dist = nn.Linear(D, n) if n > 0 else nn.Identity()
+        self.gradient_checkpointing = False          # transformers' gradient_checkpointing_enable() sets it
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.patch_embed
 
     def _init_weights(self, module: nn.Module) -> None:
         _init_castling_weights(module)
@@ -366,13 +371,26 @@ class CastlingTimmViTPreTrainedModel(PreTrainedModel):
             return torch.cat(prefix + [x + pos], dim=1)
         return torch.cat(prefix + [x], dim=1) + pos
 
-    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """All tokens after the final norm, (B, N, D) — timm's ``forward_features``."""
+    def forward_features(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
+        """All tokens after the final norm, (B, N, D) — timm's ``forward_features``; with
+        ``output_hidden_states`` also the embeddings and every block's output (transformers' convention)."""
         x, hw = self.patch_embed(pixel_values)
         x = self.norm_pre(self._pos_embed(x, hw))
+        hidden = [x] if output_hidden_states else None
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x, hw)
-        return self.norm(x)
+            x = self._gradient_checkpointing_func(blk.__call__, x, hw) if checkpointing else blk(x, hw)
+            if hidden is not None:
+                hidden.append(x)
+        x = self.norm(x)
+        return (x, tuple(hidden)) if output_hidden_states else x
+
+    def _flags(self, output_hidden_states: Optional[bool], output_attentions: Optional[bool]) -> bool:
+        if output_attentions or (output_attentions is None and getattr(self.config, "output_attentions", False)):
+            raise ValueError("output_attentions=True: castling linear attention never forms the N×N attention map, "
+                             "so there are no attention weights to return (use output_hidden_states=True)")
+        return bool(output_hidden_states if output_hidden_states is not None
+                    else getattr(self.config, "output_hidden_states", False))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """timm's ``forward_head``: pool, fc_norm, classifier (averaged with head_dist if distilled)."""
@@ -407,21 +425,33 @@ class CastlingTimmViTForImageClassification(CastlingTimmViTPreTrainedModel):
     """Logits equal the timm model's ``model(x)``."""
 
     def forward(self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                return_dict: Optional[bool] = None, **kwargs):
-        logits = self.forward_head(self.forward_features(pixel_values))
+                return_dict: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
+                output_attentions: Optional[bool] = None, **kwargs):
+        hidden = None
+        if self._flags(output_hidden_states, output_attentions):
+            x, hidden = self.forward_features(pixel_values, output_hidden_states=True)
+        else:
+            x = self.forward_features(pixel_values)
+        logits = self.forward_head(x)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float(), labels.to(logits.device))
-        return _return(return_dict, self.config, ImageClassifierOutput(loss=loss, logits=logits))
+        return _return(return_dict, self.config, ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden))
 
 
 class CastlingTimmViTModel(CastlingTimmViTPreTrainedModel):
     """Feature extractor: ``last_hidden_state`` = timm ``forward_features`` (B, N, D),
     ``pooler_output`` = timm ``forward_head(..., pre_logits=True)`` (what a headless timm model returns)."""
 
-    def forward(self, pixel_values: torch.Tensor, return_dict: Optional[bool] = None, **kwargs):
-        x = self.forward_features(pixel_values)
-        out = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=self.forward_head(x, pre_logits=True))
+    def forward(self, pixel_values: torch.Tensor, return_dict: Optional[bool] = None,
+                output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None, **kwargs):
+        hidden = None
+        if self._flags(output_hidden_states, output_attentions):
+            x, hidden = self.forward_features(pixel_values, output_hidden_states=True)
+        else:
+            x = self.forward_features(pixel_values)
+        out = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=self.forward_head(x, pre_logits=True),
+                                         hidden_states=hidden)
         return _return(return_dict, self.config, out)
 
 
