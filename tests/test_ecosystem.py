@@ -126,19 +126,20 @@ def test_hf_save_pretrained_inference_form_writes_castle_directory(tmp_path):
     from transformers import AutoModelForImageClassification
 
     final = cc.finalize(_annealed(BY_ID["hf-vit"].build())).eval()
-    final.save_pretrained(tmp_path / "d", safe_serialization=True)        # transformers' own call
+    # (not "d": transformers caches remote-code classes by the directory's name within a process)
+    final.save_pretrained(tmp_path / "hf_d", safe_serialization=True)     # transformers' own call
     import json
-    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    config = json.loads((tmp_path / "hf_d" / "config.json").read_text())
     assert config["model_type"] == "castling_vit" and "castling" in config
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = final(x).logits
-        hub = AutoModelForImageClassification.from_pretrained(tmp_path / "d", trust_remote_code=True).eval()
+        hub = AutoModelForImageClassification.from_pretrained(tmp_path / "hf_d", trust_remote_code=True).eval()
         assert (hub(x).logits - ref).abs().max() <= 1e-5
-        assert (cc.load(tmp_path / "d")(x).logits - ref).abs().max() <= 1e-5
+        assert (cc.load(tmp_path / "hf_d")(x).logits - ref).abs().max() <= 1e-5
     from castle_convert.export.save import OutputExistsError
     with pytest.raises(OutputExistsError, match="overwrite=True"):
-        final.save_pretrained(tmp_path / "d")                               # never clobbers a directory silently
+        final.save_pretrained(tmp_path / "hf_d")                            # never clobbers a directory silently
     with pytest.raises(cc.ExportError, match="push_to_hub"):
         final.save_pretrained(tmp_path / "e", push_to_hub=True)
 
@@ -426,3 +427,15 @@ def test_distill_refuses_sharded_engines_in_one_line(engine):
         distill(teacher, cc.convert(teacher), data, load_recipe("toy", ["transfer.steps=0"]), accelerator=Sharded(),
                 progress=False)
     assert "\n" not in str(e.value) and isinstance(e.value, cc.ConfigError)      # the CLI prints it in one line
+
+
+def test_hf_remote_code_refuses_output_attentions(tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    final = cc.finalize(_annealed(BY_ID["hf-vit"].build()))
+    d = cc.save_pretrained(final, tmp_path / "hf_h")
+    hub = AutoModelForImageClassification.from_pretrained(d, trust_remote_code=True).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="output_attentions"):
+        hub(x, output_attentions=True)
+    assert len(hub(x, output_hidden_states=True).hidden_states) == 3

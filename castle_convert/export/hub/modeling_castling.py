@@ -541,12 +541,20 @@ def _castling_swap_hf(model: PreTrainedModel, config) -> None:
         setattr(base.get_submodule(parent) if parent else base, child, new)
 
 
+def _refuse_attentions(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    if kwargs.get("output_attentions") or (kwargs.get("output_attentions") is None
+                                          and getattr(module.config, "output_attentions", False)):
+        raise ValueError("output_attentions=True: castling linear attention never forms the N×N attention map, so "
+                         "there are no attention weights to return (use output_hidden_states=True)")
+
+
 def _hf_class(name: str):
     base_cls = getattr(transformers, name)
 
     def __init__(self, config):
         base_cls.__init__(self, config)
         _castling_swap_hf(self, config)
+        self.register_forward_pre_hook(_refuse_attentions, with_kwargs=True)
 
     def _init_weights(self, module):
         if isinstance(module, (CastlingAttention, CastlingSeparableAttention, _DWConv)):
