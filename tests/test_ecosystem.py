@@ -59,6 +59,13 @@ def test_gate_schedule_plain_loop(kind):
     assert again.gate == 0.0
 
 
+def test_attention_transfer_alone_counts_as_training_at_gate_zero():
+    teacher = FAMILIES[0].build()
+    student = cc.convert(teacher)
+    cc.attention_transfer(teacher, student, [torch.randn(4, 3, 32, 32) for _ in range(2)], steps=2, progress=False)
+    assert cc.finalize(student).castling_parity <= 1e-4          # stage 1 trains each layer at gate 0
+
+
 def test_gate_schedule_timm_style_and_errors():
     student = cc.convert(FAMILIES[0].build())
     s = cc.GateSchedule(student, total_epochs=4, updates_per_epoch=5, end=0.5)
