@@ -129,6 +129,28 @@ def test_hf_save_pretrained_training_form_refused(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_trainer_checkpoints_of_the_training_form_resume_and_do_not_load_as_a_vit(tmp_path):
+    from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
+
+    f = BY_ID["hf-vit"]
+    data = [{"pixel_values": torch.randn(3, 32, 32), "labels": i % 10} for i in range(16)]
+
+    def trainer(student, steps):
+        args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=steps, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="steps", save_steps=3,
+                                 logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+        return Trainer(model=student, args=args, train_dataset=data, callbacks=[cc.CastlingTrainerCallback(end=0.5)])
+
+    trainer(cc.convert(f.build()), 3).train()                   # Trainer's default: checkpoints by steps
+    ckpt = tmp_path / "run" / "checkpoint-3"
+    assert (ckpt / "model.safetensors").is_file() and not (ckpt / "config.json").exists()
+    with pytest.raises((OSError, ValueError)):                   # no config.json: never a plain ViT, random attention
+        AutoModelForImageClassification.from_pretrained(ckpt)
+    resumed = cc.convert(f.build())
+    trainer(resumed, 6).train(resume_from_checkpoint=str(ckpt))
+    assert cc.finalize(resumed).castling_parity <= 1e-4
+
+
 def test_hf_save_pretrained_inference_form_writes_castle_directory(tmp_path):
     from transformers import AutoModelForImageClassification
 

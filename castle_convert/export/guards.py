@@ -29,8 +29,19 @@ _CC_KWARGS = ("recipe", "report", "overwrite", "labels", "base_model", "source",
 
 TRAINING_FORM_SAVE = ("this is castle-convert's training form, and transformers' save_pretrained/push_to_hub would "
                       "write a plain ViT that reloads with random attention weights: after training call "
-                      "cc.save_pretrained(cc.finalize(model), DIR) (checkpoint a run in progress with "
-                      "torch.save(model.state_dict()) / accelerate's save_state, or Trainer(save_strategy='no'))")
+                      "cc.save_pretrained(cc.finalize(model), DIR); a run in progress checkpoints with "
+                      "save_pretrained(DIR, state_dict=model.state_dict()) (weights only, as Trainer does) or "
+                      "accelerate's save_state")
+CHECKPOINT_NOTE = """# castle-convert training checkpoint
+
+Weights of a castle-convert **training form** (softmax auxiliary branch still inside), written by
+`save_pretrained(DIR, state_dict=...)` as `transformers.Trainer` checkpoints do. There is deliberately
+no `config.json`: `from_pretrained` of this folder would otherwise build a plain softmax ViT.
+
+* resume: `Trainer.train(resume_from_checkpoint=DIR)`, or
+  `model.load_state_dict(safetensors.torch.load_file(DIR + "/model.safetensors"))` on `cc.convert(base)`;
+* publish: `cc.save_pretrained(cc.finalize(model), OUT)` after the anneal.
+"""
 
 
 def _refuse_training_form(model: nn.Module) -> None:
@@ -40,10 +51,34 @@ def _refuse_training_form(model: nn.Module) -> None:
         raise ExportError(TRAINING_FORM_SAVE)
 
 
+def _training_checkpoint(save_directory, state_dict: dict) -> Path:
+    """Weights-only checkpoint of a training form (what Trainer resumes from); no config.json."""
+    from safetensors.torch import save_file
+    from castle_convert.export.save import ExportError
+    path = Path(save_directory)
+    if (path / "config.json").exists():                 # from_pretrained would read it as a plain model
+        raise ExportError(f"{path} has a config.json: a training-form checkpoint goes to a directory without one "
+                          "(from_pretrained would build a plain softmax ViT from it)")
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt", "castle_convert_training_form": "1"})
+    (path / "README.md").write_text(CHECKPOINT_NOTE)
+    return path
+
+
 def save_pretrained(self: nn.Module, save_directory, *args: Any, **kwargs: Any) -> Optional[Path]:
-    """transformers' ``save_pretrained`` on a converted model: :func:`castle_convert.save_pretrained`."""
+    """transformers' ``save_pretrained`` on a converted model: :func:`castle_convert.save_pretrained` for the
+    inference form; for the training form a weights-only checkpoint when a ``state_dict`` keyword is passed
+    (as Trainer's checkpoints do), else an error naming the call to make."""
+    from castle_convert.convert import training_forms
     from castle_convert.export.save import ExportError
     from castle_convert.export.save import save_pretrained as cc_save
+    if training_forms(self) and "state_dict" in kwargs and not args and not kwargs.get("push_to_hub"):
+        # Trainer's checkpoints pass state_dict (None: the model's own) explicitly
+        if kwargs.get("is_main_process", True) is False:
+            return None
+        state = kwargs["state_dict"]
+        return _training_checkpoint(save_directory, state if state is not None else self.state_dict())
     _refuse_training_form(self)
     if args:
         raise ExportError("save_pretrained of a castle-convert model takes the directory only, plus keyword "
