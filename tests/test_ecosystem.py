@@ -264,6 +264,9 @@ def test_timm_features_only_route_and_save(tmp_path):
         with torch.no_grad():
             out = feats(x)
         assert len(out) == 2 and all((a - b).abs().max() <= 1e-5 for a, b in zip(out, ref))
+    fresh = timm.create_model("castle_test_vit", features_only=True, out_indices=(1,), img_size=32, patch_size=8,
+                              embed_dim=32, depth=2, num_heads=2)                       # no weights: random
+    assert len(fresh(x)) == 1 and type(fresh).__name__ == "FeatureGetterNet"
     cc.save_pretrained(feats, tmp_path / "feats")                        # the features model itself
     back = cc.load(tmp_path / "feats")
     with torch.no_grad():
