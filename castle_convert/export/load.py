@@ -97,7 +97,8 @@ def config_from_metadata(metadata: dict[str, str], file: Path) -> dict:
     raw = metadata.get(METADATA_KEY)
     if raw is None:
         raise CheckpointError(f"{file} has no '{METADATA_KEY}' metadata: it was not written by castle-convert's "
-                              "save_pretrained (format 2 or later)")
+                              "save_pretrained (format 2 or later), e.g. plain weights saved by torch or timm: write "
+                              "the model with cc.save_pretrained(model, DIR) and load DIR")
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as e:
