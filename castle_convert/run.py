@@ -70,6 +70,9 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
             if state.is_main_process:
                 shutil.rmtree(work_dir)
         state.wait_for_everyone()
+    else:
+        from castle_convert.distill.checkpoint import check_resume
+        check_resume(work_dir, recipe.to_dict())               # the run's recipe, before any work
     t0 = time.time()
     with state.main_process_first():                            # a built-in teacher trains once
         teacher = load_model(model_spec, arch=arch, pretrained=True)
@@ -114,7 +117,8 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
         report["latency"] = _latency(teacher, result.student, int(size[0]))
         save_pretrained(result.student, output, recipe=recipe.to_yaml(), report=report,
                         source=_source(model_spec, arch), labels=data.classes if data.num_classes else None,
-                        extra_files={"logs": work_dir / "tensorboard"}, overwrite=overwrite or resume)
+                        extra_files={"logs": work_dir / "tensorboard"}, overwrite=overwrite or resume,
+                        resolution=int(size[0]) if d.resolution else None)
         shutil.rmtree(work_dir, ignore_errors=True)            # checkpoints are done with
     state.wait_for_everyone()
     return RunResult(output=output, report=report, distill=result)
@@ -126,6 +130,13 @@ def _check_resolution(teacher: nn.Module, resolution: Optional[int], recipe: Rec
     if resolution is None:
         return
     from castle_convert import adapters
+    adapter = adapters.adapter_for(teacher)
+    patches = {p for bb in (adapter.scan(teacher).backbones if adapter else []) for p in bb.patch_size if p}
+    if any(resolution % p for p in patches):
+        p = max(patches)
+        raise DataError(f"recipe '{recipe.name}': data.resolution={resolution} px is not a multiple of the model's "
+                        f"patch size ({p} px), so the border pixels would be dropped: use e.g. --set data.resolution="
+                        f"{max(p, resolution // p * p)}")
     x = adapters.example_inputs(teacher, batch=1, img_size=(resolution, resolution))
     try:
         with torch.no_grad():
