@@ -310,15 +310,19 @@ def load_pair(spec: str, *, arch: Optional[str] = None, kind: Optional[str] = No
 
     path = Path(spec).expanduser()
     cfg_file = path / "config.json"
-    if path.is_dir() and cfg_file.is_file() and "castling" in json.loads(cfg_file.read_text()):
-        from castle_convert.export.load import load, read_config
+    if path.is_dir() and cfg_file.is_file() and "castling" in cfg_file.read_text(errors="replace"):
+        from castle_convert.export.load import CheckpointError, load, read_config
         from castle_convert.export.source import build_source
         config = read_config(path)
         saved_kind = config["castling"].get("kind")
         if kind and kind != saved_kind:
             raise BenchError(f"{path} holds a converted model with attention kind '{saved_kind}'; drop "
                              f"--attention {kind}, or bench the original model with it")
-        return build_source(config["source"]).eval(), load(path)
+        converted = load(path)
+        try:
+            return build_source(config["source"]).eval(), converted
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"cannot rebuild the source architecture in {cfg_file}: {e}") from None
     return load_model(spec, arch=arch, pretrained=False), None
 
 

@@ -66,6 +66,8 @@ class TransferSection:
     lr: float = 3e-4
     weight_decay: float = 0.0
     train: str = "attention"            # replacement | qk | attention: what learns besides the new parameters
+    load_from: str = ""                 # a finished stage 1 to reuse instead of running one: the stage1/ folder
+                                        # of an earlier run (OUTPUT.run/stage1 or a copy); recorded in the report
 
 
 @dataclass
@@ -165,9 +167,10 @@ class Recipe:
             _, auto_k = self.castling.keep_softmax_spec()
         except RecipeError as e:
             raise RecipeError(f"recipe '{self.name}': {e}") from None
-        if auto_k and not self.transfer.steps:
+        if auto_k and not (self.transfer.steps or self.transfer.load_from):
             raise bad("castling.keep_softmax", self.castling.keep_softmax,
-                      "auto:K ranks layers by their stage-1 error: set transfer.steps > 0 too, or list indices")
+                      "auto:K ranks layers by their stage-1 error: set transfer.steps > 0 (or transfer.load_from) "
+                      "too, or list indices")
         if not 0.0 <= self.distill.alpha <= 1.0:
             raise bad("distill.alpha", self.distill.alpha, "use a value in [0, 1]")
         a = self.castling.anneal

@@ -75,6 +75,7 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
         check_resume(work_dir, recipe.to_dict())               # the run's recipe, before any work
     t0 = time.time()
     with state.main_process_first():                            # a built-in teacher trains once
+        _check_convertible(model_spec, arch, recipe)
         teacher = load_model(model_spec, arch=arch, pretrained=True)
     teacher.eval()
     d = recipe.data
@@ -124,14 +125,27 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
     return RunResult(output=output, report=report, distill=result)
 
 
+def _check_convertible(model_spec: str, arch: Optional[str], recipe: Recipe) -> None:
+    """The architecture alone (no weights read or downloaded): a model with nothing to convert, or a
+    recipe that does not fit it, is named before its weights are looked for."""
+    from castle_convert import zoo
+    from castle_convert.convert import ConversionError
+    if model_spec in zoo.BUILTINS:
+        return
+    keep, _ = recipe.castling.keep_softmax_spec()
+    report = inspect(load_model(model_spec, arch=arch, pretrained=False), recipe.castling.to_config(),
+                     keep_softmax=keep)
+    if report.error:
+        raise ConversionError(f"cannot convert {model_spec}: {report.error}")
+
+
 def _check_resolution(teacher: nn.Module, resolution: Optional[int], recipe: Recipe) -> None:
     """The recipe's ``data.resolution`` must be one the teacher accepts (a fixed-size timm / transformers
     ViT takes only its own): one probe forward, a one-line error before any work."""
     if resolution is None:
         return
     from castle_convert import adapters
-    adapter = adapters.adapter_for(teacher)
-    patches = {p for bb in (adapter.scan(teacher).backbones if adapter else []) for p in bb.patch_size if p}
+    patches = adapters.patch_sizes(teacher)
     if any(resolution % p for p in patches):
         p = max(patches)
         raise DataError(f"recipe '{recipe.name}': data.resolution={resolution} px is not a multiple of the model's "

@@ -329,25 +329,24 @@ def run_stage1(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe:
     indices, auto_k = recipe.castling.keep_softmax_spec()
     converted = set(_converted_paths(student))
     explicit = kept_softmax_paths(teacher, indices)
-    if not tr.steps and not indices:
+    if not tr.steps and not tr.load_from and not indices:
         return None
     folder = work_dir / STAGE1_DIR if work_dir else None
     if any(p in converted for p in explicit):        # cc.distill of a student converted without them
         restore_softmax(student, teacher, [p for p in explicit if p in converted])
     if resume and folder and (folder / STAGE1_REPORT).is_file():
-        report = json.loads((folder / STAGE1_REPORT).read_text())
-        try:
-            student.load_state_dict(load_file(str(folder / STAGE1_WEIGHTS), device=str(accelerator.device)))
-        except (RuntimeError, OSError) as e:
-            raise ResumeError(f"--resume: the stage-1 checkpoint in {folder} does not fit this student (was the "
-                              f"recipe's castling section changed?): pass --overwrite to start over ({str(e)[:160]})"
-                              ) from None
+        report = _load_stage1(folder, student, accelerator, "--resume: the stage-1 checkpoint in")
         accelerator.print(f"stage 1: loaded from {folder} (resumed)")
         errors = (report.get("transfer") or {}).get("errors")
         kept = list(explicit) + _auto_keep(student, teacher, errors, auto_k, explicit, accelerator)
         return {**report, "kept_softmax": kept}
     result = None
-    if tr.steps:
+    if tr.load_from:                                  # an earlier run's stage 1, reused (recorded as such)
+        source = Path(tr.load_from).expanduser()
+        loaded = _load_stage1(source, student, accelerator, "transfer.load_from:")
+        transfer = {**(loaded.get("transfer") or {}), "loaded_from": str(source)}
+        accelerator.print(f"stage 1: loaded from {source} (transfer.load_from), not recomputed")
+    elif tr.steps:
         world, rank = accelerator.num_processes, accelerator.process_index
         shard = data.train if world == 1 else torch.utils.data.Subset(data.train, range(rank, len(data.train), world))
         workers = 0 if isinstance(data.train, Materialized) else recipe.data.workers
@@ -362,7 +361,11 @@ def run_stage1(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe:
                                     progress=progress)
         accelerator.print("stage 1: per-layer normalized error (held-out images, gate 0)\n" + result.format() +
                           f"\nstage 1 took {result.wall_time_s:.0f}s ({result.images} images)")
-    report = {"transfer": result.to_dict() if result else None, "recipe": recipe.to_dict()}
+    else:
+        transfer = None
+    if not tr.load_from:
+        transfer = result.to_dict() if result else None
+    report = {"transfer": transfer, "recipe": recipe.to_dict()}
     if folder and accelerator.is_main_process:      # before the auto:K choice: a resume (or another K) redoes it
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()},
@@ -370,9 +373,28 @@ def run_stage1(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe:
         (folder / (STAGE1_WEIGHTS + ".tmp")).replace(folder / STAGE1_WEIGHTS)
         (folder / STAGE1_REPORT).write_text(json.dumps(report, indent=2))      # written last: marks it done
     accelerator.wait_for_everyone()
-    kept = list(explicit) + _auto_keep(student, teacher, result.errors if result else None, auto_k, explicit,
+    kept = list(explicit) + _auto_keep(student, teacher, (transfer or {}).get("errors"), auto_k, explicit,
                                        accelerator)
     return {**report, "kept_softmax": kept}
+
+
+def _load_stage1(folder: Path, student: nn.Module, accelerator, what: str) -> dict:
+    """The stage1.json record of ``folder`` after loading its student into ``student`` (one-line errors)."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        report = json.loads((folder / STAGE1_REPORT).read_text())
+        student.load_state_dict(load_file(str(folder / STAGE1_WEIGHTS), device=str(accelerator.device)))
+    except (RuntimeError, OSError, ValueError, SafetensorError) as e:
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ResumeError(f"{what} {folder} holds no stage-1 result that fits this student ({detail}): it must be "
+                          "the stage1/ folder of a run with the same model and castling section; or start over with "
+                          "--overwrite") from None
+    if not isinstance(report, dict):
+        raise ResumeError(f"{what} {folder / STAGE1_REPORT} is not a stage-1 record: start over with --overwrite")
+    return report
 
 
 def _auto_keep(student: nn.Module, teacher: nn.Module, errors: Optional[dict], k: int, explicit: list[str],
