@@ -118,10 +118,22 @@ def kept_softmax_paths(model: nn.Module, keep_softmax: list[int], filter_fn: Opt
     return [names[int(i)] for i in keep_softmax]
 
 
+def _keep_indices(keep_softmax: Any) -> list[int]:
+    """``keep_softmax`` as layer indices: a list, or a string such as ``"0,11"`` (not ``auto:K``)."""
+    if keep_softmax is None or isinstance(keep_softmax, (list, tuple)):
+        return list(keep_softmax or [])
+    from castle_convert.recipes import parse_keep_softmax
+    indices, auto_k = parse_keep_softmax(keep_softmax)
+    if auto_k:
+        raise ValueError(f"keep_softmax={keep_softmax!r}: auto:K ranks layers by stage-1 errors, so it applies to a "
+                         "distillation recipe (castling.keep_softmax); here pass layer indices such as [0, 11]")
+    return indices
+
+
 def keep_softmax_filter(model: nn.Module, keep_softmax: Optional[list[int]],
                         filter_fn: Optional[FilterFn] = None) -> Optional[FilterFn]:
     """A filter_fn that leaves the attentions at ``keep_softmax`` as softmax (see :func:`kept_softmax_paths`)."""
-    kept = set(kept_softmax_paths(model, keep_softmax or [], filter_fn))
+    kept = set(kept_softmax_paths(model, _keep_indices(keep_softmax), filter_fn))
     if not kept:
         return filter_fn
     return lambda name, m: name not in kept and (filter_fn is None or filter_fn(name, m))
@@ -384,6 +396,8 @@ def inspect(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
     from castle_convert.bench import count_macs
 
     _require_module(model, "inspect")
+    if img_size is not None and not all(isinstance(v, int) and v > 0 for v in img_size):
+        raise ValueError(f"img_size={img_size!r}: use positive (height, width) in pixels")
     config = _resolve_config(config, **overrides)
     meta = copy.deepcopy(model).to("meta")
     try:

@@ -124,7 +124,11 @@ def _timm_from_dir(path: Path, pretrained: bool, **kwargs) -> nn.Module:
     import timm
     if pretrained and not any((path / n).exists() for n in ("model.safetensors", "pytorch_model.bin")):
         raise ModelLoadError(f"{path} has a timm config.json but no model.safetensors / pytorch_model.bin")
-    return timm.create_model(f"local-dir:{path}", pretrained=pretrained, **kwargs)
+    try:
+        return timm.create_model(f"local-dir:{path}", pretrained=pretrained, **kwargs)
+    except Exception as e:  # noqa: BLE001 - timm reports unknown architectures / bad files in many types
+        raise ModelLoadError(f"cannot load the timm model folder {path}: {_first_line(e)} (config.json names "
+                             "the architecture; model.safetensors holds its weights)") from None
 
 
 def _unknown_message(name: str) -> str:

@@ -17,6 +17,7 @@ from torch import nn
 
 from castle_convert.convert import convert, inspect
 from castle_convert.data import DataError, build_data
+from castle_convert.distill.evaluate import head_classes
 from castle_convert.distill.loop import DistillResult, ResumeError, distill, process_state
 from castle_convert.export.save import check_output_dir, report_versions, save_pretrained
 from castle_convert.models import load_model
@@ -59,6 +60,9 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
         raise DataError(f"no --data given and recipe '{recipe.name}' names no dataset: pass --data DIR "
                         "(train/ and val/ image folders), --data hf:NAME or --data fashion-mnist")
     output = Path(output) if output else default_output(model_spec, recipe)
+    if not output.name or output.name in (".", ".."):
+        from castle_convert.export.save import ExportError
+        raise ExportError(f"--output {str(output)!r} names no new directory: give one, e.g. --output runs/my-model")
     work_dir = output.with_name(output.name + ".run")
     state = process_state()
     if not resume:
@@ -117,7 +121,7 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
     if state.is_main_process:
         report["latency"] = _latency(teacher, result.student, int(size[0]))
         save_pretrained(result.student, output, recipe=recipe.to_yaml(), report=report,
-                        source=_source(model_spec, arch), labels=data.classes if data.num_classes else None,
+                        source=_source(model_spec, arch), labels=data.classes if head_classes(teacher) else None,
                         extra_files={"logs": work_dir / "tensorboard"}, overwrite=overwrite or resume,
                         resolution=int(size[0]) if d.resolution else None)
         shutil.rmtree(work_dir, ignore_errors=True)            # checkpoints are done with

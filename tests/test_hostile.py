@@ -165,6 +165,15 @@ def _hf_garbage(w, tmp):
     return d
 
 
+def _timm_folder(tmp, arch, weights: Optional[bytes] = None):
+    d = tmp / "timm_folder"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architecture": arch, "num_classes": 3}))
+    if weights is not None:
+        (d / "model.safetensors").write_bytes(weights)
+    return d
+
+
 def _under_file(tmp):
     (tmp / "afile").write_text("x")
     return tmp / "afile" / "out"
@@ -219,6 +228,10 @@ CASES = [
          r"model\.safetensors.*(truncated|damaged|cannot be read)"),
     Case("model-hf-config-garbage", lambda w, t: ["inspect", str(_pub(w, t, lambda d: (d / "config.json").write_text(
         "{not json")))], r"config\.json.*not valid JSON"),
+    Case("model-timm-folder-unknown-arch", lambda w, t: ["inspect", str(_timm_folder(t, "nonexistent_arch"))],
+         r"timm model folder .*Unknown model \(nonexistent_arch\)"),
+    Case("model-timm-folder-garbage-weights", lambda w, t: _distill(w, t, model=_timm_folder(t, "test_vit", b"\0" * 10)),
+         r"timm model folder .*SafetensorError", output="out"),
     # -- recipes -------------------------------------------------------------------------------
     Case("recipe-unknown-name", lambda w, t: _distill(w, t, "--recipe", "distill-99ep"), r"no recipe 'distill-99ep'",
          output="out"),
@@ -266,6 +279,7 @@ CASES = [
     Case("data-hf-offline", lambda w, t: _distill(w, t, data="hf:nobody/nothing"), r"hf:nobody/nothing", output="out"),
     # -- output / resume -----------------------------------------------------------------------
     Case("output-under-file", lambda w, t: _distill(w, t, output=_under_file(t)), r"afile is a file, not a directory"),
+    Case("output-dot", lambda w, t: _distill(w, t, output=t / ".."), r"--output '.*\.\.' names no new directory"),
     Case("resume-nothing", lambda w, t: _distill(w, t, "--resume"), r"no checkpoint to resume", output="out"),
     Case("resume-old-accelerate-format", lambda w, t: (_old_checkpoint(t), _distill(w, t, "--resume"))[1],
          r"older castle-convert in Accelerate's pickle format.*never unpickled", output="out"),
@@ -309,6 +323,8 @@ CASES = [
          r"--repeats", code=2),
     Case("bench-budget-negative", lambda w, t: ["bench", "test_vit", "--time-budget", "-1", "--resolutions", "32"],
          r"--time-budget", code=2),
+    Case("bench-resolution-not-patch-multiple", lambda w, t: ["bench", "test_vit", "--resolutions", "30"],
+         r"resolution 30 px is not a positive multiple of the model's patch size \(16 px\)"),
     Case("bench-cuda-without-gpu", lambda w, t: ["bench", "test_vit", "--device", "cuda", "--resolutions", "32"],
          r"cuda", code=1),
     Case("onnx-batch-zero", lambda w, t: ["export-onnx", str(w["published"]), "-o", str(t / "m.onnx"), "--batch", "0"],
@@ -410,6 +426,15 @@ API_CASES = [
     ("save-training-form", lambda: cc.save_pretrained(_student(), "/tmp/never-written"), cc.ExportError,
      r"finalize"),
     ("inspect-a-string", lambda: cc.inspect("deit_small"), TypeError, r"nn\.Module"),
+    ("inspect-img-size-zero", lambda: cc.inspect(timm.create_model("test_vit"), img_size=(0, 0)), ValueError,
+     r"img_size=\(0, 0\)"),
+    ("convert-keep-softmax-auto", lambda: cc.convert(timm.create_model("test_vit"), keep_softmax="auto:2"), ValueError,
+     r"auto:K.*layer indices"),
+    ("save-labels-count", lambda: cc.save_pretrained(cc.finalize(_student()), "/tmp/never-written", labels=["a"]),
+     cc.ExportError, r"labels has 1 names.*1000 classes"),
+    ("transfer-negative-steps", lambda: cc.attention_transfer(timm.create_model("test_vit"), _student(),
+                                                              [torch.randn(1, 3, 160, 160)], steps=-1),
+     ValueError, r"steps=-1"),
     ("config-bad-dw", lambda: cc.CastlingConfig(dw="3d"), cc.ConfigError, r"dw"),
     ("config-gate-range", lambda: cc.CastlingConfig(gate=2.0), cc.ConfigError, r"gate"),
     ("recipe-object-with-overrides", lambda: cc.distill(None, None, None, recipe=__import__(

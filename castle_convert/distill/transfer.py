@@ -194,6 +194,10 @@ def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable
     gradients are averaged across processes, so every process holds the same student.
     Returns the per-layer errors on ``eval_batches`` (default: the first batch) before and after.
     """
+    if not (isinstance(steps, int) and steps >= 0):
+        raise ValueError(f"steps={steps!r}: use a number of optimizer steps >= 0")
+    if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
+        raise ValueError(f"lr={lr!r}: use a finite learning rate > 0")
     paths = list(getattr(student, "castling_converted", []))
     if not paths:
         raise ValueError("student has no converted attention (castling_converted): pass cc.convert(teacher)")

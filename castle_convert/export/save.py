@@ -104,6 +104,11 @@ def _headless(model: nn.Module) -> bool:
 
 def _labels(model: nn.Module, labels: Optional[list[str]]) -> Optional[list[str]]:
     if labels is not None:
+        n = int(getattr(model, "num_classes", 0) or 0) if is_timm(model) else \
+            int(getattr(getattr(model, "config", None), "num_labels", 0) or 0)
+        if _headless(model) or len(labels) != n:
+            raise ExportError(f"labels has {len(labels)} names but the model's head has "
+                              f"{0 if _headless(model) else n} classes: pass one name per class (or none)")
         return [str(x) for x in labels]
     if is_timm(model):
         names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
