@@ -11,7 +11,7 @@ Reported, teacher vs student:
   * mean CLS cosine student/teacher at 112, 224 and 448 px;
   * the per-layer stage-1 errors and the wall time of each stage;
   * for each kind in --kinds (linear_angular, separable) and the hybrid sweep (--sweep K,...):
-    keep_softmax auto:K reuses the K = 0 run's stage 1 (stage 1 is per layer, so it is identical)
+    keep_softmax auto:K reuses the K = 0 run's stage 1 (transfer.load_from; stage 1 is per layer, so it is identical)
     and redoes stage 2; probe at 112 px, cosine at 112/224, MACs at 224 px.
 
     python benchmarks/real_model.py                       # both kinds + sweep 1,2,4
@@ -103,12 +103,11 @@ def main() -> int:
 
     def one(name: str, overrides: list[str], probe_sizes=(112, 224), cos_sizes=(112, 224, 448), stage1_from=None,
             keep_stage1=None):
-        recipe = load_recipe(args.recipe, args.overrides + overrides)
+        reuse = [f"transfer.load_from={stage1_from}"] if stage1_from is not None else []   # same stage 1
+        recipe = load_recipe(args.recipe, args.overrides + overrides + reuse)
         out = args.work / name
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(out.with_name(out.name + ".run"), ignore_errors=True)
-        if stage1_from is not None:             # reuse a finished stage 1 (per-layer: identical)
-            shutil.copytree(stage1_from, out.with_name(out.name + ".run") / "stage1")
         run_dir = out.with_name(out.name + ".run")
 
         def on_step(step: int) -> None:     # stage 1 is done by stage 2's first step: keep a copy of it
@@ -116,7 +115,7 @@ def main() -> int:
                 shutil.rmtree(keep_stage1, ignore_errors=True)
                 shutil.copytree(run_dir / "stage1", keep_stage1)
         t = time.time()
-        r = run("dinov2_small", recipe, output=out, progress=False, resume=stage1_from is not None, on_step=on_step)
+        r = run("dinov2_small", recipe, output=out, progress=False, on_step=on_step)
         wall = time.time() - t
         student = r.distill.student
         t = time.time()

@@ -235,6 +235,12 @@ def benchmark(model: nn.Module, *, converted: Optional[nn.Module] = None, resolu
         torch.set_num_threads(int(threads))
     if adapters.adapter_for(model) is None:
         raise BenchError(f"{type(model).__name__} is not a timm or transformers ViT")
+    patches = adapters.patch_sizes(model)
+    bad = [r for r in resolutions if int(r) < 1 or any(int(r) % p for p in patches)]
+    if bad:
+        raise BenchError(f"resolution {bad[0]} px is not a positive multiple of the model's patch size "
+                         f"({max(patches) if patches else '?'} px): use e.g. --resolutions "
+                         f"{','.join(str(max(p, int(r) // p * p)) for r in resolutions for p in [max(patches or {16})])}")
     model = model.eval()
     if converted is None:
         converted = finalize(convert(model, kind=kind, gamma_init="one", keep_softmax=keep_softmax), force=True)
@@ -310,15 +316,19 @@ def load_pair(spec: str, *, arch: Optional[str] = None, kind: Optional[str] = No
 
     path = Path(spec).expanduser()
     cfg_file = path / "config.json"
-    if path.is_dir() and cfg_file.is_file() and "castling" in json.loads(cfg_file.read_text()):
-        from castle_convert.export.load import full_source, load, read_config
+    if path.is_dir() and cfg_file.is_file() and "castling" in cfg_file.read_text(errors="replace"):
+        from castle_convert.export.load import CheckpointError, full_source, load, read_config
         from castle_convert.export.source import build_source
         config = read_config(path)
         saved_kind = config["castling"].get("kind")
         if kind and kind != saved_kind:
             raise BenchError(f"{path} holds a converted model with attention kind '{saved_kind}'; drop "
                              f"--attention {kind}, or bench the original model with it")
-        return build_source(full_source(config)).eval(), load(path)
+        converted = load(path)
+        try:
+            return build_source(full_source(config)).eval(), converted
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"cannot rebuild the source architecture in {cfg_file}: {e}") from None
     return load_model(spec, arch=arch, pretrained=False), None
 
 

@@ -13,7 +13,7 @@ from castle_convert.bench import BenchError
 from castle_convert.config import ConfigError
 from castle_convert.convert import ConversionError, FinalizeError
 from castle_convert.data import DataError
-from castle_convert.distill.loop import ResumeError
+from castle_convert.distill.loop import DivergenceError, ResumeError
 from castle_convert.export.card import CardError
 from castle_convert.export.load import CheckpointError
 from castle_convert.export.onnx import OnnxExportError
@@ -21,7 +21,7 @@ from castle_convert.export.push import PushError
 from castle_convert.export.save import ExportError, OutputExistsError
 from castle_convert.models import ModelLoadError
 
-USER_ERRORS = (ModelLoadError, ConversionError, FinalizeError, ConfigError, DataError, ResumeError,
+USER_ERRORS = (ModelLoadError, ConversionError, FinalizeError, ConfigError, DataError, ResumeError, DivergenceError,
                OutputExistsError, BenchError, CheckpointError, ExportError, CardError, PushError)
 
 
@@ -40,7 +40,15 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except USER_ERRORS as e:
-            raise click.ClickException(str(e)) from e
+            raise click.ClickException(_one_line(str(e))) from e
+
+
+def _one_line(message: str) -> str:
+    """A user error raised in a DataLoader worker comes back wrapped with the worker's traceback:
+    keep the error's own line."""
+    if "Original Traceback" in message:
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    return message
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -102,7 +110,8 @@ def distill_cmd(model: Optional[str], recipe_name: str, overrides: tuple[str, ..
 @main.command("inspect")
 @click.argument("model")
 @click.option("--arch", help="timm architecture of a checkpoint file MODEL.")
-@click.option("--img-size", type=int, default=None, help="Input resolution (default: the model's own).")
+@click.option("--img-size", type=click.IntRange(min=1), default=None,
+              help="Input resolution (default: the model's own).")
 @click.option("--kind", default=None, metavar="KIND",
               help="Attention kind: linear_angular (default) or separable.")
 @click.option("--dw", type=click.Choice(["2d", "1d", "none"]), default=None, help="Depthwise-conv branch.")
@@ -122,13 +131,25 @@ def inspect_cmd(model: str, arch: Optional[str], img_size: Optional[int], kind: 
 
     keep = _keep_softmax(keep_softmax)
     net = load_model(model, arch=arch, pretrained=False, img_size=img_size)
+    if img_size is not None:
+        _check_img_size(net, img_size)
     report = inspect(net, kind=kind, dw=dw, keep_softmax=keep)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
+        if report.error:
+            sys.exit(1)
+    elif report.error:
+        raise click.ClickException(f"cannot convert {model}: {report.error}")
     else:
         click.echo(report.format())
-    if report.error:
-        sys.exit(1)
+
+
+def _check_img_size(net, img_size: int) -> None:
+    from castle_convert.adapters import patch_sizes
+    bad = [p for p in patch_sizes(net) if img_size % p]
+    if bad:
+        raise click.BadParameter(f"{img_size} is not a multiple of the model's patch size ({max(bad)} px): the "
+                                 "border pixels would be dropped", param_hint="--img-size")
 
 
 def _keep_softmax(value: str) -> list[int]:
@@ -141,6 +162,19 @@ def _keep_softmax(value: str) -> list[int]:
         raise click.BadParameter("auto:K needs stage-1 errors (a distillation run); give layer indices here",
                                  param_hint="--keep-softmax")
     return indices
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """A file the command will write: its folder must be (or become) a writable directory."""
+    import os
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if path.is_dir():
+        raise click.BadParameter(f"{path} is a directory: give a file name", param_hint=option)
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"cannot write {path}: {ancestor} is "
+                                 f"{'a file' if not ancestor.is_dir() else 'not writable'}", param_hint=option)
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
@@ -160,16 +194,16 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[in
 @click.option("--batch", "batches", default="1", show_default=True, callback=_int_list,
               help="Batch sizes, comma-separated, e.g. 1,8.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--attention", "kind", default=None, help="Attention kind of the converted model (default: linear_angular).")
 @click.option("--keep-softmax", default="", metavar="I,J",
               help="Hybrid: attention layers that stay softmax in the converted model, e.g. 0,11.")
 @click.option("--arch", help="timm architecture of a checkpoint file MODEL.")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile both models before timing.")
-@click.option("--repeats", default=10, show_default=True, help="Timed calls per model and cell (at most).")
-@click.option("--warmup", default=2, show_default=True, help="Untimed calls per model and cell.")
-@click.option("--time-budget", default=30.0, show_default=True,
+@click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1), help="Timed calls per model and cell (at most).")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Untimed calls per model and cell.")
+@click.option("--time-budget", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Seconds per cell: fewer repeats (at least 3) when a cell would take longer.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the results as JSON.")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), help="Write latency vs tokens as PNG.")
@@ -187,6 +221,9 @@ def bench_cmd(model: str, resolutions: list[int], batches: list[int], device: st
     """
     from castle_convert.bench import benchmark, load_pair, plot
 
+    for path, option in ((json_out, "--json"), (plot_out, "--plot")):     # before minutes of timing
+        if path is not None:
+            _check_writable(path, option)
     net, converted = load_pair(model, arch=arch, kind=kind)
     result = benchmark(net, converted=converted, resolutions=resolutions, batches=batches, device=device, threads=threads,
                        repeats=repeats, warmup=warmup, time_budget_s=time_budget, dtype=dtype,
@@ -226,15 +263,16 @@ def push_cmd(directory: Path, repo_id: str, private: bool, dry_run: bool, token:
 @main.command("export-onnx")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="ONNX file to write.")
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")
-@click.option("--atol", "--tolerance", "atol", type=float, default=1e-4, show_default=True,
+@click.option("--opset", type=click.IntRange(min=9), default=17, show_default=True, help="ONNX opset.")
+@click.option("--atol", "--tolerance", "atol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Largest max-abs difference onnxruntime vs PyTorch that passes.")
-@click.option("--batch", type=int, default=3, show_default=True,
+@click.option("--batch", type=click.IntRange(min=1), default=3, show_default=True,
               help="Batch size of the parity check (the export itself traces batch 1; the batch axis is dynamic).")
 def export_onnx_cmd(directory: Path, output: Path, opset: int, atol: float, batch: int) -> None:
     """Export the model in DIRECTORY to ONNX and check it in onnxruntime (exit 1 above --atol)."""
     from castle_convert.export.onnx import export_onnx
 
+    _check_writable(output, "--output")
     try:
         result = export_onnx(directory, output, opset=opset, atol=atol, check_batch=batch)
     except OnnxExportError as e:

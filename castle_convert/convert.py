@@ -7,6 +7,7 @@ the style of timm's ``reparameterize_model`` (each training form knows its infer
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
@@ -74,9 +75,25 @@ def training_forms(model: nn.Module) -> list[tuple[str, CastlingTrainingForm]]:
     return [(n, m) for n, m in castling_modules(model) if isinstance(m, CastlingTrainingForm)]
 
 
-def set_schedule(model: nn.Module, gate: float, threshold: float) -> None:
-    """Set the auxiliary gate g_t and mask threshold τ_t (units of 1/N) of every training form."""
-    for _, m in training_forms(model):
+def _require_module(model: Any, call: str) -> None:
+    if not isinstance(model, nn.Module):
+        hint = (f": build it first, e.g. castle_convert.models.load_model({model!r}) or timm.create_model({model!r})"
+                if isinstance(model, str) else "")
+        raise TypeError(f"{call}() takes an nn.Module (a timm or transformers ViT), got {type(model).__name__}{hint}")
+
+
+def set_schedule(model: nn.Module, gate: float, threshold: float = 0.0) -> None:
+    """Set the auxiliary gate g_t ∈ [0, 1] and mask threshold τ_t ≥ 0 (units of 1/N) of every training form."""
+    _require_module(model, "set_schedule")
+    forms = training_forms(model)
+    if not forms:
+        raise ConversionError(f"{_model_name(model)} has no castling training form: set_schedule applies to "
+                              "cc.convert(model) before cc.finalize()")
+    if not (isinstance(gate, (int, float)) and 0.0 <= gate <= 1.0):
+        raise ValueError(f"gate={gate!r} is invalid: use a value in [0, 1] (1 = the softmax teacher, 0 = linear only)")
+    if not (isinstance(threshold, (int, float)) and 0.0 <= threshold < math.inf):
+        raise ValueError(f"threshold={threshold!r} is invalid: use a finite value >= 0 (units of 1/N)")
+    for _, m in forms:
         m.set_schedule(gate, threshold)
 
 
@@ -128,11 +145,23 @@ def kept_softmax_paths(model: nn.Module, keep_softmax: list[int], filter_fn: Opt
     return [names[int(i)] for i in keep_softmax]
 
 
+def _keep_indices(keep_softmax: Any) -> list[int]:
+    """``keep_softmax`` as layer indices: a list, or a string such as ``"0,11"`` (not ``auto:K``)."""
+    if keep_softmax is None or isinstance(keep_softmax, (list, tuple)):
+        return list(keep_softmax or [])
+    from castle_convert.recipes import parse_keep_softmax
+    indices, auto_k = parse_keep_softmax(keep_softmax)
+    if auto_k:
+        raise ValueError(f"keep_softmax={keep_softmax!r}: auto:K ranks layers by stage-1 errors, so it applies to a "
+                         "distillation recipe (castling.keep_softmax); here pass layer indices such as [0, 11]")
+    return indices
+
+
 def keep_softmax_filter(model: nn.Module, keep_softmax: Optional[list[int]],
                         filter_fn: Optional[FilterFn] = None) -> Optional[FilterFn]:
     """A filter_fn that leaves the attentions at ``keep_softmax`` as softmax (see :func:`kept_softmax_paths`)."""
     filter_fn = filter_by_name(filter_fn)
-    kept = set(kept_softmax_paths(model, keep_softmax or [], filter_fn))
+    kept = set(kept_softmax_paths(model, _keep_indices(keep_softmax), filter_fn))
     if not kept:
         return filter_fn
     return _by_name(lambda name, m: name not in kept and (filter_fn is None or filter_fn(name, m)))
@@ -209,6 +238,7 @@ def convert(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
             linear-angular's γ, separable's context query); default: a fixed-seed random batch at
             the model's input size.
     """
+    _require_module(model, "convert")
     config = _resolve_config(config, **overrides)
     filter_fn = keep_softmax_filter(model, keep_softmax, filter_fn)
     _plan(model, filter_fn)                                   # raises before any change
@@ -302,6 +332,7 @@ def finalize(model: nn.Module, *, inplace: bool = False, check: bool = True,
     when that is above 1: a backbone's features are larger than logits) a :class:`FinalizeError` is raised
     and ``model`` is left as it was.
     """
+    _require_module(model, "finalize")
     forms = training_forms(model)
     if not forms:
         if any(True for _ in castling_modules(model)):
@@ -444,6 +475,9 @@ def inspect(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
     """
     from castle_convert.bench import count_macs
 
+    _require_module(model, "inspect")
+    if img_size is not None and not all(isinstance(v, int) and v > 0 for v in img_size):
+        raise ValueError(f"img_size={img_size!r}: use positive (height, width) in pixels")
     config = _resolve_config(config, **overrides)
     filter_fn = filter_by_name(filter_fn)
     meta = copy.deepcopy(model).to("meta")

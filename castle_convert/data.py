@@ -174,13 +174,35 @@ def load_fashion_mnist() -> tuple[ArrayImages, ArrayImages]:
                  for s in ("train", "test"))
 
 
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _read_image(path: str) -> Image.Image:
+    """torchvision's PIL loader, with a corrupt or unreadable file named in a one-line DataError."""
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path} cannot be read as an image ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
+                        "remove or replace the file") from None
+
+
 def load_image_folder(root: Path) -> tuple[Dataset, Dataset, list[str]]:
     from torchvision.datasets import ImageFolder
     missing = [s for s in ("train", "val") if not (root / s).is_dir()]
     if missing:
         raise DataError(f"--data {root}: expected an image-folder layout with {root}/train/<class>/* and "
                         f"{root}/val/<class>/*; missing {', '.join(missing)}/")
-    train, val = ImageFolder(str(root / "train")), ImageFolder(str(root / "val"))
+    train, val = (ImageFolder(str(root / s), loader=_read_image, allow_empty=True) for s in ("train", "val"))
+    for split, ds in (("train", train), ("val", val)):
+        if not ds.classes:
+            raise DataError(f"--data {root}: {root / split} has no class folders (expected {split}/<class>/*.jpg)")
+        counts = np.bincount([t for _, t in ds.samples], minlength=len(ds.classes))
+        empty = [ds.classes[i] for i in np.flatnonzero(counts == 0)]
+        if empty:
+            raise DataError(f"--data {root}: {root / split / empty[0]} has no images (extensions "
+                            f"{', '.join(IMG_EXTENSIONS[:4])}, ...): add images or remove the empty class folder")
     if train.classes != val.classes:
         raise DataError(f"--data {root}: train/ and val/ have different class folders "
                         f"({len(train.classes)} vs {len(val.classes)})")

@@ -61,16 +61,47 @@ def _timm_from_checkpoint(path: Path, arch: Optional[str], pretrained: bool, **k
     try:
         shapes = _checkpoint_keys(path)
     except Exception as e:  # noqa: BLE001 - any read failure is reported with the file name
-        raise ModelLoadError(f"cannot read checkpoint {path}: {e}") from e
+        raise ModelLoadError(f"cannot read checkpoint {path}: {_first_line(e)} (a safetensors file or a "
+                             "tensors-only torch checkpoint is expected)") from None
     head = shapes.get("head.weight")
     if head is not None and "num_classes" not in kwargs:
         kwargs["num_classes"] = head[0]
+    model = timm.create_model(arch, pretrained=False, **kwargs)
     if not pretrained:
-        return timm.create_model(arch, pretrained=False, **kwargs)
-    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        return model
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in own if k not in shapes]
+    bad = [k for k in own if k in shapes and shapes[k] != own[k]]
+    if missing or bad:
+        what = (f"{len(bad)} tensors with another shape (e.g. {bad[0]}: {shapes[bad[0]]} in the file, {own[bad[0]]} "
+                f"in {arch})" if bad else f"{len(missing)} tensors of {arch} are missing (e.g. {missing[0]})")
+        raise ModelLoadError(f"{path} does not fit --arch {arch}: {what}: pass the architecture it was trained as "
+                             "(timm name) with --arch")
+    try:
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    except Exception as e:  # noqa: BLE001 - timm's loader reports in many types
+        raise ModelLoadError(f"cannot load checkpoint {path} into {arch}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
 def _hf_from_dir(path: Path, pretrained: bool, img_size: Optional[int]) -> nn.Module:
+    try:
+        return _hf_from_dir_unchecked(path, pretrained, img_size)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers reports bad files in many types
+        text = str(e)
+        if "safetensors" in text.lower() or "deserializ" in text.lower() or "header" in text.lower():
+            raise ModelLoadError(f"{path / 'model.safetensors'} cannot be read (truncated or damaged: "
+                                 f"{_first_line(e)}): copy the model directory again") from None
+        raise ModelLoadError(f"cannot load the Hugging Face model in {path}: {_first_line(e)}") from None
+
+
+def _hf_from_dir_unchecked(path: Path, pretrained: bool, img_size: Optional[int]) -> nn.Module:
     from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
     config = AutoConfig.from_pretrained(path)
     if img_size is not None:
@@ -93,7 +124,11 @@ def _timm_from_dir(path: Path, pretrained: bool, **kwargs) -> nn.Module:
     import timm
     if pretrained and not any((path / n).exists() for n in ("model.safetensors", "pytorch_model.bin")):
         raise ModelLoadError(f"{path} has a timm config.json but no model.safetensors / pytorch_model.bin")
-    return timm.create_model(f"local-dir:{path}", pretrained=pretrained, **kwargs)
+    try:
+        return timm.create_model(f"local-dir:{path}", pretrained=pretrained, **kwargs)
+    except Exception as e:  # noqa: BLE001 - timm reports unknown architectures / bad files in many types
+        raise ModelLoadError(f"cannot load the timm model folder {path}: {_first_line(e)} (config.json names "
+                             "the architecture; model.safetensors holds its weights)") from None
 
 
 def _unknown_message(name: str) -> str:
@@ -121,7 +156,12 @@ def load_model(spec: str, *, arch: Optional[str] = None, pretrained: bool = True
         if not cfg_file.exists():
             raise ModelLoadError(f"directory {path} has no config.json: expected a Hugging Face "
                                  "model directory (save_pretrained) or a timm model directory")
-        config = json.loads(cfg_file.read_text())
+        try:
+            config = json.loads(cfg_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"{cfg_file} is not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise ModelLoadError(f"{cfg_file} is not a model config (a JSON object is expected)")
         if "castling" in config:                 # a castle-convert output directory (already converted)
             from castle_convert.export.load import build_converted, load, read_config
             return load(path) if pretrained else build_converted(read_config(path))

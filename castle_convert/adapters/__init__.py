@@ -71,6 +71,12 @@ def adapter_for(model: nn.Module):
     return None
 
 
+def patch_sizes(model: nn.Module) -> set[int]:
+    """The patch sizes (px) of ``model``'s ViT backbones (empty when it has none)."""
+    adapter = adapter_for(model)
+    return {p for bb in (adapter.scan(model).backbones if adapter else []) for p in bb.patch_size if p}
+
+
 def supported_classes() -> list[str]:
     return [cls for adapter in _adapters() for cls in adapter.SUPPORTED]
 

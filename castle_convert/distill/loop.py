@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,27 +20,19 @@ from torch.utils.data import DataLoader
 from castle_convert.config import ConfigError
 from castle_convert.convert import finalize, primary_output, set_schedule, training_forms
 from castle_convert.data import DataBundle, DataError, Materialized
-from castle_convert.distill import losses
+from castle_convert.distill import checkpoint, losses
+from castle_convert.distill.checkpoint import ResumeError
+from castle_convert.distill.losses import DivergenceError
 from castle_convert.distill.evaluate import embeddings, evaluate, head_classes
 from castle_convert.distill.schedule import AnnealSchedule, lr_factor
 from castle_convert.recipes import Recipe
 
 
-class ResumeError(RuntimeError):
-    """--resume was asked for but there is nothing (usable) to resume."""
-
-
 @dataclass
 class TrainState:
-    """Optimizer steps taken; checkpointed with the rest of the run."""
+    """Optimizer steps taken; checkpointed with the rest of the run (distill/checkpoint.py)."""
 
     step: int = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
 
 
 @dataclass
@@ -160,6 +151,8 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
     if resume and not (ckpt_dir and (ckpt_dir.is_dir() or (work_dir / STAGE1_DIR / STAGE1_WEIGHTS).is_file())):
         raise ResumeError(f"--resume: no checkpoint to resume in {ckpt_dir} (the run saves one every "
                           f"save_every={recipe.save_every} steps)")
+    if resume:
+        checkpoint.check_resume(work_dir, recipe.to_dict())
 
     accelerator = accelerator or _accelerator(recipe, work_dir, opt.grad_accum)
     check_engine(accelerator)
@@ -202,8 +195,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
     warmup = int(recipe.optim.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, opt))
     anneal, state = AnnealSchedule(recipe.castling.anneal), TrainState()
-    for obj in (scheduler, anneal, state):
-        accelerator.register_for_checkpointing(obj)
+    run_info = {"data": data.name, "train_images": len(data.train), "val_images": len(data.val), "processes": world}
     if work_dir:
         accelerator.init_trackers("castle_convert", config={"recipe": recipe.name, "epochs": recipe.epochs,
                                                             "lr": opt.lr, "batch_size": opt.batch_size})
@@ -219,7 +211,11 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
     accelerator.print(f"teacher {_fmt(teacher_eval)} | student at start {_fmt(start_eval) or '(resumed)'} | "
                       f"trainable parameters {trainable / 1e6:.2f}M / {total_params / 1e6:.2f}M")
     if resume and ckpt_dir.is_dir():             # after the evaluations: restores the RNG states too
-        accelerator.load_state(str(ckpt_dir))
+        record = checkpoint.load(ckpt_dir, accelerator, model=raw_student, optimizer=optimizer, run_info=run_info)
+        state.step = record["step"]
+        anneal.load_state_dict({"epoch": record["anneal_epoch"]})
+        scheduler.last_epoch = state.step                # the lr itself is in the optimizer's param groups
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         accelerator.print(f"resumed from {ckpt_dir} at step {state.step}")
 
     capture = None
@@ -258,6 +254,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
                         lt = torch.stack([m.last_transfer_loss for m in forms]).mean()
                         loss = loss + recipe.distill.local_transfer * lt
                         parts["local_transfer"] = lt.item()
+                    _check_finite(loss, accelerator, state.step + 1, recipe, ckpt_dir)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and opt.clip_grad:
                         accelerator.clip_grad_norm_(student.parameters(), opt.clip_grad)
@@ -284,7 +281,8 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
                 if bar:
                     bar.update(1)
                 if ckpt_dir and state.step % recipe.save_every == 0 and state.step < total_steps:
-                    _save_state(accelerator, ckpt_dir)
+                    checkpoint.save(ckpt_dir, accelerator, model=raw_student, optimizer=optimizer, step=state.step,
+                                    anneal_epoch=anneal.epoch, recipe_dict=recipe.to_dict(), run_info=run_info)
                 if state.step % eval_steps == 0 and state.step < total_steps:
                     ev = evaluate(student, val_loader, accelerator, classify=classify, reference=teacher)
                     accelerator.log({f"eval/student_{k}": v for k, v in ev.items()}, step=state.step)
@@ -350,25 +348,24 @@ def run_stage1(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe:
     indices, auto_k = recipe.castling.keep_softmax_spec()
     converted = set(_converted_paths(student))
     explicit = kept_softmax_paths(teacher, indices)
-    if not tr.steps and not indices:
+    if not tr.steps and not tr.load_from and not indices:
         return None
     folder = work_dir / STAGE1_DIR if work_dir else None
     if any(p in converted for p in explicit):        # cc.distill of a student converted without them
         restore_softmax(student, teacher, [p for p in explicit if p in converted])
     if resume and folder and (folder / STAGE1_REPORT).is_file():
-        report = json.loads((folder / STAGE1_REPORT).read_text())
-        try:
-            student.load_state_dict(load_file(str(folder / STAGE1_WEIGHTS), device=str(accelerator.device)))
-        except (RuntimeError, OSError) as e:
-            raise ResumeError(f"--resume: the stage-1 checkpoint in {folder} does not fit this student (was the "
-                              f"recipe's castling section changed?): pass --overwrite to start over ({str(e)[:160]})"
-                              ) from None
+        report = _load_stage1(folder, student, accelerator, "--resume: the stage-1 checkpoint in")
         accelerator.print(f"stage 1: loaded from {folder} (resumed)")
         errors = (report.get("transfer") or {}).get("errors")
         kept = list(explicit) + _auto_keep(student, teacher, errors, auto_k, explicit, accelerator)
         return {**report, "kept_softmax": kept}
     result = None
-    if tr.steps:
+    if tr.load_from:                                  # an earlier run's stage 1, reused (recorded as such)
+        source = Path(tr.load_from).expanduser()
+        loaded = _load_stage1(source, student, accelerator, "transfer.load_from:")
+        transfer = {**(loaded.get("transfer") or {}), "loaded_from": str(source)}
+        accelerator.print(f"stage 1: loaded from {source} (transfer.load_from), not recomputed")
+    elif tr.steps:
         world, rank = accelerator.num_processes, accelerator.process_index
         shard = data.train if world == 1 else torch.utils.data.Subset(data.train, range(rank, len(data.train), world))
         workers = 0 if isinstance(data.train, Materialized) else recipe.data.workers
@@ -383,7 +380,11 @@ def run_stage1(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe:
                                     progress=progress)
         accelerator.print("stage 1: per-layer normalized error (held-out images, gate 0)\n" + result.format() +
                           f"\nstage 1 took {result.wall_time_s:.0f}s ({result.images} images)")
-    report = {"transfer": result.to_dict() if result else None}
+    else:
+        transfer = None
+    if not tr.load_from:
+        transfer = result.to_dict() if result else None
+    report = {"transfer": transfer, "recipe": recipe.to_dict()}
     if folder and accelerator.is_main_process:      # before the auto:K choice: a resume (or another K) redoes it
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()},
@@ -391,9 +392,28 @@ def run_stage1(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe:
         (folder / (STAGE1_WEIGHTS + ".tmp")).replace(folder / STAGE1_WEIGHTS)
         (folder / STAGE1_REPORT).write_text(json.dumps(report, indent=2))      # written last: marks it done
     accelerator.wait_for_everyone()
-    kept = list(explicit) + _auto_keep(student, teacher, result.errors if result else None, auto_k, explicit,
+    kept = list(explicit) + _auto_keep(student, teacher, (transfer or {}).get("errors"), auto_k, explicit,
                                        accelerator)
     return {**report, "kept_softmax": kept}
+
+
+def _load_stage1(folder: Path, student: nn.Module, accelerator, what: str) -> dict:
+    """The stage1.json record of ``folder`` after loading its student into ``student`` (one-line errors)."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        report = json.loads((folder / STAGE1_REPORT).read_text())
+        student.load_state_dict(load_file(str(folder / STAGE1_WEIGHTS), device=str(accelerator.device)))
+    except (RuntimeError, OSError, ValueError, SafetensorError) as e:
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ResumeError(f"{what} {folder} holds no stage-1 result that fits this student ({detail}): it must be "
+                          "the stage1/ folder of a run with the same model and castling section; or start over with "
+                          "--overwrite") from None
+    if not isinstance(report, dict):
+        raise ResumeError(f"{what} {folder / STAGE1_REPORT} is not a stage-1 record: start over with --overwrite")
+    return report
 
 
 def _auto_keep(student: nn.Module, teacher: nn.Module, errors: Optional[dict], k: int, explicit: list[str],
@@ -438,22 +458,15 @@ def _loss(recipe: Recipe, s_out, t_out, labels, classify: bool, capture) -> tupl
     return loss, parts
 
 
-def _save_state(accelerator, ckpt_dir: Path) -> None:
-    """Write the resumable state to a temp folder, then swap it in (a kill never leaves half a checkpoint)."""
-    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        old = ckpt_dir.with_name(ckpt_dir.name + ".old")
-        if ckpt_dir.exists():
-            ckpt_dir.rename(old)
-        tmp.rename(ckpt_dir)
-        if old.exists():
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+def _check_finite(loss: torch.Tensor, accelerator, step: int, recipe: Recipe, ckpt_dir: Optional[Path]) -> None:
+    """Stop at the first non-finite loss (every process agrees), before it reaches the weights."""
+    if losses.is_finite(loss, accelerator):
+        return
+    kept = (f"; the last checkpoint (before the divergence) is kept in {ckpt_dir}" if ckpt_dir and ckpt_dir.is_dir()
+            else "")
+    raise DivergenceError(f"training diverged at step {step}: the loss is {loss.item()} with optim.lr="
+                          f"{recipe.optim.lr:g}: start again with a lower learning rate (e.g. --overwrite --set "
+                          f"optim.lr={recipe.optim.lr / 10:g}) or a smaller optim.clip_grad{kept}")
 
 
 def _fmt(ev: dict) -> str:

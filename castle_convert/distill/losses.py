@@ -30,3 +30,15 @@ def attention_transfer(student_outs: list[torch.Tensor], teacher_outs: list[torc
     """Mean over converted layers of MSE(student attention output, teacher attention output)."""
     losses = [F.mse_loss(s.float(), t.float()) for s, t in zip(student_outs, teacher_outs)]
     return torch.stack(losses).mean()
+
+
+class DivergenceError(RuntimeError):
+    """The loss became NaN / inf during training; the message names the step and what to change."""
+
+
+def is_finite(loss: torch.Tensor, accelerator=None) -> bool:
+    """Whether ``loss`` is finite on every process (one all-reduce when there are several)."""
+    bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=loss.device)
+    if accelerator is not None and accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return bad.item() == 0

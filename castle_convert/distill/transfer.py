@@ -29,6 +29,7 @@ from torch import nn
 
 from castle_convert.attention.base import CastlingTrainingForm
 from castle_convert.convert import training_forms
+from castle_convert.distill.losses import DivergenceError, is_finite
 
 TRAIN_CHOICES = ("replacement", "qk", "attention")
 
@@ -193,6 +194,10 @@ def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable
     gradients are averaged across processes, so every process holds the same student.
     Returns the per-layer errors on ``eval_batches`` (default: the first batch) before and after.
     """
+    if not (isinstance(steps, int) and steps >= 0):
+        raise ValueError(f"steps={steps!r}: use a number of optimizer steps >= 0")
+    if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
+        raise ValueError(f"lr={lr!r}: use a finite learning rate > 0")
     paths = list(getattr(student, "castling_converted", []))
     if not paths:
         raise ValueError("student has no converted attention (castling_converted): pass cc.convert(teacher)")
@@ -240,6 +245,10 @@ def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable
             for path, s, t in _layer_outputs(student, teacher, paths, images):
                 losses.append((s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12))
             loss = torch.stack(losses).sum()
+            if not is_finite(loss, accelerator):
+                raise DivergenceError(f"stage 1 (attention transfer) diverged at step {step + 1}: the loss is "
+                                      f"{loss.item()} with lr={lr:g}: use a lower transfer.lr (e.g. --set "
+                                      f"transfer.lr={lr / 10:g})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if accelerator is not None and accelerator.num_processes > 1:

@@ -181,7 +181,8 @@ model = timm.create_model({other}, pretrained=True)  # the same, configured from
     return "\n\n".join(parts)
 
 
-def _preprocessing(processor: Optional[dict]) -> str:
+def _preprocessing(processor: Optional[dict], config: dict) -> str:
+    from castle_convert import zoo
     if not processor:
         return "No preprocessor_config.json."
     size = processor.get("crop_size") if processor.get("do_center_crop") else processor.get("size")
@@ -191,13 +192,17 @@ def _preprocessing(processor: Optional[dict]) -> str:
            else f"resize to {resize.get('height')}×{resize.get('width')}" if isinstance(resize, dict) else "resize")
     mean = ", ".join(f"{v:g}" for v in processor.get("image_mean", []))
     std = ", ".join(f"{v:g}" for v in processor.get("image_std", []))
-    grey = len(set(processor.get("image_mean", []))) == 1 and len(processor.get("image_mean", [])) == 3
+    # only when it is known (a built-in teacher trained on greyscale images), never guessed from equal means
+    grey = bool(zoo.BUILTINS.get(config.get("source", {}).get("builtin"), {}).get("greyscale"))
     text = (f"`preprocessor_config.json` ({processor.get('image_processor_type')}): {how}, scale to [0, 1], "
             f"normalise with mean ({mean}) and std ({std}); images are converted to RGB first "
             f"(`do_convert_rgb`).")
     if grey:
         text += (" The teacher was trained on greyscale images repeated over 3 channels (equal per-channel "
                  "mean/std): feed greyscale images (a PIL `L` image is converted to RGB by the processor).")
+    if config.get("distilled_resolution"):
+        text += (f" The model was distilled and evaluated at {config['distilled_resolution']} px, which is the size "
+                 "the processor produces; the architecture's position embedding is resampled to it.")
     return text
 
 
@@ -257,7 +262,7 @@ def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Option
         lines += [" ".join(notes), ""]
     else:
         lines += ["No report.json: accuracy, MACs and latency were not measured for this checkpoint.", ""]
-    lines += ["## Usage", "", _usage(config, repo), "", "## Preprocessing", "", _preprocessing(processor), ""]
+    lines += ["## Usage", "", _usage(config, repo), "", "## Preprocessing", "", _preprocessing(processor, config), ""]
     lines += ["## Conversion", "",
               f"* source: {src.get('library')} `{src.get('architecture') or (src.get('architectures') or ['?'])[0]}`"
               + (f" (built-in `{src['builtin']}`)" if src.get("builtin") else ""),

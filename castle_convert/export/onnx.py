@@ -112,7 +112,11 @@ def export_onnx(directory: Union[str, Path], output: Union[str, Path], *, opset:
     c, h, w = adapters.adapter_for(model).input_size(model)
     wrapped = _Exported(model).eval()
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OnnxExportError(f"cannot write {output}: {e.strerror or e} ({e.filename or output.parent}): choose "
+                              "another --output") from None
     gen = torch.Generator().manual_seed(seed)
     x1 = torch.randn(1, c, h, w, generator=gen)
     with torch.no_grad():

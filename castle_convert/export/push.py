@@ -7,6 +7,7 @@ its usage snippets. ``--dry-run`` stops after that and lists exactly what would 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -30,6 +31,7 @@ class PushPlan:
     readme: str = ""
     readme_rendered: bool = False
     url: Optional[str] = None
+    skipped: list[str] = field(default_factory=list)                # symlinks out of the directory: not uploaded
 
     def format(self) -> str:
         total = sum(size for _, size in self.files)
@@ -39,6 +41,7 @@ class PushPlan:
         lines += [f"  {p:<{width}}  {_size(s):>10}" for p, s in self.files]
         lines.append("model card: valid front matter" + (" (rendered for this repo id)" if self.readme_rendered
                                                           else " (kept as written)"))
+        lines += [f"skipped (not uploaded): {item}" for item in self.skipped]
         if self.url:
             lines.append(f"commit: {self.url}")
         return "\n".join(lines)
@@ -83,16 +86,22 @@ def plan_push(directory: Union[str, Path], repo_id: str, *, private: bool = Fals
         text = render_card_for_dir(directory, repo_id=repo_id)
     validate_card(text, str(readme), require_results=(directory / "report.json").is_file() and not config.get(
         "castle_headless"))
-    files = []
+    files, skipped = [], []
+    root = directory.resolve()
     for p in sorted(directory.rglob("*")):
         rel = p.relative_to(directory)
-        if p.is_dir() or any(part.startswith(".") for part in rel.parts) or "__pycache__" in rel.parts:
+        if any(part.startswith(".") for part in rel.parts) or "__pycache__" in rel.parts:
+            continue
+        if p.is_symlink() and not p.resolve().is_relative_to(root):     # e.g. a link to /etc/passwd: never sent
+            skipped.append(f"{rel.as_posix()} (a link to {os.readlink(p)}, outside the directory)")
+            continue
+        if p.is_dir() or not p.exists():
             continue
         files.append((rel.as_posix(), p.stat().st_size))
     files = [(r, s) for r, s in files if r != "README.md"] + [("README.md", len(text.encode()))]
     files.sort()
     return PushPlan(directory=directory, repo_id=repo_id, private=private, files=files, readme=text,
-                    readme_rendered=rendered)
+                    readme_rendered=rendered, skipped=skipped)
 
 
 def _describe_failure(e: BaseException, repo_id: str) -> str:

@@ -61,6 +61,13 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
         raise OutputExistsError(f"output {path} exists and is not empty: choose another --output, or pass "
                                 "--overwrite to replace it")
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ExportError(f"cannot write output {path}: {ancestor} is a file, not a directory: choose another --output")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write output {path}: {ancestor} is not writable: choose another --output")
 
 
 def report_versions() -> dict[str, Any]:
@@ -102,6 +109,11 @@ def _headless(model: nn.Module) -> bool:
 
 def _labels(model: nn.Module, labels: Optional[list[str]]) -> Optional[list[str]]:
     if labels is not None:
+        n = int(getattr(model, "num_classes", 0) or 0) if is_timm(model) else \
+            int(getattr(getattr(model, "config", None), "num_labels", 0) or 0)
+        if _headless(model) or len(labels) != n:
+            raise ExportError(f"labels has {len(labels)} names but the model's head has "
+                              f"{0 if _headless(model) else n} classes: pass one name per class (or none)")
         return [str(x) for x in labels]
     if is_timm(model):
         names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
@@ -266,7 +278,8 @@ def verify_directory(model: nn.Module, path: Path, config: dict, *, remote_code:
 def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = None, report: Optional[dict] = None,
                     overwrite: bool = False, labels: Optional[list[str]] = None, base_model: Optional[str] = None,
                     source: Optional[dict] = None, remote_code: Optional[bool] = None, verify: bool = True,
-                    repo_id: Optional[str] = None, extra_files: Optional[dict[str, Path]] = None) -> Path:
+                    repo_id: Optional[str] = None, extra_files: Optional[dict[str, Path]] = None,
+                    resolution: Optional[int] = None) -> Path:
     """Write a finalized castling model to ``path`` as a publishable directory (atomically).
 
     Args:
@@ -283,6 +296,9 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
         verify: load the directory back (castle_convert and remote code) and compare outputs
             with ``model`` before it appears (max |Δ| ≤ 1e-5 in fp32).
         repo_id: Hub repo id used in the model card's usage snippets.
+        resolution: the square input size (px) the model was distilled and evaluated at, when not
+            the architecture's own: ``preprocessor_config.json`` and timm's ``input_size`` describe it,
+            ``config.json`` records it as ``distilled_resolution``.
     """
     from castle_convert.export.card import render_card
     from castle_convert.export.processor import image_processor_config
@@ -300,6 +316,12 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
     src.update({k: v for k, v in (getattr(model, "castle_source", None) or {}).items()
                 if k in _PROVENANCE and k not in src})
     src.update(source or {})
+    if resolution:
+        if not (isinstance(resolution, int) and resolution > 0):
+            raise ExportError(f"resolution={resolution!r}: use a positive input size in pixels")
+        if src.get("library") == "timm":
+            channels = (src.get("pretrained_cfg") or {}).get("input_size", (3,))[0]
+            src["pretrained_cfg"] = {**(src.get("pretrained_cfg") or {}), "input_size": [channels, resolution, resolution]}
     if base_model:
         src["base_model"] = base_model
     elif base_model == "":                      # explicitly none (e.g. the weights are not the Hub model's)
@@ -312,9 +334,16 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
         raise ExportError(f"this architecture cannot be exported as remote code: {e}. Pass remote_code=False "
                           "to write the directory without the transformers files (castle_convert.load and, "
                           "for timm, timm.create_model('castle_<arch>') still load it).") from e
-    processor = image_processor_config(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    if resolution:
+        config["distilled_resolution"] = resolution
+    processor = image_processor_config(model, resolution)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror or e} ({e.filename or path.parent}): choose an "
+                          "--output in a writable directory") from None
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata=_metadata(config, recipe_yaml))
@@ -339,18 +368,46 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
             diffs = verify_directory(model, tmp, config, remote_code=remote_code)
             logger.info("save_pretrained %s: loaded back, max |Δ| %s", path, diffs)
             model.castle_export_check = diffs
-        if path.exists():
+        if path.exists() or path.is_symlink():
             old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             path.rename(old)
             tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             tmp.rename(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists() or p.is_symlink():
+        p.unlink(missing_ok=True)
+
+
+def _remove_stale(path: Path) -> None:
+    """What an earlier save of ``path`` left when it was killed: ``.NAME.old`` and ``.NAME.tmp-PID-*``
+    folders whose process is gone (a save running now in another process is left alone)."""
+    _remove(path.with_name(f".{path.name}.old"))
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name[len(f".{path.name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        _remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _publish_permissions(root: Path) -> None:

@@ -296,6 +296,11 @@ def describe_source(model: nn.Module) -> dict:
     raise ValueError(f"cannot describe {type(model).__name__}: not a timm or transformers model")
 
 
+# timm.create_model arguments that load or download weights (never honoured from a checkpoint's config)
+_LOADER_ARGS = {"checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
+                "cache_dir"}
+
+
 def build_source(source: dict, *, device: Any = "cpu") -> nn.Module:
     """The (unconverted) base architecture ``source`` describes, randomly initialised, no download."""
     library = source.get("library")
@@ -306,6 +311,11 @@ def build_source(source: dict, *, device: Any = "cpu") -> nn.Module:
             raise ValueError(f"timm {timm.__version__} has no architecture '{arch}': install the timm version "
                              "the checkpoint was written with (see report.json versions)")
         args = dict(source.get("model_args") or {})
+        loaders = sorted(set(args) & _LOADER_ARGS)
+        if loaders:           # timm would torch.load / download what they name: a directory's weights are its own
+            raise ValueError(f"source.model_args names {', '.join(loaders)}: a castle-convert checkpoint's weights are "
+                             "its model.safetensors only (never a file or download named in its config); remove "
+                             "the key(s) from config.json / the weights' metadata")
         for k in ("img_size", "patch_size"):
             if isinstance(args.get(k), list):
                 args[k] = tuple(args[k])
@@ -326,7 +336,7 @@ def build_source(source: dict, *, device: Any = "cpu") -> nn.Module:
         config = CONFIG_MAPPING[model_type].from_dict(cfg)
         cls_name = (source.get("architectures") or cfg.get("architectures") or [None])[0]
         cls = getattr(transformers, cls_name, None) if cls_name else None
-        if cls is None:
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             raise ValueError(f"transformers {transformers.__version__} has no model class '{cls_name}'")
         import torch
         with torch.device(device):

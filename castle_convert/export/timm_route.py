@@ -169,7 +169,10 @@ def create_castle_model(arch: str, pretrained: bool = False, pretrained_cfg: Any
         raise CheckpointError(f"{name}: {', '.join(f'{k}={v!r}' for k, v in changed.items())} differs from the "
                               f"checkpoint {file} ({', '.join(f'{k}={stored.get(k)!r}' for k in changed)}); only "
                               "num_classes (new head) and img_size (resampled position embedding) can change")
-    model = build_converted(config)
+    try:
+        model = build_converted(config)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot rebuild the architecture described in {file}'s metadata: {e}") from None
     load_into(model, state, file)
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)
@@ -247,6 +250,8 @@ class _PostImportLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
+        for finder in [f for f in sys.meta_path if isinstance(f, _TimmImportHook)]:
+            sys.meta_path.remove(finder)                      # timm is being imported: the hook is done
         self._loader.exec_module(module)
         _register_quietly()
 
@@ -255,12 +260,20 @@ class _PostImportLoader(importlib.abc.Loader):
 
 
 class _TimmImportHook(importlib.abc.MetaPathFinder):
+    """Wraps timm's loader so that registration runs when timm is *imported*. Another library probing
+    with ``importlib.util.find_spec("timm")`` (transformers does, at import) gets the same spec and
+    imports nothing; the hook stays until timm is actually executed (then it removes itself)."""
+
+    _searching = False
+
     def find_spec(self, fullname, path, target=None):
-        if fullname != "timm":
+        if fullname != "timm" or self._searching:
             return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)                        # one-shot
-        spec = importlib.util.find_spec("timm")
+        self._searching = True                                # the real finders answer the inner lookup
+        try:
+            spec = importlib.util.find_spec("timm")
+        finally:
+            self._searching = False
         if spec is None or spec.loader is None:
             return spec
         spec.loader = _PostImportLoader(spec.loader)
