@@ -166,15 +166,12 @@ def _keep_softmax(value: str) -> list[int]:
 
 def _check_writable(path: Path, option: str) -> None:
     """A file the command will write: its folder must be (or become) a writable directory."""
-    import os
-    ancestor = path.absolute().parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    from castle_convert.export.save import write_problem
     if path.is_dir():
         raise click.BadParameter(f"{path} is a directory: give a file name", param_hint=option)
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise click.BadParameter(f"cannot write {path}: {ancestor} is "
-                                 f"{'a file' if not ancestor.is_dir() else 'not writable'}", param_hint=option)
+    problem = write_problem(path)
+    if problem:
+        raise click.BadParameter(f"cannot write {path}: {problem}", param_hint=option)
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:

@@ -61,13 +61,21 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
         raise OutputExistsError(f"output {path} exists and is not empty: choose another --output, or pass "
                                 "--overwrite to replace it")
-    ancestor = path.absolute().parent
+    problem = write_problem(path)
+    if problem:
+        raise ExportError(f"cannot write output {path}: {problem}: choose another --output")
+
+
+def write_problem(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be created (its nearest existing ancestor is a file or not writable), or None."""
+    ancestor = Path(path).absolute().parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise ExportError(f"cannot write output {path}: {ancestor} is a file, not a directory: choose another --output")
+        return f"{ancestor} is a file, not a directory"
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write output {path}: {ancestor} is not writable: choose another --output")
+        return f"{ancestor} is not writable"
+    return None
 
 
 def report_versions() -> dict[str, Any]:
