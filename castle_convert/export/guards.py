@@ -30,8 +30,8 @@ _CC_KWARGS = ("recipe", "report", "overwrite", "labels", "base_model", "source",
 TRAINING_FORM_SAVE = ("this is castle-convert's training form, and transformers' save_pretrained/push_to_hub would "
                       "write a plain ViT that reloads with random attention weights: after training call "
                       "cc.save_pretrained(cc.finalize(model), DIR); a run in progress checkpoints with "
-                      "save_pretrained(DIR, state_dict=model.state_dict()) (weights only, as Trainer does) or "
-                      "accelerate's save_state")
+                      "save_pretrained(DIR, state_dict=model.state_dict()) (weights only, safetensors, as Trainer "
+                      "does)")
 CHECKPOINT_NOTE = """# castle-convert training checkpoint
 
 Weights of a castle-convert **training form** (softmax auxiliary branch still inside), written by
