@@ -17,7 +17,7 @@ from torch import nn
 
 from castle_convert import adapters
 from castle_convert.attention import KINDS, CastlingModule, CastlingTrainingForm, GridTracker
-from castle_convert.attention.base import ANNEAL_FIX, FinalizeError, NotAnnealedError
+from castle_convert.attention.base import ANNEAL_FIX, NOT_UPDATED_FIX, FinalizeError, NotAnnealedError
 from castle_convert.config import CastlingConfig
 
 FilterFn = Callable[[nn.Module, str], bool]     # (module, fqn) -> bool, as torchao's quantize_; see filter_by_name
@@ -263,6 +263,9 @@ def convert(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
         guards.install(model)
     if config.gamma_init == "calibrate" and next(model.parameters()).device.type != "meta":
         calibrate(model, calibration_inputs)
+    if next(model.parameters()).device.type != "meta":
+        for _, m in training_forms(model):
+            m.mark_initial()                  # finalize() checks that training moved these
     return model
 
 
@@ -345,6 +348,12 @@ def finalize(model: nn.Module, *, inplace: bool = False, check: bool = True,
             f"finalize: {len(untrained)} of {len(forms)} converted attentions (e.g. '{untrained[0]}') never "
             f"trained at gate 0 (gate now {'/'.join(gates)}), so their linear attention learned nothing and the "
             f"inference form would drop the softmax branch the model computes: {ANNEAL_FIX}")
+    stale = [n for n, m in forms if not m.updated_since_convert()]
+    if stale and not force:
+        raise NotAnnealedError(
+            f"finalize: {len(stale)} of {len(forms)} converted attentions (e.g. '{stale[0]}') ran at gate 0 but none "
+            f"of their parameters (q/k/v, γ, depthwise conv, ...) changed since convert(), so nothing was trained: "
+            f"{NOT_UPDATED_FIX}")
     meta = next(model.parameters()).device.type == "meta"
     check = check and not meta
     reference = None

@@ -38,6 +38,31 @@ def test_gate_one_trains_nothing_and_finalize_refuses():
 
 
 @pytest.mark.parametrize("kind", ["linear_angular", "separable"])
+def test_optimizer_without_the_students_parameters_is_caught(kind):
+    """A loop that anneals correctly but whose optimizer holds the teacher's parameters (built before
+    cc.convert, which copies): the student ran at gate 0 yet learned nothing — finalize refuses."""
+    teacher = FAMILIES[0].build()
+    opt = torch.optim.AdamW(teacher.parameters(), lr=1e-2)
+    student = cc.convert(teacher, kind=kind).train()
+    schedule = cc.GateSchedule(student, total_steps=4, end=0.5)
+    for _ in range(4):
+        student(torch.randn(2, 3, 32, 32)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        schedule.step()
+    assert schedule.gate == 0.0
+    with pytest.raises(cc.NotAnnealedError, match="none of their parameters.*changed since convert\\(\\).*optimizer does not hold"):
+        cc.finalize(student)
+    import timm.utils.model
+    with pytest.raises(cc.NotAnnealedError, match="never updated"):
+        timm.utils.model.reparameterize_model(copy.deepcopy(student))
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)           # the fix the message names
+    student(torch.randn(2, 3, 32, 32)).pow(2).mean().backward()
+    opt.step()
+    assert cc.finalize(student).castling_parity <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["linear_angular", "separable"])
 def test_gate_schedule_plain_loop(kind):
     student = cc.convert(FAMILIES[0].build(), kind=kind).train()
     before = {n: p.detach().clone() for n, p in _linear_params(student).items()}
@@ -109,12 +134,14 @@ def test_trainer_callback_anneals_under_hf_trainer(tmp_path):
 # -- 1. transformers' own save_pretrained / push_to_hub ---------------------------------------------
 
 def _annealed(model, kind="linear_angular", **kw):
-    """A converted model trained (one step) at gate 0, so finalize accepts it."""
+    """A converted model trained (one optimizer step) at gate 0, so finalize accepts it."""
     student = cc.convert(model, kind=kind, **kw)
     cc.set_schedule(student, 0.0, 0.0)
     from castle_convert.adapters import example_inputs, forward
     from castle_convert.convert import primary_output
+    opt = torch.optim.SGD(student.parameters(), lr=1e-3)
     primary_output(forward(student, example_inputs(student))).float().pow(2).mean().backward()
+    opt.step()
     student.zero_grad(set_to_none=True)
     return student
 

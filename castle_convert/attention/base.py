@@ -77,6 +77,9 @@ class NotAnnealedError(FinalizeError):
     """finalize / fuse of a training form whose linear branch never trained at gate 0."""
 
 
+NOT_UPDATED_FIX = ("the optimizer does not hold the converted model's parameters: build it after cc.convert(...) "
+                   "from the student's own parameters (e.g. torch.optim.AdamW(student.parameters())), or pass "
+                   "force=True to finalize anyway")
 ANNEAL_FIX = ("anneal the gate to 0 while training: cc.distill(...); in your own loop "
               "cc.GateSchedule(model, total_steps=N) with schedule.step() after each optimizer step (timm "
               "scheduler style: step(epoch) / step_update(num_updates)); with transformers.Trainer "
@@ -146,12 +149,36 @@ class CastlingTrainingForm(CastlingModule):
                 and not torch.compiler.is_compiling() and not self.trained_at_gate_zero:
             self.trained_at_gate_zero = True
 
+    def added_parameters(self) -> list[nn.Parameter]:
+        """The parameters conversion added (γ, the depthwise conv, the kind's own), not the source attention's."""
+        shared = {id(p) for mod in (self.qkv, self.proj, self.q_norm, self.k_norm, self.norm, self.out_gate)
+                  if mod is not None for p in mod.parameters()}
+        return [p for p in self.parameters() if id(p) not in shared]
+
+    def _fingerprint(self) -> list[tuple[float, float]]:
+        with torch.no_grad():
+            return [(float(p.double().sum()), float(p.double().pow(2).sum())) for p in self.parameters()]
+
+    def mark_initial(self) -> None:
+        """Remember a fingerprint of this attention's parameters as convert() made them (two sums per
+        tensor, not a copy): finalize() checks that training changed some of them."""
+        self._initial_fingerprint = self._fingerprint()
+
+    def updated_since_convert(self) -> bool:
+        """Whether any parameter (q/k/v/proj, γ, the depthwise conv, ...) changed since convert(); True when
+        there is no record or the values moved device/dtype (the check only catches a clear "never updated")."""
+        initial = getattr(self, "_initial_fingerprint", None)
+        return initial is None or self._fingerprint() != initial
+
     def fuse(self) -> CastlingModule:
         """timm's ``reparameterize_model`` hook: the inference form of this module (no parity check;
         refused like :func:`castle_convert.finalize` when it never trained at gate 0)."""
         if not self.trained_at_gate_zero:
             raise NotAnnealedError(f"cannot fuse a {self.kind_label} training form that never trained at gate 0 "
                                    f"(gate is {self.aux_gate:g}): {ANNEAL_FIX}")
+        if not self.updated_since_convert():
+            raise NotAnnealedError(f"cannot fuse a {self.kind_label} training form whose parameters were never "
+                                   f"updated: {NOT_UPDATED_FIX}")
         return self.to_inference()
 
     def set_schedule(self, gate: float, threshold: float) -> None:

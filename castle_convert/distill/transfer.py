@@ -105,11 +105,7 @@ def trainable_parameters(student: nn.Module, paths: list[str], train: str) -> li
     params: list[nn.Parameter] = []
     for path in paths:
         form = _form(student.get_submodule(path))
-        shared = {id(p) for p in form.qkv.parameters()} | {id(p) for p in form.proj.parameters()} \
-            | {id(p) for mod in (form.q_norm, form.k_norm, form.norm) for p in mod.parameters()}
-        if form.out_gate is not None:
-            shared |= {id(p) for p in form.out_gate.parameters()}
-        params += [p for p in form.parameters() if id(p) not in shared]          # what conversion added
+        params += form.added_parameters()                                        # what conversion added
         if train in ("qk", "attention"):
             params += list(form.qkv.parameters())
         if train == "attention":
