@@ -235,12 +235,12 @@ def benchmark(model: nn.Module, *, converted: Optional[nn.Module] = None, resolu
         torch.set_num_threads(int(threads))
     if adapters.adapter_for(model) is None:
         raise BenchError(f"{type(model).__name__} is not a timm or transformers ViT")
-    patches = adapters.patch_sizes(model)
-    bad = [r for r in resolutions if int(r) < 1 or any(int(r) % p for p in patches)]
+    grid = {int(r): adapters.off_patch_grid(model, int(r)) for r in resolutions}
+    bad = [r for r, off in grid.items() if off]
     if bad:
-        raise BenchError(f"resolution {bad[0]} px is not a positive multiple of the model's patch size "
-                         f"({max(patches) if patches else '?'} px): use e.g. --resolutions "
-                         f"{','.join(str(max(p, int(r) // p * p)) for r in resolutions for p in [max(patches or {16})])}")
+        p = grid[bad[0]][0]
+        raise BenchError(f"resolution {bad[0]} px is not a positive multiple of the model's patch size ({p} px): "
+                         f"use e.g. --resolutions {','.join(str(off[1] if off else r) for r, off in grid.items())}")
     model = model.eval()
     if converted is None:
         converted = finalize(convert(model, kind=kind, gamma_init="one", keep_softmax=keep_softmax), force=True)

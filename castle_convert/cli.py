@@ -145,11 +145,11 @@ def inspect_cmd(model: str, arch: Optional[str], img_size: Optional[int], kind: 
 
 
 def _check_img_size(net, img_size: int) -> None:
-    from castle_convert.adapters import patch_sizes
-    bad = [p for p in patch_sizes(net) if img_size % p]
-    if bad:
-        raise click.BadParameter(f"{img_size} is not a multiple of the model's patch size ({max(bad)} px): the "
-                                 "border pixels would be dropped", param_hint="--img-size")
+    from castle_convert.adapters import off_patch_grid
+    off = off_patch_grid(net, img_size)
+    if off:
+        raise click.BadParameter(f"{img_size} is not a multiple of the model's patch size ({off[0]} px): the "
+                                 f"border pixels would be dropped (e.g. --img-size {off[1]})", param_hint="--img-size")
 
 
 def _keep_softmax(value: str) -> list[int]:

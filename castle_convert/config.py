@@ -11,6 +11,12 @@ DW_MODES = ("2d", "1d", "none")
 GAMMA_INITS = ("calibrate", "one")
 
 
+def error_line(e: BaseException, limit: int = 200) -> str:
+    """``"Type: first line of the message"`` — an exception from another library, quoted in a one-line error."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:limit] if text else ''}".rstrip(": ")
+
+
 class ConfigError(ValueError):
     """A CastlingConfig (or recipe) field has a value we cannot use."""
 

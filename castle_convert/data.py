@@ -20,6 +20,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from castle_convert.config import error_line
+
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
@@ -184,7 +186,7 @@ def _read_image(path: str) -> Image.Image:
             image = Image.open(f)
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path} cannot be read as an image ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
+        raise DataError(f"{path} cannot be read as an image ({error_line(e, 120)}): "
                         "remove or replace the file") from None
 
 

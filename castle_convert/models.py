@@ -12,6 +12,8 @@ from typing import Optional
 
 from torch import nn
 
+from castle_convert.config import error_line
+
 ALIASES = {
     "deit_tiny": "deit_tiny_patch16_224",
     "deit_small": "deit_small_patch16_224",
@@ -61,7 +63,7 @@ def _timm_from_checkpoint(path: Path, arch: Optional[str], pretrained: bool, **k
     try:
         shapes = _checkpoint_keys(path)
     except Exception as e:  # noqa: BLE001 - any read failure is reported with the file name
-        raise ModelLoadError(f"cannot read checkpoint {path}: {_first_line(e)} (a safetensors file or a "
+        raise ModelLoadError(f"cannot read checkpoint {path}: {error_line(e)} (a safetensors file or a "
                              "tensors-only torch checkpoint is expected)") from None
     head = shapes.get("head.weight")
     if head is not None and "num_classes" not in kwargs:
@@ -80,12 +82,7 @@ def _timm_from_checkpoint(path: Path, arch: Optional[str], pretrained: bool, **k
     try:
         return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     except Exception as e:  # noqa: BLE001 - timm's loader reports in many types
-        raise ModelLoadError(f"cannot load checkpoint {path} into {arch}: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+        raise ModelLoadError(f"cannot load checkpoint {path} into {arch}: {error_line(e)}") from None
 
 
 def _hf_from_dir(path: Path, pretrained: bool, img_size: Optional[int]) -> nn.Module:
@@ -97,8 +94,8 @@ def _hf_from_dir(path: Path, pretrained: bool, img_size: Optional[int]) -> nn.Mo
         text = str(e)
         if "safetensors" in text.lower() or "deserializ" in text.lower() or "header" in text.lower():
             raise ModelLoadError(f"{path / 'model.safetensors'} cannot be read (truncated or damaged: "
-                                 f"{_first_line(e)}): copy the model directory again") from None
-        raise ModelLoadError(f"cannot load the Hugging Face model in {path}: {_first_line(e)}") from None
+                                 f"{error_line(e)}): copy the model directory again") from None
+        raise ModelLoadError(f"cannot load the Hugging Face model in {path}: {error_line(e)}") from None
 
 
 def _hf_from_dir_unchecked(path: Path, pretrained: bool, img_size: Optional[int]) -> nn.Module:
@@ -127,7 +124,7 @@ def _timm_from_dir(path: Path, pretrained: bool, **kwargs) -> nn.Module:
     try:
         return timm.create_model(f"local-dir:{path}", pretrained=pretrained, **kwargs)
     except Exception as e:  # noqa: BLE001 - timm reports unknown architectures / bad files in many types
-        raise ModelLoadError(f"cannot load the timm model folder {path}: {_first_line(e)} (config.json names "
+        raise ModelLoadError(f"cannot load the timm model folder {path}: {error_line(e)} (config.json names "
                              "the architecture; model.safetensors holds its weights)") from None
 
 

@@ -149,12 +149,11 @@ def _check_resolution(teacher: nn.Module, resolution: Optional[int], recipe: Rec
     if resolution is None:
         return
     from castle_convert import adapters
-    patches = adapters.patch_sizes(teacher)
-    if any(resolution % p for p in patches):
-        p = max(patches)
+    off = adapters.off_patch_grid(teacher, resolution)
+    if off:
         raise DataError(f"recipe '{recipe.name}': data.resolution={resolution} px is not a multiple of the model's "
-                        f"patch size ({p} px), so the border pixels would be dropped: use e.g. --set data.resolution="
-                        f"{max(p, resolution // p * p)}")
+                        f"patch size ({off[0]} px), so the border pixels would be dropped: use e.g. --set "
+                        f"data.resolution={off[1]}")
     x = adapters.example_inputs(teacher, batch=1, img_size=(resolution, resolution))
     try:
         with torch.no_grad():

@@ -77,6 +77,16 @@ def patch_sizes(model: nn.Module) -> set[int]:
     return {p for bb in (adapter.scan(model).backbones if adapter else []) for p in bb.patch_size if p}
 
 
+def off_patch_grid(model: nn.Module, size: int) -> Optional[tuple[int, int]]:
+    """``(patch, nearest size on the grid)`` when ``size`` px is not a positive multiple of ``model``'s
+    patch size (the border pixels would be dropped), else None."""
+    patches = patch_sizes(model)
+    if size >= 1 and not any(size % p for p in patches):
+        return None
+    p = max(patches or {1})
+    return p, max(p, size // p * p)
+
+
 def supported_classes() -> list[str]:
     return [cls for adapter in _adapters() for cls in adapter.SUPPORTED]
 

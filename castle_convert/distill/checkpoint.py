@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from castle_convert.config import error_line
 from castle_convert.recipes import flatten
 
 FORMAT = 1
@@ -235,5 +236,5 @@ def load(ckpt_dir: Path, accelerator, *, model: nn.Module, optimizer, run_info: 
         raise
     except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError, SafetensorError) as e:
         raise ResumeError(f"--resume: the checkpoint in {ckpt_dir} is damaged or does not fit this student "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:160]}): {_start_over(work_dir)}") from None
+                          f"({error_line(e, 160)}): {_start_over(work_dir)}") from None
     return record

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from castle_convert.config import ConfigError
+from castle_convert.config import ConfigError, error_line
 from castle_convert.convert import finalize, primary_output, set_schedule, training_forms
 from castle_convert.data import DataBundle, DataError, Materialized
 from castle_convert.distill import checkpoint, losses
@@ -407,8 +407,7 @@ def _load_stage1(folder: Path, student: nn.Module, accelerator, what: str) -> di
         report = json.loads((folder / STAGE1_REPORT).read_text())
         student.load_state_dict(load_file(str(folder / STAGE1_WEIGHTS), device=str(accelerator.device)))
     except (RuntimeError, OSError, ValueError, SafetensorError) as e:
-        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise ResumeError(f"{what} {folder} holds no stage-1 result that fits this student ({detail}): it must be "
+        raise ResumeError(f"{what} {folder} holds no stage-1 result that fits this student ({error_line(e, 160)}): it must be "
                           "the stage1/ folder of a run with the same model and castling section; or start over with "
                           "--overwrite") from None
     if not isinstance(report, dict):

@@ -14,6 +14,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from castle_convert.config import error_line
+
 FORMAT_VERSION = 2              # the output-directory format written by this castle-convert
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -190,7 +192,7 @@ def resolve_path(path: Union[str, Path], *, revision: Optional[str] = None, cach
         from huggingface_hub import constants
         where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else "on the Hub"
         raise CheckpointError(f"{path} is not a local directory, and the Hub repo '{path}' could not be fetched "
-                              f"{where}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}. Pass the "
+                              f"{where}: {error_line(e)}. Pass the "
                               "path of a castle-convert output directory, or check the repo id / network") from e
 
 
