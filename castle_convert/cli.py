@@ -66,6 +66,8 @@ def main() -> None:
         dry run: what would be converted, MACs before/after.
     castle-convert bench MODEL --resolutions 224,512,1024 --batch 1,8
         latency / memory / MACs of the original and the converted model, side by side.
+    castle-convert eval OUTPUT --resolutions 224,448,518
+        fidelity to the teacher (patch / CLS cosine, top-1 agreement) beside latency and MACs.
     """
 
 
@@ -234,6 +236,62 @@ def bench_cmd(model: str, resolutions: list[int], batches: list[int], device: st
     if plot_out:
         plot(result, str(plot_out))
         click.echo(f"wrote {plot_out}")
+
+@main.command("eval")
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--teacher", "teacher_spec", default=None, metavar="MODEL",
+              help="The model OUTPUT was converted from (default: the built-in or timm name its config.json records).")
+@click.option("--arch", help="timm architecture of a checkpoint file --teacher.")
+@click.option("--data", "data_spec", default="natural", show_default=True,
+              help="natural (held-out photos), DIR (its val/ split), hf:NAME[:CONFIG] or fashion-mnist.")
+@click.option("--resolutions", default="224,448,518", show_default=True,
+              help="Comma-separated sizes in pixels (multiples of the patch size).")
+@click.option("--max-images", type=click.IntRange(min=1), default=None, help="Images per resolution (default: all).")
+@click.option("--no-latency", is_flag=True, help="Fidelity only: no latency measurement.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the results as JSON.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def eval_cmd(output: Path, teacher_spec: Optional[str], arch: Optional[str], data_spec: str, resolutions: str,
+             max_images: Optional[int], no_latency: bool, json_out: Optional[Path], no_progress: bool) -> None:
+    """Fidelity where you deploy: OUTPUT (a castle-convert output directory) against its teacher.
+
+    Per resolution: mean patch-token cosine and CLS cosine to the teacher (top-1 agreement, and accuracy
+    on labelled data, for classifiers), beside the MACs and batch-1 latency ratios.
+    """
+    from castle_convert.fidelity import measure, parse_resolutions
+    from castle_convert.export.load import load
+
+    try:
+        sizes = parse_resolutions(resolutions)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--resolutions") from None
+    if json_out is not None:
+        _check_writable(json_out, "--json")
+    student = load(output)
+    teacher = _eval_teacher(output, teacher_spec, arch)
+    report = measure(teacher, student, data_spec, sizes, max_images=max_images, latency=not no_latency,
+                     progress=not no_progress)
+    click.echo(report.format())
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        report.write_json(json_out)
+        click.echo(f"wrote {json_out}")
+
+
+def _eval_teacher(output: Path, teacher_spec: Optional[str], arch: Optional[str]):
+    """The teacher of ``eval``: --teacher, else the built-in or timm model name recorded in OUTPUT's config.json."""
+    from castle_convert import zoo
+    from castle_convert.export.load import read_config
+    from castle_convert.models import load_model
+    if teacher_spec is None:
+        source = read_config(output).get("source") or {}
+        teacher_spec = source.get("builtin") or (source.get("model") if "(" not in str(source.get("model")) else None)
+        if not teacher_spec:
+            raise click.UsageError(f"{output} does not record a teacher this command can load: pass --teacher MODEL "
+                                   "(the model it was converted from: a timm name, HF directory or checkpoint)")
+    if teacher_spec in zoo.BUILTINS:
+        return zoo.load_builtin(teacher_spec).eval()
+    return load_model(teacher_spec, arch=arch, pretrained=True).eval()
+
 
 # -- publishing ----------------------------------------------------------------------------------
 

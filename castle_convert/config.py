@@ -9,6 +9,7 @@ from typing import Any, Mapping, Optional
 COMBINES = ("blend", "sum")
 DW_MODES = ("2d", "1d", "none")
 GAMMA_INITS = ("calibrate", "one")
+AUX_SOURCES = ("student", "teacher")
 
 
 def error_line(e: BaseException, limit: int = 200) -> str:
@@ -42,6 +43,11 @@ class CastlingConfig:
             teacher's per-head attention output; ``separable``: the context query = the mean
             query of each head); ``one`` uses no data (γ = 1; the separable context query from
             the query bias).
+        aux: what the auxiliary masked-softmax branch computes: ``student`` — softmax of the
+            student's own q, k, v (they change in training, so after stage 1 gate 1 is no longer the
+            teacher); ``teacher`` — the source attention's own frozen weights (copied at conversion,
+            training-only, not in the state dict): gate 1 is exactly the teacher whatever training
+            changed, so the anneal hands over from the teacher to the linear form (``blend`` only).
         eps: epsilon of every normalisation.
         ref_tokens: ``linear_angular``: the token count N_ref the global term ``Q̂(K̂ᵀV)`` is
             weighted for; at N tokens it is scaled by ``N_ref / N``, so its balance against ½V
@@ -57,6 +63,7 @@ class CastlingConfig:
     gate: float = 1.0
     threshold: float = 0.0
     gamma_init: str = "calibrate"
+    aux: str = "student"
     eps: float = 1e-6
     ref_tokens: Optional[int] = None
     extra: dict = field(default_factory=dict, repr=False)
@@ -85,6 +92,10 @@ class CastlingConfig:
             raise bad("threshold", self.threshold, "use a value >= 0 (in units of 1/N)")
         if self.gamma_init not in GAMMA_INITS:
             raise bad("gamma_init", self.gamma_init, f"choose one of {list(GAMMA_INITS)}")
+        if self.aux not in AUX_SOURCES:
+            raise bad("aux", self.aux, f"choose one of {list(AUX_SOURCES)}")
+        if self.aux == "teacher" and self.combine != "blend":
+            raise bad("aux", self.aux, "the teacher's attention is blended at the layer output: use combine='blend'")
         if self.ref_tokens is not None and (not isinstance(self.ref_tokens, int) or isinstance(self.ref_tokens, bool)
                                             or self.ref_tokens < 0):
             raise bad("ref_tokens", self.ref_tokens, "use 0 (plain sum) or a positive token count")

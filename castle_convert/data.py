@@ -295,7 +295,8 @@ def _subset(ds: Dataset, n: Optional[int], seed: int) -> Dataset:
 def build_data(spec: str, teacher: nn.Module, *, resolution: Optional[int] = None, augmentation: str = "light",
                max_train_samples: Optional[int] = None, max_eval_samples: Optional[int] = None,
                seed: int = 0, materialize: bool = True) -> DataBundle:
-    """``spec``: ``fashion-mnist``, ``hf:NAME[:CONFIG]``, or a directory with train/ and val/.
+    """``spec``: ``natural`` (unlabeled, :mod:`castle_convert.natural`), ``fashion-mnist``,
+    ``hf:NAME[:CONFIG]``, or a directory with train/ and val/.
 
     With ``materialize``, deterministic splits (val always, train without augmentation) whose
     transformed tensors fit in 2 GiB are transformed once up front (see :class:`Materialized`).
@@ -303,6 +304,10 @@ def build_data(spec: str, teacher: nn.Module, *, resolution: Optional[int] = Non
     if spec == "fashion-mnist":
         train, val = load_fashion_mnist()
         classes = FASHION_MNIST_CLASSES
+    elif spec == "natural":                    # unlabeled: max_train_samples is the number of images made
+        from castle_convert import natural
+        train, val = natural.datasets(max_train_samples or natural.DEFAULT_TRAIN_IMAGES, seed)
+        max_train_samples, classes = None, []
     elif spec.startswith("hf:"):
         train, val, classes = load_hf_dataset(spec[3:])
     else:

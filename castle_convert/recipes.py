@@ -85,6 +85,9 @@ class CastlingSection:
     dw: str = "2d"
     dw_kernel: int = 3
     gamma_init: str = "calibrate"
+    aux: str = "student"                # student | teacher: what the annealed softmax branch computes
+                                        # (teacher: the source attention's frozen weights, so gate 1 is the
+                                        # teacher even after stage 1 changed q/k/v)
     keep_softmax: str = ""              # hybrid: layers that stay softmax: "" (none), "0,11" (indices in
                                         # the model's attention order), "auto:K" (the K layers with the
                                         # largest stage-1 error; needs transfer.steps > 0)
@@ -96,7 +99,25 @@ class CastlingSection:
 
     def to_config(self) -> CastlingConfig:
         return CastlingConfig(kind=self.kind, combine=self.combine, dw=self.dw, dw_kernel=self.dw_kernel,
-                              gamma_init=self.gamma_init, gate=1.0, threshold=0.0)
+                              gamma_init=self.gamma_init, aux=self.aux, gate=1.0, threshold=0.0)
+
+
+@dataclass
+class FidelitySection:
+    """The fidelity block at the end of the main job (castle_convert/fidelity.py)."""
+
+    data: str = "natural"               # natural (held-out photos, castle_convert/natural.py) | val (the run's
+                                        # validation split) | none (no block)
+    resolutions: str = "224,448,518"    # px; each rounded to a multiple of the model's patch size
+    max_images: Optional[int] = 24      # per resolution (natural: 5 views of each held-out photo, in order)
+    latency: bool = True                # batch-1 latency of teacher and student beside the cosines
+
+    def resolution_list(self) -> list[int]:
+        from castle_convert.fidelity import parse_resolutions
+        try:
+            return parse_resolutions(self.resolutions)
+        except ValueError as e:
+            raise RecipeError(str(e).replace("--resolutions", "fidelity.resolutions")) from None
 
 
 @dataclass
@@ -114,6 +135,7 @@ class Recipe:
     distill: DistillSection = field(default_factory=DistillSection)
     transfer: TransferSection = field(default_factory=TransferSection)
     castling: CastlingSection = field(default_factory=CastlingSection)
+    fidelity: FidelitySection = field(default_factory=FidelitySection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -129,7 +151,8 @@ class Recipe:
                    "distill.loss": ("soft", "hard"), "distill.feature_loss": ("cosine", "mse"),
                    "castling.anneal.curve": ("cosine", "linear"), "mixed_precision": ("no", "bf16", "fp16"),
                    "distill.feature_target": ("pooled", "tokens"),
-                   "transfer.train": ("replacement", "qk", "attention")}
+                   "transfer.train": ("replacement", "qk", "attention"),
+                   "castling.aux": ("student", "teacher"), "fidelity.data": ("natural", "val", "none")}
         for path, allowed in choices.items():
             value = _get(self, path)
             if value not in allowed:
@@ -154,7 +177,11 @@ class Recipe:
             value = _get(self, path)
             if value is not None and value < 0:
                 raise bad(path, value, f"use {fix}")
-        for path in ("data.max_train_samples", "data.max_eval_samples"):
+        try:
+            self.fidelity.resolution_list()
+        except RecipeError as e:
+            raise RecipeError(f"recipe '{self.name}': {e}") from None
+        for path in ("data.max_train_samples", "data.max_eval_samples", "fidelity.max_images"):
             value = _get(self, path)
             if value is not None and value < 1:
                 raise bad(path, value, "use null (every image) or a positive number of images")
@@ -238,7 +265,7 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
         return value
     if annotation is str and isinstance(value, str):
         return value
-    if annotation is str and path.endswith("keep_softmax") and (value is None or isinstance(value, (list, int))) \
+    if annotation is str and path.endswith(("keep_softmax", "resolutions")) and (value is None or isinstance(value, (list, int))) \
             and not isinstance(value, bool):                      # YAML [0, 11], a single index, or empty
         return ",".join(str(v) for v in (value if isinstance(value, list) else [] if value is None else [value]))
     if annotation is bool and isinstance(value, bool):

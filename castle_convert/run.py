@@ -120,6 +120,7 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
     }
     if state.is_main_process:
         report["latency"] = _latency(teacher, result.student, int(size[0]))
+        report["fidelity"] = _fidelity(teacher, result.student, recipe, data_spec, progress)
         save_pretrained(result.student, output, recipe=recipe.to_yaml(), report=report,
                         source=_source(model_spec, arch), labels=data.classes if head_classes(teacher) else None,
                         extra_files={"logs": work_dir / "tensorboard"}, overwrite=overwrite or resume,
@@ -163,6 +164,37 @@ def _check_resolution(teacher: nn.Module, resolution: Optional[int], recipe: Rec
         raise DataError(f"recipe '{recipe.name}' distils at data.resolution={resolution} px but this model takes only "
                         f"{h}x{w} inputs ({type(e).__name__}): add --set data.resolution=null to use its own size, "
                         "or build it for any size (timm: dynamic_img_size=True)") from None
+
+
+def _fidelity(teacher: nn.Module, student: nn.Module, recipe: Recipe, data_spec: str, progress: bool) -> Optional[dict]:
+    """The fidelity block (castle_convert/fidelity.py) at the recipe's resolutions, on held-out natural photos or
+    the run's validation split; a failure here is reported, not fatal to the run (the model is trained)."""
+    from castle_convert import fidelity
+    f = recipe.fidelity
+    if f.data == "none":
+        return None
+    spec = "natural" if f.data == "natural" else data_spec
+    device = next(teacher.parameters()).device
+    try:
+        report = fidelity.measure(teacher, student.to(device), spec, fidelity.on_grid(teacher, f.resolution_list()),
+                                  max_images=f.max_images, latency=f.latency, progress=progress)
+    except Exception as e:                       # noqa: BLE001 - the trained model must still be written
+        from castle_convert.config import error_line
+        warnings.warn(f"the fidelity block was not measured ({error_line(e)}); measure it later with "
+                      "castle-convert eval OUTPUT")
+        return {"error": error_line(e)}
+    finally:
+        student.cpu()
+    return report.to_dict()
+
+
+def format_fidelity(block: Optional[dict]) -> str:
+    """The report's fidelity block as the table :class:`castle_convert.fidelity.FidelityReport` prints."""
+    if not block or "rows" not in block:
+        return f"fidelity block: not measured ({block['error']})" if block else ""
+    from castle_convert.fidelity import FidelityReport, FidelityRow
+    rows = [FidelityRow(**{k: v for k, v in r.items() if k != "latency_ratio"}) for r in block["rows"]]
+    return FidelityReport(data=block["data"], rows=rows, device=block["device"], threads=block["threads"]).format()
 
 
 def _latency(teacher: nn.Module, student: nn.Module, resolution: int) -> dict:
@@ -216,4 +248,7 @@ def format_table(report: dict) -> str:
     if "top1" in t and "top1" in s:
         lines.append(f"Δ top-1 finalized vs teacher: {s['top1'] - t['top1']:+.2f} points; "
                      f"agreement with teacher {s.get('agree', float('nan')):.2f}%")
+    fid = format_fidelity(report.get("fidelity"))
+    if fid:                                          # what the user gets where linear attention pays: first
+        lines = [fid, ""] + lines
     return "\n".join(lines)

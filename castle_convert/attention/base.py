@@ -189,6 +189,58 @@ class CastlingTrainingForm(CastlingModule):
     def to_inference(self) -> CastlingModule:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # -- the teacher's own attention as the auxiliary branch (CastlingConfig.aux = "teacher") ----------
+    TEACHER_PARTS = ("qkv", "q_norm", "k_norm", "norm", "out_gate", "proj")
+    teacher_aux: bool = False
+
+    def keep_teacher(self) -> None:
+        """Freeze a copy of the source attention's parameters (its qkv, q/k norms, out norm, gate and proj)
+        as non-persistent buffers — not in the state dict, dropped by the inference form — so that the
+        auxiliary branch computes the teacher's own attention and gate 1 stays the teacher whatever
+        training changes in the student's projections."""
+        self.teacher_aux = True
+        self._teacher_buffers: dict[str, dict[str, str]] = {}
+        for part in self.TEACHER_PARTS:
+            module = getattr(self, part, None)
+            if module is None:
+                continue
+            names = {}
+            for pname, p in module.named_parameters():
+                buf = f"teacher_{part}_{pname.replace('.', '_')}"
+                self.register_buffer(buf, p.detach().clone(), persistent=False)
+                names[pname] = buf
+            self._teacher_buffers[part] = names
+
+    def _teacher(self, part: str, *args: torch.Tensor) -> torch.Tensor:
+        """``part`` of the source attention called with the frozen teacher parameters."""
+        module, names = getattr(self, part), self._teacher_buffers.get(part)
+        if not names:
+            return module(*args)
+        return torch.func.functional_call(module, {p: getattr(self, b) for p, b in names.items()}, args)
+
+    def _teacher_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's (masked) softmax attention of this layer, output projection included: (B, N, dim)."""
+        B, N, _ = x.shape
+        qkv = self._teacher("qkv", x).reshape(B, N, 3, self.num_heads, self.head_dim)   # (B, N, 3, h, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                                   # each (B, h, N, d)
+        out = self._teacher("norm", merge_heads(self._aux(self._teacher("q_norm", q), self._teacher("k_norm", k), v)))
+        if self.out_gate is not None:
+            out = out * self._teacher("out_gate", x).sigmoid()
+        return self.proj_drop(self._teacher("proj", out))                               # (B, N, dim)
+
+    def _blend(self, x: torch.Tensor, lin: torch.Tensor, aux: Optional[torch.Tensor], g: float) -> torch.Tensor:
+        """The blended training-form output ``g·AUX + (1 − g)·LIN`` (LIN: (B, N, C), merged heads): before
+        the output projection with the student's own auxiliary branch ``aux`` (B, h, N, d), after it with
+        the teacher's (``aux`` unused)."""
+        if g <= 0.0:
+            return self._output(x, lin)
+        if self.teacher_aux:
+            return g * self._teacher_attention(x) + (1.0 - g) * self._output(x, lin)
+        return self._output(x, g * merge_heads(aux) + (1.0 - g) * lin)
+
+    def _needs_student_aux(self, g: float) -> bool:
+        return self._calib is not None or (g > 0.0 and not self.teacher_aux)
+
     def _aux(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The auxiliary masked-softmax branch (B, h, N, d); records ``last_mask_density``."""
         drop = self.attn_drop.p if self.training else 0.0

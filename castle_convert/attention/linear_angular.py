@@ -103,6 +103,8 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
         self.compute_transfer = False
         self.last_transfer_loss: Optional[torch.Tensor] = None
         self._calib: Optional[list] = None        # [sum of per-head norms (h,), count] while calibrating
+        if config.aux == "teacher":
+            self.keep_teacher()
 
     @classmethod
     def from_pretrained_attention(cls, spec: SoftmaxAttentionSpec,
@@ -120,7 +122,7 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
         g = self.aux_gate
         q, k, v, v_tokens = self._qkv(x)                                    # (B, h, N, d)
         calibrating = self._calib is not None
-        aux = self._aux(q, k, v) if (g > 0.0 or calibrating) else None     # (B, h, N, d) or None
+        aux = self._aux(q, k, v) if self._needs_student_aux(g) else None   # (B, h, N, d) or None
         self._note_training(g)
         if calibrating:                      # record the teacher's output norms, pass its output on
             self._calib[0] += aux.detach().float().norm(dim=-1).mean(dim=(0, 2))  # (h,)
@@ -139,9 +141,8 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
             out = self._merge(self._gamma() * angular_linear(q, k, v, self.eps, extra, self.ref_tokens))
             if dw is not None:
                 out = out + dw
-        else:                                                               # blend
-            out = lin if g <= 0.0 else g * self._merge(aux) + (1.0 - g) * lin
-        return self._output(x, out)
+            return self._output(x, out)
+        return self._blend(x, lin, aux, g)
 
     # -- calibration of γ ----------------------------------------------------------------------
     def start_calibration(self) -> None:

@@ -165,6 +165,8 @@ class SeparableAttention(CastlingTrainingForm, _SeparableParts):
         self.compute_transfer = False
         self.last_transfer_loss: Optional[torch.Tensor] = None
         self._calib: Optional[list] = None        # [sum of queries (h, d), token count] while calibrating
+        if config.aux == "teacher":
+            self.keep_teacher()
 
     @classmethod
     def from_pretrained_attention(cls, spec: SoftmaxAttentionSpec,
@@ -199,7 +201,7 @@ class SeparableAttention(CastlingTrainingForm, _SeparableParts):
         g = self.aux_gate
         q, k, v, v_tokens = self._qkv(x)                                    # (B, h, N, d)
         calibrating = self._calib is not None
-        aux = self._aux(q, k, v) if (g > 0.0 or calibrating) else None     # (B, h, N, d) or None
+        aux = self._aux(q, k, v) if self._needs_student_aux(g) else None   # (B, h, N, d) or None
         self._note_training(g)
         if calibrating:                     # record the mean query, pass the teacher's output on
             self._calib[0] += q.detach().float().sum(dim=(0, 2))           # (h, d)
@@ -216,8 +218,7 @@ class SeparableAttention(CastlingTrainingForm, _SeparableParts):
             # The separable branch does not read the queries: keep q_norm's parameters in the
             # graph (zero gradient) so DistributedDataParallel sees every parameter used.
             lin = lin + 0.0 * q[..., :1, :1].sum()
-        out = lin if g <= 0.0 else g * merge_heads(aux) + (1.0 - g) * lin  # blend
-        return self._output(x, out)
+        return self._blend(x, lin, aux, g)
 
     def _q_norm_trains(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.q_norm.parameters())

@@ -42,7 +42,7 @@ HUB_FILES = {
 }
 # Keys of ``source`` that describe provenance (kept from a loaded model / the caller).
 _PROVENANCE = ("builtin", "model", "base_model", "license")
-TRAINING_ONLY = ("gate", "threshold", "gamma_init")       # CastlingConfig fields the inference form does not use
+TRAINING_ONLY = ("gate", "threshold", "gamma_init", "aux")       # CastlingConfig fields the inference form does not use
 _HF_BASE = {"vit": "ViTModel", "deit": "DeiTModel", "dinov2": "Dinov2Model",
             "dinov2_with_registers": "Dinov2WithRegistersModel"}
 
