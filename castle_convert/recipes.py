@@ -66,6 +66,8 @@ class TransferSection:
     lr: float = 3e-4
     weight_decay: float = 0.0
     train: str = "attention"            # replacement | qk | attention: what learns besides the new parameters
+    reuse: int = 1                      # optimizer steps each teacher forward's hidden states feed (see
+                                        # distill/transfer.py: reuse² steps per chunk of `reuse` batches)
     load_from: str = ""                 # a finished stage 1 to reuse instead of running one: the stage1/ folder
                                         # of an earlier run (OUTPUT.run/stage1 or a copy); recorded in the report
 
@@ -161,7 +163,7 @@ class Recipe:
             if isinstance(value, float) and not math.isfinite(value):
                 raise bad(path, value, "use a finite number")
         positive = ["epochs", "optim.lr", "optim.batch_size", "optim.grad_accum", "distill.temperature",
-                    "save_every", "eval_every", "log_every", "transfer.batch_size", "transfer.lr"]
+                    "save_every", "eval_every", "log_every", "transfer.batch_size", "transfer.lr", "transfer.reuse"]
         for path in positive:
             if not _get(self, path) > 0:
                 raise bad(path, _get(self, path), "use a value > 0")

@@ -220,14 +220,16 @@ def format_table(report: dict) -> str:
     def acc(ev: dict) -> str:
         if not ev:
             return "-"
-        return f"{ev['top1']:.2f}%" if "top1" in ev else f"cos {ev['cosine']:.4f}"
+        if "top1" in ev:
+            return f"{ev['top1']:.2f}%"
+        return f"agree {ev['agree']:.1f}%" if "agree" in ev else f"cos {ev['cosine']:.4f}"
 
     rows = [("teacher (softmax)", report["teacher"], report["params"]["teacher"], report["macs"]["teacher"]),
             ("student after stage 1" if report.get("stage1") else "student at start", report["student_start"],
              report["params"]["student"], None),
             ("student, training form g=0", report["student_train_form_g0"], report["params"]["student"], None),
             ("student, finalized", report["student"], report["params"]["student"], report["macs"]["student"])]
-    metric = "top-1" if "top1" in report["teacher"] else "cosine"
+    metric = "top-1" if "top1" in report["teacher"] else "agreement" if "agree" in report["teacher"] else "cosine"
     lines = [f"{'model':<28}{metric:>10}{'params':>10}{'MACs':>10}", "-" * 58]
     for name, ev, params, macs in rows:
         m = f"{macs / 1e6:.1f}M" if macs else ""

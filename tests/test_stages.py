@@ -93,6 +93,26 @@ def test_stage1_trains_only_what_it_says():
         trainable_parameters(student, [path], "everything")
 
 
+def test_stage1_reuse_feeds_several_steps_per_teacher_forward():
+    f = STAGE1_FAMILIES[0]
+    teacher = _sharpen(f.build())
+    calls = []
+    handle = teacher.patch_embed.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    batches = [_images(f, 4, s) for s in range(8)]
+    held_out = [_images(f, 6, 99)]                         # evaluation forwards: batches of 6
+    student = cc.convert(teacher)
+    calls.clear()
+    result = attention_transfer(teacher, student, batches, steps=8, lr=3e-3, reuse=2, eval_batches=held_out,
+                                progress=False)
+    handle.remove()
+    trained = [c for c in calls if c == 8]                 # the teacher's forwards on chunks of 2 batches
+    assert len(trained) == 2 and result.steps == 8 and result.images == 16   # 8 steps = 2 chunks × 2 passes × 2
+    for name, after in result.errors.items():
+        assert after < result.errors_before[name], name
+    with pytest.raises(ValueError, match="reuse=0"):
+        attention_transfer(teacher, cc.convert(teacher), batches, steps=2, reuse=0, progress=False)
+
+
 # -- hybrid ----------------------------------------------------------------------------------------
 
 def test_keep_softmax_parse_and_validate():

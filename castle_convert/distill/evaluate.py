@@ -31,12 +31,14 @@ def embeddings(out) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, accelerator, *, classify: bool = True,
-             reference: Optional[nn.Module] = None, max_batches: Optional[int] = None) -> dict:
+             reference: Optional[nn.Module] = None, max_batches: Optional[int] = None,
+             labelled: bool = True) -> dict:
     """Top-1 (classifier) or cosine similarity to ``reference`` embeddings (headless).
 
     Gathers over processes (``gather_for_metrics`` drops the padding of the last batch).
     Returns ``{"top1": %, "n": images}`` or ``{"cosine": mean, "n": images}``; with ``reference``
-    and a classifier also ``"agree"``: % of predictions equal to the reference's.
+    and a classifier also ``"agree"``: % of predictions equal to the reference's. On unlabeled images
+    (``labelled=False``, e.g. ``--data natural``) a classifier gets only ``"agree"`` (100 without a reference).
     """
     was_training = model.training
     model.eval()
@@ -66,6 +68,8 @@ def evaluate(model: nn.Module, loader, accelerator, *, classify: bool = True,
         model.train(was_training)
     if not classify:
         return {"cosine": cos_sum / max(total, 1), "n": total}
+    if not labelled:
+        return {"agree": 100.0 * agree / max(total, 1) if reference is not None else 100.0, "n": total}
     result = {"top1": 100.0 * correct / max(total, 1), "n": total}
     if reference is not None:
         result["agree"] = 100.0 * agree / max(total, 1)

@@ -141,7 +141,11 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
         raise ValueError("student has no castling training-form attention: pass cc.convert(teacher)")
     n_classes = head_classes(teacher)
     classify = n_classes is not None
-    if classify and n_classes != data.num_classes:
+    labelled = data.num_classes > 0
+    if classify and not labelled and recipe.distill.alpha < 1.0:
+        raise DataError(f"dataset '{data.name}' has no labels: distil the classifier on its own soft labels with "
+                        f"--set distill.alpha=1.0 (now {recipe.distill.alpha:g}), or use labelled data")
+    if classify and labelled and n_classes != data.num_classes:
         raise DataError(
             f"dataset '{data.name}' has {data.num_classes} classes but the teacher's head has {n_classes}: "
             "use a teacher fine-tuned on this dataset (or a headless backbone, distilled on features)")
@@ -202,11 +206,12 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
 
     history: list[dict] = []
     # a headless teacher's cosine to itself is 1 by definition: not worth a pass over the data
-    teacher_eval = evaluate(teacher, val_loader, accelerator, classify=True) if classify else \
+    teacher_eval = evaluate(teacher, val_loader, accelerator, classify=True, labelled=labelled) if classify else \
         {"cosine": 1.0, "n": len(data.val)}
     # the student as stage 2 starts it: after stage 1, at the schedule's first gate
     set_schedule(raw_student, *anneal.at(0.0))
-    start_eval = evaluate(student, val_loader, accelerator, classify=classify, reference=teacher) \
+    start_eval = evaluate(student, val_loader, accelerator, classify=classify, reference=teacher,
+                          labelled=labelled) \
         if not (resume and ckpt_dir.is_dir()) else {}
     accelerator.print(f"teacher {_fmt(teacher_eval)} | student at start {_fmt(start_eval) or '(resumed)'} | "
                       f"trainable parameters {trainable / 1e6:.2f}M / {total_params / 1e6:.2f}M")
@@ -284,7 +289,8 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
                     checkpoint.save(ckpt_dir, accelerator, model=raw_student, optimizer=optimizer, step=state.step,
                                     anneal_epoch=anneal.epoch, recipe_dict=recipe.to_dict(), run_info=run_info)
                 if state.step % eval_steps == 0 and state.step < total_steps:
-                    ev = evaluate(student, val_loader, accelerator, classify=classify, reference=teacher)
+                    ev = evaluate(student, val_loader, accelerator, classify=classify, reference=teacher,
+                                  labelled=labelled)
                     accelerator.log({f"eval/student_{k}": v for k, v in ev.items()}, step=state.step)
                     history.append({"step": state.step, "eval": ev, "gate": g})
                     accelerator.print(f"step {state.step}: student (g={g:.3f}) {_fmt(ev)}")
@@ -304,14 +310,16 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
         m.compute_transfer, m.last_transfer_loss = False, None
     # Final: the training form at g = 0, then the finalized (inference) form; the two must agree.
     set_schedule(raw_student, 0.0, 0.0)
-    train_form_eval = evaluate(student, val_loader, accelerator, classify=classify, reference=teacher)
+    train_form_eval = evaluate(student, val_loader, accelerator, classify=classify, reference=teacher,
+                               labelled=labelled)
     final = finalize(raw_student, force=True)      # the loop ran the anneal and ends at g = 0 itself
-    final_eval = evaluate(final, val_loader, accelerator, classify=classify, reference=teacher)
+    final_eval = evaluate(final, val_loader, accelerator, classify=classify, reference=teacher,
+                          labelled=labelled)
     accelerator.log({f"eval/final_{k}": v for k, v in final_eval.items()}, step=state.step)
     for tracker in accelerator.trackers:          # not end_training(): it tears down the process group
         tracker.finish()
     teacher.train(teacher_was_training)
-    key = "top1" if classify else "cosine"
+    key = ("top1" if labelled else "agree") if classify else "cosine"
     tol = 0.1 if classify else 1e-3
     if abs(train_form_eval[key] - final_eval[key]) > tol:
         raise RuntimeError(f"finalized student disagrees with its training form at g=0: "
@@ -376,8 +384,8 @@ def run_stage1(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe:
                             f"(transfer.batch_size={tr.batch_size})")
         held_out = [images for images, _ in itertools.islice(DataLoader(data.val, batch_size=tr.batch_size), 2)]
         result = attention_transfer(teacher, student, loader, steps=tr.steps, lr=tr.lr, train=tr.train,
-                                    weight_decay=tr.weight_decay, eval_batches=held_out, accelerator=accelerator,
-                                    progress=progress)
+                                    weight_decay=tr.weight_decay, reuse=tr.reuse, eval_batches=held_out,
+                                    accelerator=accelerator, progress=progress)
         accelerator.print("stage 1: per-layer normalized error (held-out images, gate 0)\n" + result.format() +
                           f"\nstage 1 took {result.wall_time_s:.0f}s ({result.images} images)")
     else:
@@ -473,4 +481,6 @@ def _fmt(ev: dict) -> str:
         return ""
     if "top1" in ev:
         return f"top-1 {ev['top1']:.2f}%" + (f" (agrees with teacher {ev['agree']:.2f}%)" if "agree" in ev else "")
+    if "agree" in ev:
+        return f"agrees with teacher {ev['agree']:.2f}%"
     return f"cosine {ev['cosine']:.4f}"
