@@ -55,6 +55,8 @@ class DistillSection:
     feature_loss: str = "cosine"        # headless backbones: cosine | mse on final embeddings
     feature_target: str = "pooled"      # headless backbones: pooled (CLS / pooled output) | tokens (every
                                         # final token, CLS included: a backbone's value is all its features)
+    intermediate: float = 0.0           # weight of the token-wise cosine distance between every converted
+                                        # layer's block output and the teacher's (the features dense heads read)
 
 
 @dataclass
@@ -171,6 +173,7 @@ class Recipe:
                         "data.workers": "0 (load in the main process) or a number of worker processes",
                         "optim.weight_decay": "0 or a positive value", "optim.warmup_epochs": "0 or a positive value",
                         "optim.min_lr": "0 or a positive value", "distill.attn_transfer": "0 (off) or a positive weight",
+                        "distill.intermediate": "0 (off) or a positive weight",
                         "distill.local_transfer": "0 (off) or a positive weight",
                         "transfer.weight_decay": "0 or a positive value", "seed": "0 or a positive integer",
                         "optim.clip_grad": "null or 0 (no clipping) or a positive max norm",

@@ -243,6 +243,25 @@ def test_headless_backbone_distils_on_features(image_folder):
     assert "cosine" in result.student_final_eval and "feature" in result.history[0]
 
 
+def test_intermediate_targets_and_teacher_aux_anneal(image_folder):
+    """distill.intermediate matches every converted layer's block output; with castling.aux=teacher the
+    annealed branch is the teacher's own attention (gate 1 = teacher after stage 1)."""
+    torch.manual_seed(0)
+    teacher = timm.create_model("vit_small_patch14_reg4_dinov2", img_size=28, patch_size=7, embed_dim=32, depth=2,
+                                num_heads=2, num_classes=0)
+    data = build_data(str(image_folder), teacher)
+    recipe = load_recipe("toy", TINY_RUN + ["epochs=1", "distill.intermediate=1.0", "castling.aux=teacher",
+                                            "transfer.steps=4", "transfer.batch_size=4", "transfer.reuse=2",
+                                            "castling.anneal.end_epoch=0.5", "distill.local_transfer=0"])
+    student = cc.convert(teacher, recipe.castling.to_config())
+    result = distill(teacher, student, data, recipe, progress=False)
+    rows = [h for h in result.history if "loss" in h]
+    assert all(r["intermediate"] > 0 for r in rows) and rows[0]["gate"] > 0
+    # stage 1 changed q/k/v, yet the student at the start of stage 2 (gate 1) is the teacher
+    assert result.student_start_eval["cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert not any(m._forward_hooks for m in teacher.modules()), "capture hooks removed"
+
+
 def _run(model_dir, folder, out, extra=(), **kw):
     recipe = load_recipe("toy", TINY_RUN + list(extra))
     return run(str(model_dir), recipe, data_spec=str(folder), output=out, progress=False, **kw)

@@ -223,10 +223,13 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         accelerator.print(f"resumed from {ckpt_dir} at step {state.step}")
 
-    capture = None
+    capture = blocks = None
     if recipe.distill.attn_transfer > 0:
         capture = (_OutputCapture(raw_student, _converted_paths(raw_student)),
                    _OutputCapture(teacher, _converted_paths(raw_student)))
+    if recipe.distill.intermediate > 0:               # the blocks around the converted attentions
+        paths = _block_paths(raw_student)
+        blocks = (_OutputCapture(raw_student, paths), _OutputCapture(teacher, paths))
     local = recipe.distill.local_transfer > 0
     forms = [m for _, m in training_forms(raw_student)]        # walked once, not every step
     for m in forms:
@@ -250,11 +253,13 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
                 g, tau = anneal.update(micro / batches_per_epoch)
                 set_schedule(raw_student, g, tau)
                 with accelerator.accumulate(student):
+                    for c in (capture or ()) + (blocks or ()):
+                        c.take()                  # nothing left over from an evaluation's forwards
                     with torch.no_grad(), accelerator.autocast():
                         t_out = teacher(images)
                     with accelerator.autocast():
                         s_out = student(images)
-                    loss, parts = _loss(recipe, s_out, t_out, labels, classify, capture)
+                    loss, parts = _loss(recipe, s_out, t_out, labels, classify, capture, blocks)
                     if local:
                         lt = torch.stack([m.last_transfer_loss for m in forms]).mean()
                         loss = loss + recipe.distill.local_transfer * lt
@@ -301,9 +306,8 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
     finally:
         if bar:
             bar.close()
-        if capture:
-            for c in capture:
-                c.remove()
+        for c in (capture or ()) + (blocks or ()):
+            c.remove()
     wall = time.time() - t_start
 
     for m in forms:
@@ -438,7 +442,17 @@ def _auto_keep(student: nn.Module, teacher: nn.Module, errors: Optional[dict], k
     return auto
 
 
-def _loss(recipe: Recipe, s_out, t_out, labels, classify: bool, capture) -> tuple[torch.Tensor, dict]:
+def _block_paths(student: nn.Module) -> list[str]:
+    """The blocks (parents) of the converted attentions, in model order: ``blocks.3`` for ``blocks.3.attn``."""
+    out: list[str] = []
+    for path in _converted_paths(student):
+        parent = path.rsplit(".", 1)[0] if "." in path else path
+        if parent not in out:
+            out.append(parent)
+    return out
+
+
+def _loss(recipe: Recipe, s_out, t_out, labels, classify: bool, capture, blocks=None) -> tuple[torch.Tensor, dict]:
     d = recipe.distill
     parts: dict[str, float] = {}
     if classify:
@@ -462,6 +476,11 @@ def _loss(recipe: Recipe, s_out, t_out, labels, classify: bool, capture) -> tupl
         at = losses.attention_transfer(s_cap.take(), t_cap.take())
         loss = loss + d.attn_transfer * at
         parts["attn_transfer"] = at.item()
+    if blocks is not None:
+        s_blk, t_blk = blocks
+        inter = losses.intermediate_features(s_blk.take(), t_blk.take())
+        loss = loss + d.intermediate * inter
+        parts["intermediate"] = inter.item()
     return loss, parts
 
 

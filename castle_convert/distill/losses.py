@@ -32,6 +32,13 @@ def attention_transfer(student_outs: list[torch.Tensor], teacher_outs: list[torc
     return torch.stack(losses).mean()
 
 
+def intermediate_features(student_outs: list[torch.Tensor], teacher_outs: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over blocks of the token-wise cosine distance between student and teacher block outputs
+    (B, N, C): the intermediate features dense heads read, every token."""
+    losses = [(1.0 - F.cosine_similarity(s.float(), t.float(), dim=-1)).mean() for s, t in zip(student_outs, teacher_outs)]
+    return torch.stack(losses).mean()
+
+
 class DivergenceError(RuntimeError):
     """The loss became NaN / inf during training; the message names the step and what to change."""
 
