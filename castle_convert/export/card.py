@@ -242,8 +242,11 @@ def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Option
             return "–"
         if "top1" in ev:
             return f"{ev['top1']:.2f}%"
+        if "agree" in ev:
+            return f"{ev['agree']:.1f}% agreement"
         return f"{ev['cosine']:.4f}" if "cosine" in ev else "–"
 
+    lines += _fidelity_section(report)
     if report:
         lines += [f"| model | {metric} | params | MACs | latency |", "|---|---|---|---|---|",
                   f"| teacher (softmax attention) | {score(t)} | {_num(params.get('teacher'), 1e6, 'M')} | "
@@ -288,6 +291,29 @@ def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Option
         lines += ["", "Written with " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."]
     from huggingface_hub import ModelCard
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
+
+
+def _fidelity_section(report: Optional[dict]) -> list[str]:
+    """The fidelity block (castle_convert/fidelity.py) as a table: where the user deploys, first."""
+    block = (report or {}).get("fidelity") or {}
+    rows = block.get("rows") or []
+    if not rows:
+        return []
+
+    def f(v, spec):
+        return "–" if v is None else format(v, spec)
+    where = ("held-out natural photos (castle-convert's built-in set, never seen in distillation)"
+             if block.get("data") == "natural" else f"held-out images of {block.get('data')}")
+    out = [f"Fidelity to the teacher on {where}, per input resolution:", "",
+           "| resolution | images | patch-token cosine | CLS cosine | agreement | MACs ratio | latency ratio |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['resolution']} px | {r['images']} | {f(r.get('patch_cosine'), '.4f')} | "
+                   f"{f(r.get('cls_cosine'), '.4f')} | {f(r.get('agree'), '.1f')} | {f(r.get('macs_ratio'), '.3f')} | "
+                   f"{f(r.get('latency_ratio'), '.3f')} |")
+    out += ["", f"Ratios are this model / the teacher (batch 1, {block.get('device', 'cpu')}, "
+                f"{block.get('threads', '?')} threads); cosines are means over images and tokens.", ""]
+    return out
 
 
 def render_card_for_dir(path: Path, repo_id: Optional[str] = None) -> str:
