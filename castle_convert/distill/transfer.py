@@ -88,16 +88,6 @@ class _Capture:
             h.remove()
 
 
-def _grids(student: nn.Module) -> list:
-    grids, seen = [], set()
-    for _, m in training_forms(student):
-        grid = getattr(getattr(m, "dw", None), "grid", None)
-        if grid is not None and id(grid) not in seen:
-            seen.add(id(grid))
-            grids.append(grid)
-    return grids
-
-
 def trainable_parameters(student: nn.Module, paths: list[str], train: str) -> list[nn.Parameter]:
     """The parameters stage 1 updates (``train`` in :data:`TRAIN_CHOICES`)."""
     if train not in TRAIN_CHOICES:
@@ -171,10 +161,9 @@ def _layer_outputs(student, teacher, paths, images) -> Iterator[tuple[str, torch
             adapters.forward(teacher, images)
     finally:
         capture.remove()
-    for grid in _grids(student):
-        grid.hw = grid.grid_for(images.shape[-2], images.shape[-1])
+    grid = adapters.image_grid(student, images.shape[-2], images.shape[-1])     # these images' patch grid
     for path in paths:
-        yield path, _first(student.get_submodule(path)(capture.inputs[path])), capture.outputs[path]
+        yield path, _first(student.get_submodule(path)(capture.inputs[path], grid=grid)), capture.outputs[path]
 
 
 def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable[torch.Tensor], *, steps: int,
