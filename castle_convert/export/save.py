@@ -202,9 +202,13 @@ def build_config(model: nn.Module, *, source: dict, labels: Optional[list[str]],
             if labels:
                 config["label_names"] = list(labels)
             config.update(id2label={str(i): names[i] for i in range(n)}, label2id={v: i for i, v in enumerate(names)})
-    elif labels and not headless:
-        config.update(id2label={str(i): v for i, v in enumerate(labels)},
-                      label2id={v: i for i, v in enumerate(labels)})
+    else:
+        # timm's local-dir:/hf-hub: read "architecture": its entry point names the routes that load this directory
+        from castle_convert.export.timm_route import TRANSFORMERS_ENTRY
+        config["architecture"] = TRANSFORMERS_ENTRY
+        if labels and not headless:
+            config.update(id2label={str(i): v for i, v in enumerate(labels)},
+                          label2id={v: i for i, v in enumerate(labels)})
     return config
 
 

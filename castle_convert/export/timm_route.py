@@ -35,6 +35,9 @@ _registered = False
 # timm's save_for_hf / push_to_hf_hub write pretrained_cfg into config.json, so their output reloads here.
 CFG_KEY = "castle_convert"
 _FEATURE_ARGS = ("out_indices", "feature_cls")      # what timm's ViT features_only takes
+# config.json "architecture" of a transformers-source directory: timm's local-dir: / hf-hub: read it, and this
+# entry point says in one line which routes load the directory (instead of timm's KeyError: 'architecture')
+TRANSFORMERS_ENTRY = PREFIX + "transformers"
 
 
 def converted_pretrained_cfg(cfg: dict, arch: str, castle: Optional[dict]) -> dict:
@@ -201,23 +204,47 @@ def _norm(v: Any) -> Any:
     return tuple(_norm(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
+def _named(fn, name: str):
+    def entry(pretrained: bool = False, **kwargs: Any):
+        return fn(pretrained, **kwargs)
+    entry.__name__ = entry.__qualname__ = name
+    entry.__module__ = __name__
+    entry.__doc__ = fn.__doc__
+    return entry
+
+
 def _entrypoint(arch: str):
-    def fn(pretrained: bool = False, **kwargs: Any):
-        return create_castle_model(arch, pretrained, **kwargs)
-    fn.__name__ = fn.__qualname__ = PREFIX + arch
-    fn.__module__ = __name__
+    fn = _named(lambda pretrained, **kwargs: create_castle_model(arch, pretrained, **kwargs), PREFIX + arch)
     fn.__doc__ = f"timm {arch} converted by castle-convert (load a castle-convert model.safetensors)."
     return fn
 
 
+def transformers_source(pretrained: bool = False, pretrained_cfg: Any = None, **kwargs: Any):
+    """timm entry of a directory converted from a transformers model: timm has no model class for its weights
+    (their names are transformers'), so this stops with the routes that do load it."""
+    from castle_convert.export.load import CheckpointError
+    cfg = pretrained_cfg if isinstance(pretrained_cfg, dict) else {}
+    where = cfg.get("file") or cfg.get("hf_hub_id") or "this directory"
+    model = (((cfg.get(CFG_KEY) or {}).get("source") or {}).get("architectures") or ["model"])[0]
+    raise CheckpointError(f"{where} holds a converted transformers {model}, which timm cannot build: load it with "
+                          f"castle_convert.load({str(where)!r}) or transformers (AutoModel.from_pretrained(..., "
+                          "trust_remote_code=True))")
+
+
 def register() -> int:
-    """Register ``castle_<arch>`` for every timm ViT/DeiT architecture; returns how many were added."""
+    """Register ``castle_<arch>`` for every timm ViT/DeiT architecture (and :data:`TRANSFORMERS_ENTRY`);
+    returns how many were added."""
     global _registered
     import timm
     from timm.models import get_pretrained_cfg
     from timm.models._registry import is_model, register_model
 
     added = 0
+    if not is_model(TRANSFORMERS_ENTRY):
+        default_cfgs[TRANSFORMERS_ENTRY] = {}
+        fn = globals()[TRANSFORMERS_ENTRY] = _named(transformers_source, TRANSFORMERS_ENTRY)
+        register_model(fn)
+        added += 1
     for arch in timm.list_models(list(PATTERNS)):
         name = PREFIX + arch
         if is_model(name):
