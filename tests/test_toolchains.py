@@ -284,6 +284,42 @@ def test_onnx_dynamic_resolution(case, tmp_path):
             assert abs(got - out(family, loaded, x).numpy()).max() <= 1e-5
 
 
+@pytest.mark.parametrize("case", ["timm-vit:separable", "hf-vit:linear_angular"])
+def test_remote_code_scripts_and_exports_at_any_size(case, tmp_path):
+    """The transformers remote code (export/hub, copied into every directory) takes the grid the same way:
+    its attentions script, and its model exports with dynamic height/width, equal to castle-convert's model."""
+    import json
+
+    from castle_convert.export.load import read_safetensors
+    from castle_convert.export.save import hub_model
+    fid, kind = case.split(":")
+    family = BY_ID[fid]
+    model = final_model(family, kind)
+    directory = cc.save_pretrained(model, tmp_path / "d", verify=False)
+    config = json.loads((directory / "config.json").read_text())
+    hub = hub_model(config, read_safetensors(directory / "model.safetensors")[0])
+    attn = next(m for m in hub.modules() if type(m).__name__ in ("CastlingAttention", "CastlingSeparableAttention"))
+    tokens = torch.randn(2, family.prefix_tokens + 18, 32)
+    with torch.no_grad():
+        assert torch.equal(torch.jit.script(attn)(tokens, (3, 6)), attn(tokens, (3, 6)))
+
+    class Hub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hub = hub
+
+        def forward(self, x):
+            kw = {} if config.get("timm_vit") else {"interpolate_pos_encoding": True}
+            return primary_output(self.hub(pixel_values=x, **kw))
+
+    Dim = torch.export.Dim
+    exported = torch.export.export(Hub(), (images(family, 5, 7),), dynamic_shapes=(
+        {2: family.patch * Dim("rows", min=2, max=16), 3: family.patch * Dim("cols", min=2, max=16)},))
+    x = images(family, 3, 6)
+    with torch.no_grad():
+        assert (exported.module()(x) - out(family, model, x)).abs().max() <= 1e-5
+
+
 # -- threads, shapes and direct calls ---------------------------------------------------------------
 
 THREAD_CASES = ["timm-vit", "timm-reg4-dinov2", "hf-vit", "hf-dinov2-registers"]
