@@ -177,8 +177,8 @@ import castle_convert as cc
 (safetensors only); the preprocessing stays attached: timm's `model.pretrained_cfg`, or for transformers
 sources `model.castle_image_processor`, the `preprocessor_config.json` dict
 (`AutoImageProcessor.from_pretrained` of the directory builds the processor itself).""")
-    if src.get("library") == "timm":
-        arch = config.get("architecture") or f"castle_{src.get('architecture')}"
+    arch = config.get("architecture") or (f"castle_{src.get('architecture')}" if src.get("library") == "timm" else None)
+    if arch and arch != "castle_transformers":       # timm sources, and transformers ones with a timm equivalent
         file = f'hf_hub_download("{repo}", "model.safetensors")' if on_hub else f'"{repo}/model.safetensors"'
         other = f'"hf-hub:{repo}"' if on_hub else f'"local-dir:{repo}"'
         parts.append(f"""### timm

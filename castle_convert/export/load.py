@@ -180,7 +180,11 @@ def load_routes(path: Union[str, Path]) -> list[str]:
     routes = ["castle_convert.load()"]
     if config.get("auto_map") and (path / "modeling_castling.py").is_file():
         routes.append("transformers (trust_remote_code=True)")
-    if config["source"].get("library") == "timm":
+    timm_ok = config["source"].get("library") == "timm"
+    if not timm_ok:                    # a transformers source: through the equivalent timm ViT, where there is one
+        from castle_convert.export.timm_equivalent import plan
+        timm_ok = str(config.get("architecture", "")).startswith("castle_") and not isinstance(plan(config), str)
+    if timm_ok:
         routes.append(f'timm (timm.create_model("local-dir:{path}", pretrained=True))')
     return routes
 
