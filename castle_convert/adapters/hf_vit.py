@@ -8,12 +8,17 @@ The whole ``XAttention`` is replaced by a shim that keeps the family's call/retu
 The patch grid of each call reaches the shims through the keyword arguments transformers passes
 from the base model's forward down to every attention (``**kwargs``): a forward pre-hook on the
 base model adds ``grid=(rows, cols)``, computed from that call's ``pixel_values``, to the call's
-own keyword arguments (it stores nothing). Direct calls of a layer or attention take ``grid=``.
+own keyword arguments (it stores nothing). Versions whose base model calls its encoder without
+them (5.8: ``self.encoder(embedding_output)``) get the grid relayed on the call's own embedding
+tensor: the embeddings' forward hook sets ``_castle_grid`` on the tensor it returns, and the
+encoder's pre-hook turns it into the keyword argument. Versions whose layers take no ``**kwargs``
+(4.x) get no grid: square inputs only. Direct calls of a layer or attention take ``grid=``.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Optional, Tuple
 
 import torch
@@ -192,12 +197,38 @@ def _grid_kwarg(patch_size: Tuple[int, int], module: nn.Module, args: tuple, kwa
     return args, {**kwargs, "grid": patch_grid(pixels.shape[-2], pixels.shape[-1], patch_size)}
 
 
+def _grid_on_embeddings(patch_size: Tuple[int, int], module: nn.Module, args: tuple, kwargs: dict, out):
+    """Forward hook of the embeddings: this call's grid travels on this call's embedding tensor."""
+    pixels = args[0] if args else kwargs.get("pixel_values")
+    if isinstance(pixels, torch.Tensor) and isinstance(out, torch.Tensor):
+        out._castle_grid = patch_grid(pixels.shape[-2], pixels.shape[-1], patch_size)
+
+
+def _grid_from_embeddings(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of the encoder: the grid on its input tensor becomes the ``grid`` keyword argument."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if "grid" in kwargs or getattr(hidden, "_castle_grid", None) is None:
+        return None
+    return args, {**kwargs, "grid": hidden._castle_grid}
+
+
+def _takes_kwargs(module: nn.Module) -> bool:
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(module.forward).parameters.values())
+
+
 def pass_grid(model: nn.Module) -> None:
-    """Register :func:`_grid_kwarg` on the base model (once)."""
+    """Register :func:`_grid_kwarg` on the base model, and the relay through the embedding tensor when the
+    encoder takes keyword arguments (once)."""
     backbone, base = _backbone(model)
-    if backbone is not None and not getattr(base, "_castle_passes_grid", False):
-        base.register_forward_pre_hook(functools.partial(_grid_kwarg, backbone.patch_size), with_kwargs=True)
-        base._castle_passes_grid = True
+    if backbone is None or getattr(base, "_castle_passes_grid", False):
+        return
+    base.register_forward_pre_hook(functools.partial(_grid_kwarg, backbone.patch_size), with_kwargs=True)
+    encoder = getattr(base, "encoder", None)
+    if isinstance(encoder, nn.Module) and _takes_kwargs(encoder):
+        base.embeddings.register_forward_hook(functools.partial(_grid_on_embeddings, backbone.patch_size),
+                                              with_kwargs=True)
+        encoder.register_forward_pre_hook(_grid_from_embeddings, with_kwargs=True)
+    base._castle_passes_grid = True
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:

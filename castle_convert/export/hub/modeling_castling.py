@@ -486,6 +486,24 @@ class _GridKwarg:
         return args, {**kwargs, "grid": patch_grid(pixels.shape[-2], pixels.shape[-1], self.patch_size)}
 
 
+class _GridOnEmbeddings(_GridKwarg):
+    """Forward hook of the embeddings, for transformers versions whose base model calls its encoder without
+    keyword arguments: the call's grid travels on the call's own embedding tensor (``_castle_grid``)."""
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, out):
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        if isinstance(pixels, torch.Tensor) and isinstance(out, torch.Tensor):
+            out._castle_grid = patch_grid(pixels.shape[-2], pixels.shape[-1], self.patch_size)
+
+
+def _grid_from_embeddings(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of the encoder: the grid on its input tensor becomes the ``grid`` keyword argument."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if "grid" in kwargs or getattr(hidden, "_castle_grid", None) is None:
+        return None
+    return args, {**kwargs, "grid": hidden._castle_grid}
+
+
 def _hf_layout(m: nn.Module) -> Optional[str]:
     if all(isinstance(getattr(m, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
         return "qkvo"
@@ -520,6 +538,11 @@ def _castling_swap_hf(model: PreTrainedModel, config) -> None:
     patch = getattr(emb.patch_embeddings, "patch_size", config.patch_size)
     patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
     base.register_forward_pre_hook(_GridKwarg(patch), with_kwargs=True)
+    encoder = getattr(base, "encoder", None)
+    if isinstance(encoder, nn.Module) and any(p.kind is p.VAR_KEYWORD
+                                              for p in inspect.signature(encoder.forward).parameters.values()):
+        emb.register_forward_hook(_GridOnEmbeddings(patch), with_kwargs=True)
+        encoder.register_forward_pre_hook(_grid_from_embeddings, with_kwargs=True)
     found = []
     for name, m in base.named_modules():
         if _hf_layout(m) is not None and not any(name.startswith(f + ".") for f in found):
