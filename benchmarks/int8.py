@@ -37,6 +37,7 @@ def build(name: str):
         x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         return teacher, cc.finalize(cc.convert(teacher, calibration_inputs=x), force=True)
     import timm
+    torch.manual_seed(0)                        # the same random weights every run
     teacher = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
     return teacher, None
 
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-budget", type=float, default=60.0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--output", default=str(ROOT / "results" / "int8-cpu.json"))
+    ap.add_argument("--append", action="store_true",
+                    help="keep the other models' results already in --output (this run's models replace theirs)")
     args = ap.parse_args(argv)
     rows, results = [], []
     for name in args.models.split(","):
@@ -67,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"{f['original']['patch_cosine']:.4f} / {f['original']['cls_cosine']:.4f} |")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and out.is_file():
+        mine = {r["model"] for r in results}
+        results = [r for r in json.loads(out.read_text())["results"] if r["model"] not in mine] + results
     out.write_text(json.dumps({"results": results, "machine": platform.platform(), "torch": torch.__version__,
                                "threads": torch.get_num_threads(), "quantized_engine": torch.backends.quantized.engine},
                               indent=2))

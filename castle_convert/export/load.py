@@ -245,7 +245,7 @@ def load(path: Union[str, Path], *, device: Any = "cpu", dtype: Optional[torch.d
         model.castle_image_processor = json.loads(processor.read_text())
     model.castle_source = dict(config["source"])
     if config["source"].get("library") == "timm":
-        from castle_convert.export.timm_route import castle_config, converted_pretrained_cfg
+        from castle_convert.export.source import castle_config, converted_pretrained_cfg
         # names castle_<arch>, no softmax hub id: timm's save_for_hf / push_to_hf_hub of it reload as converted
         model.pretrained_cfg = converted_pretrained_cfg(model.pretrained_cfg, config["source"]["architecture"],
                                                         castle_config(config))

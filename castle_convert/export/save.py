@@ -216,7 +216,7 @@ def timm_architecture_field(config: dict) -> Optional[str]:
     if config["source"].get("library") != "transformers":
         return None
     from castle_convert.export.timm_equivalent import plan
-    from castle_convert.export.timm_route import PREFIX, TRANSFORMERS_ENTRY
+    from castle_convert.export.source import PREFIX, TRANSFORMERS_ENTRY
     eq = plan(config)
     return TRANSFORMERS_ENTRY if isinstance(eq, str) else PREFIX + eq.architecture
 

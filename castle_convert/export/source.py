@@ -265,6 +265,34 @@ def timm_base_model(model: nn.Module, args: dict) -> Optional[str]:
     return hub
 
 
+# -- the timm pretrained_cfg of a converted model (timm route, castle_convert.load) ----------------------
+
+PREFIX = "castle_"
+_NO_WEIGHTS = ("url", "hf_hub_id", "hf_hub_filename", "hf_hub_revision", "file", "state_dict", "custom_load",
+               "tag", "source")
+# pretrained_cfg key holding the castle-convert config (format_version, castling, converted_modules, source):
+# timm's save_for_hf / push_to_hf_hub write pretrained_cfg into config.json, so their output reloads here.
+CFG_KEY = "castle_convert"
+# config.json "architecture" of a transformers-source directory without a timm equivalent: timm's local-dir: /
+# hf-hub: read it, and its entry point says in one line which routes load the directory
+TRANSFORMERS_ENTRY = PREFIX + "transformers"
+
+
+def converted_pretrained_cfg(cfg: dict, arch: str, castle: Optional[dict]) -> dict:
+    """The ``pretrained_cfg`` of a converted model: names ``castle_<arch>``, no softmax-weights source
+    (hub id, url, tag, file), and the castle-convert config when known (``CFG_KEY``)."""
+    out = {k: v for k, v in cfg.items() if k not in _NO_WEIGHTS and k != CFG_KEY}
+    out["architecture"] = PREFIX + arch
+    if castle:
+        out[CFG_KEY] = castle
+    return out
+
+
+def castle_config(config: dict) -> dict:
+    """The fields of a config.json / metadata that rebuild the converted architecture."""
+    return {k: config[k] for k in ("format_version", "castling", "converted_modules", "source") if k in config}
+
+
 # -- transformers --------------------------------------------------------------------------------
 
 def hf_config_dict(model: nn.Module) -> dict:

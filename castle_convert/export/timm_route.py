@@ -25,29 +25,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-PREFIX = "castle_"
+from castle_convert.export.source import (_NO_WEIGHTS, CFG_KEY, PREFIX, TRANSFORMERS_ENTRY,  # noqa: F401
+                                          castle_config, converted_pretrained_cfg)
+
 PATTERNS = ("vit_*", "deit*", "test_vit*")
 default_cfgs: dict[str, dict] = {}           # read by timm's register_model
-_NO_WEIGHTS = ("url", "hf_hub_id", "hf_hub_filename", "hf_hub_revision", "file", "state_dict", "custom_load",
-               "tag", "source")
 _registered = False
-# pretrained_cfg key holding the castle-convert config (format_version, castling, converted_modules, source):
-# timm's save_for_hf / push_to_hf_hub write pretrained_cfg into config.json, so their output reloads here.
-CFG_KEY = "castle_convert"
 _FEATURE_ARGS = ("out_indices", "feature_cls")      # what timm's ViT features_only takes
-# config.json "architecture" of a transformers-source directory: timm's local-dir: / hf-hub: read it, and this
-# entry point says in one line which routes load the directory (instead of timm's KeyError: 'architecture')
-TRANSFORMERS_ENTRY = PREFIX + "transformers"
-
-
-def converted_pretrained_cfg(cfg: dict, arch: str, castle: Optional[dict]) -> dict:
-    """The ``pretrained_cfg`` of a converted model: names ``castle_<arch>``, no softmax-weights source
-    (hub id, url, tag, file), and the castle-convert config when known (``CFG_KEY``)."""
-    out = {k: v for k, v in cfg.items() if k not in _NO_WEIGHTS and k != CFG_KEY}
-    out["architecture"] = PREFIX + arch
-    if castle:
-        out[CFG_KEY] = castle
-    return out
 
 
 def _caller_checkpoint_path() -> Optional[str]:
@@ -245,11 +229,6 @@ def _from_transformers(arch: str, file: Path, cfg: dict, state: dict, meta_confi
     processor = _directory_file(file, cfg, "preprocessor_config.json", cache_dir)
     data = hf_data_config(json.loads(processor.read_text()) if processor else None, eq.resolution)
     return model.eval(), eq.model_args, data
-
-
-def castle_config(config: dict) -> dict:
-    """The fields of a config.json / metadata that rebuild the converted architecture."""
-    return {k: config[k] for k in ("format_version", "castling", "converted_modules", "source") if k in config}
 
 
 def _norm(v: Any) -> Any:
