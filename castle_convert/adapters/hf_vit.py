@@ -4,18 +4,30 @@ Written against module structure, not classes, so both attention layouts convert
   * before transformers 5.9: ``XAttention(attention=XSelfAttention(query, key, value), output=XSelfOutput(dense))``
   * from 5.9 on:             ``XAttention(q_proj, k_proj, v_proj, o_proj)``
 The whole ``XAttention`` is replaced by a shim that keeps the family's call/return convention.
+
+The patch grid of each call reaches the shims through the keyword arguments transformers passes
+from the base model's forward down to every attention (``**kwargs``): a forward pre-hook on the
+base model adds ``grid=(rows, cols)``, computed from that call's ``pixel_values``, to the call's
+own keyword arguments (it stores nothing). Versions whose base model calls its encoder without
+them (5.8: ``self.encoder(embedding_output)``) get the grid relayed on the call's own embedding
+tensor: the embeddings' forward hook sets ``_castle_grid`` on the tensor it returns, and the
+encoder's pre-hook turns it into the keyword argument. Versions whose layers take no ``**kwargs``
+(4.x) get no grid: square inputs only. Direct calls of a layer or attention take ``grid=``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+import inspect
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import nn
 
 from castle_convert.adapters import (Backbone, Candidate, Rejected, Scan, attention_problem,
                                      fused_linear, looks_like_attention)
-from castle_convert.attention.base import CastlingModule, GridTracker, SoftmaxAttentionSpec
+from castle_convert.attention.base import CastlingModule, SoftmaxAttentionSpec
+from castle_convert.attention.functional import patch_grid
 
 NAME = "transformers"
 MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers")
@@ -36,11 +48,11 @@ class HFAttentionShim(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 head_mask: Optional[torch.Tensor] = None, output_attentions: bool = False,
-                **kwargs: Any):
+                grid: Optional[Tuple[int, int]] = None, **kwargs: Any):
         if head_mask is not None or (attention_mask is not None and not _is_noop_mask(attention_mask)):
             raise NotImplementedError(
                 "linear attention cannot apply an attention_mask/head_mask that hides tokens")
-        out = self.attn(hidden_states)                                   # (B, N, dim)
+        out = self.attn(hidden_states, grid=grid)                        # (B, N, dim)
         return (out, None) if self.returns_tuple else out
 
 
@@ -91,7 +103,7 @@ def _returns_tuple(attn: nn.Module, dim: int, n_tokens: int) -> bool:
 
 
 def _spec_builder(attn: nn.Module, layout: str, config, num_prefix_tokens: int):
-    def build(grid: GridTracker) -> SoftmaxAttentionSpec:
+    def build() -> SoftmaxAttentionSpec:
         if layout == "qkvo":
             q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
             heads = attn.num_attention_heads
@@ -111,10 +123,26 @@ def _spec_builder(attn: nn.Module, layout: str, config, num_prefix_tokens: int):
             proj_drop = float(out_drop.p) if isinstance(out_drop, nn.Dropout) else 0.0
         return SoftmaxAttentionSpec(
             dim=q.in_features, num_heads=int(heads), head_dim=int(head_dim), scale=scale,
-            qkv=fused_linear([q, k, v]), proj=o, num_prefix_tokens=num_prefix_tokens, grid=grid,
+            qkv=fused_linear([q, k, v]), proj=o, num_prefix_tokens=num_prefix_tokens,
             q_norm=nn.Identity(), k_norm=nn.Identity(), out_norm=nn.Identity(),
             attn_drop=attn_drop, proj_drop=proj_drop)
     return build
+
+
+def _backbone(model: nn.Module) -> tuple[Optional[Backbone], nn.Module]:
+    """(the ViT backbone of a supported model type or None, the base model)."""
+    config = model.config
+    base = getattr(model, "base_model", model)
+    embeddings = getattr(base, "embeddings", None)
+    if getattr(config, "model_type", "?") not in MODEL_TYPES or embeddings is None or \
+            not hasattr(embeddings, "patch_embeddings"):
+        return None, base
+    base_name = "" if base is model else next(n for n, m in model.named_modules() if m is base)
+    pe = embeddings.patch_embeddings
+    patch = getattr(pe, "patch_size", config.patch_size)
+    patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+    return Backbone(name=base_name, patch_embed=pe, patch_size=patch,
+                    num_prefix_tokens=_num_prefix_tokens(embeddings)), base
 
 
 def scan(model: nn.Module) -> Scan:
@@ -122,16 +150,10 @@ def scan(model: nn.Module) -> Scan:
     config = model.config
     model_type = getattr(config, "model_type", "?")
     owned: set[int] = set()
-    base = getattr(model, "base_model", model)
-    base_name = "" if base is model else next(n for n, m in model.named_modules() if m is base)
-    embeddings = getattr(base, "embeddings", None)
-    if model_type in MODEL_TYPES and embeddings is not None and hasattr(embeddings, "patch_embeddings"):
-        n_prefix = _num_prefix_tokens(embeddings)
-        pe = embeddings.patch_embeddings
-        patch = getattr(pe, "patch_size", config.patch_size)
-        patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
-        result.backbones.append(Backbone(name=base_name, patch_embed=pe, patch_size=patch,
-                                         num_prefix_tokens=n_prefix))
+    backbone, base = _backbone(model)
+    if backbone is not None:
+        base_name, n_prefix = backbone.name, backbone.num_prefix_tokens
+        result.backbones.append(backbone)
         for name, m in base.named_modules(prefix=base_name):
             layout = _layout(m)
             if layout is None or any(name.startswith(c.name + ".") for c in result.candidates):
@@ -165,6 +187,48 @@ def forward(model: nn.Module, images: torch.Tensor):
     """Call the model on images of any size (position embeddings interpolated when needed)."""
     _, h, w = input_size(model)
     return model(images, interpolate_pos_encoding=tuple(images.shape[-2:]) != (h, w))
+
+
+def _grid_kwarg(patch_size: Tuple[int, int], module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of the base model: this call's patch grid joins this call's keyword arguments."""
+    pixels = args[0] if args else kwargs.get("pixel_values")
+    if not isinstance(pixels, torch.Tensor) or "grid" in kwargs:
+        return None
+    return args, {**kwargs, "grid": patch_grid(pixels.shape[-2], pixels.shape[-1], patch_size)}
+
+
+def _grid_on_embeddings(patch_size: Tuple[int, int], module: nn.Module, args: tuple, kwargs: dict, out):
+    """Forward hook of the embeddings: this call's grid travels on this call's embedding tensor."""
+    pixels = args[0] if args else kwargs.get("pixel_values")
+    if isinstance(pixels, torch.Tensor) and isinstance(out, torch.Tensor):
+        out._castle_grid = patch_grid(pixels.shape[-2], pixels.shape[-1], patch_size)
+
+
+def _grid_from_embeddings(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of the encoder: the grid on its input tensor becomes the ``grid`` keyword argument."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if "grid" in kwargs or getattr(hidden, "_castle_grid", None) is None:
+        return None
+    return args, {**kwargs, "grid": hidden._castle_grid}
+
+
+def _takes_kwargs(module: nn.Module) -> bool:
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(module.forward).parameters.values())
+
+
+def pass_grid(model: nn.Module) -> None:
+    """Register :func:`_grid_kwarg` on the base model, and the relay through the embedding tensor when the
+    encoder takes keyword arguments (once)."""
+    backbone, base = _backbone(model)
+    if backbone is None or getattr(base, "_castle_passes_grid", False):
+        return
+    base.register_forward_pre_hook(functools.partial(_grid_kwarg, backbone.patch_size), with_kwargs=True)
+    encoder = getattr(base, "encoder", None)
+    if isinstance(encoder, nn.Module) and _takes_kwargs(encoder):
+        base.embeddings.register_forward_hook(functools.partial(_grid_on_embeddings, backbone.patch_size),
+                                              with_kwargs=True)
+        encoder.register_forward_pre_hook(_grid_from_embeddings, with_kwargs=True)
+    base._castle_passes_grid = True
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from castle_convert.adapters import (Backbone, Candidate, Rejected, Scan, attention_problem,
                                      looks_like_attention)
-from castle_convert.attention.base import GridTracker, SoftmaxAttentionSpec
+from castle_convert.attention.base import SoftmaxAttentionSpec
 
 NAME = "timm"
 SUPPORTED = ["timm.layers.attention.Attention (vit_*, deit_*, deit3_*, *_reg*, *_dinov2, qk_norm)"]
@@ -31,11 +31,11 @@ def _backbones(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _spec_builder(attn: nn.Module, num_prefix_tokens: int):
-    def build(grid: GridTracker) -> SoftmaxAttentionSpec:
+    def build() -> SoftmaxAttentionSpec:
         return SoftmaxAttentionSpec(
             dim=attn.qkv.in_features, num_heads=attn.num_heads, head_dim=attn.head_dim,
             scale=float(attn.scale), qkv=attn.qkv, proj=attn.proj,
-            num_prefix_tokens=num_prefix_tokens, grid=grid, q_norm=attn.q_norm,
+            num_prefix_tokens=num_prefix_tokens, q_norm=attn.q_norm,
             k_norm=attn.k_norm, out_norm=attn.norm, out_gate=getattr(attn, "gate", None),
             attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p)
     return build
@@ -75,6 +75,14 @@ def scan(model: nn.Module) -> Scan:
 
 def forward(model: nn.Module, images: torch.Tensor):
     return model(images)
+
+
+def pass_grid(model: nn.Module) -> None:
+    """Swap each ViT backbone and its blocks to the grid-passing subclasses of
+    :mod:`castle_convert.adapters.timm_grid` (in place; idempotent; after a hybrid's layers change too)."""
+    from castle_convert.adapters.timm_grid import install
+    for _, backbone in _backbones(model):
+        install(backbone)
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:

@@ -4,8 +4,7 @@ A kind is a training-form class with ``from_pretrained_attention(spec, config)``
 implement ``to_inference()``. Adding a kind is one new file plus one line here.
 """
 
-from castle_convert.attention.base import (CastlingModule, CastlingTrainingForm, GridTracker,
-                                           SoftmaxAttentionSpec)
+from castle_convert.attention.base import CastlingModule, CastlingTrainingForm, SoftmaxAttentionSpec
 from castle_convert.attention.linear_angular import (LinearAngularAttention,
                                                      LinearAngularAttentionInference)
 from castle_convert.attention.separable import SeparableAttention, SeparableAttentionInference
@@ -15,6 +14,6 @@ KINDS = {
     "separable": SeparableAttention,              # MobileViTv2 separable self-attention (arXiv 2206.02680)
 }
 
-__all__ = ["KINDS", "CastlingModule", "CastlingTrainingForm", "GridTracker", "SoftmaxAttentionSpec",
+__all__ = ["KINDS", "CastlingModule", "CastlingTrainingForm", "SoftmaxAttentionSpec",
            "LinearAngularAttention", "LinearAngularAttentionInference", "SeparableAttention",
            "SeparableAttentionInference"]

@@ -1,47 +1,23 @@
-"""What every attention kind shares: the description of the softmax attention it replaces,
-the patch-grid tracker, and the interface of training and inference forms.
+"""What every attention kind shares: the description of the softmax attention it replaces and the
+interface of training and inference forms.
 
 Nothing here knows about timm or transformers: adapters fill a :class:`SoftmaxAttentionSpec`.
+
+Per-call inputs travel with the call: every form's ``forward(x, attn_mask=None, is_causal=False,
+grid=None)`` takes the patch grid ``(rows, cols)`` of this call's image as an argument (the
+model's forward passes it down, see the adapters), never from state shared between calls.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from castle_convert.attention.functional import grid_for_tokens, merge_heads
-
-
-class GridTracker:
-    """Remembers the patch grid (rows, cols) of the image being processed.
-
-    Adapters register :meth:`hook` as a forward pre-hook on the model's patch embedding, so the
-    grid is known at forward time for any input size (dynamic / non-square images). Attention
-    modules of one model share one tracker. It is a plain object (no tensors, no parameters).
-    """
-
-    def __init__(self, patch_size: tuple[int, int], pad: bool = False) -> None:
-        self.patch_size = (int(patch_size[0]), int(patch_size[1]))
-        self.pad = pad
-        self.hw: Optional[tuple[int, int]] = None
-
-    def grid_for(self, height: int, width: int) -> tuple[int, int]:
-        ph, pw = self.patch_size
-        if self.pad:
-            return (height + ph - 1) // ph, (width + pw - 1) // pw
-        return height // ph, width // pw
-
-    def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        images = args[0] if args else next(iter(kwargs.values()))
-        self.hw = self.grid_for(images.shape[-2], images.shape[-1])  # images: (B, C, H, W)
-
-    def resolve(self, num_patches: int) -> tuple[int, int]:
-        """Grid for ``num_patches`` tokens: the tracked one, else a square one."""
-        return grid_for_tokens(num_patches, self.hw)
+from castle_convert.attention.functional import merge_heads
 
 
 @dataclass
@@ -59,7 +35,6 @@ class SoftmaxAttentionSpec:
     qkv: nn.Linear
     proj: nn.Linear
     num_prefix_tokens: int
-    grid: GridTracker
     q_norm: nn.Module
     k_norm: nn.Module
     out_norm: nn.Module          # applied to the merged heads before proj (timm scale_norm)
@@ -104,8 +79,10 @@ class CastlingModule(nn.Module):
         v_tokens = qkv[:, :, 2].flatten(2)                                   # (B, N, C) view
         return self.q_norm(q), self.k_norm(k), v, v_tokens
 
-    def _dw(self, v_tokens: torch.Tensor) -> Optional[torch.Tensor]:
-        return None if self.dw is None else self.dw(v_tokens)              # (B, N, C)
+    def _dw(self, v_tokens: torch.Tensor, grid: Optional[Tuple[int, int]]) -> Optional[torch.Tensor]:
+        if self.dw is None:
+            return None
+        return self.dw(v_tokens, grid)                                     # (B, N, C)
 
     def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out_norm, the gated output (timm), the output projection: (B, N, C) -> (B, N, dim)."""
@@ -115,10 +92,13 @@ class CastlingModule(nn.Module):
         return self.proj_drop(self.proj(out))
 
     def _check_mask(self, attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
+        if not torch.jit.is_scripting():
+            if isinstance(attn_mask, torch.fx.Proxy) or isinstance(is_causal, torch.fx.Proxy):
+                return    # FX symbolic tracing: timm passes its forward's placeholders down; no value to test
         if attn_mask is not None or is_causal:
             raise NotImplementedError(
-                f"{self.kind_label} attention has no attention matrix to mask: attn_mask/is_causal "
-                "are not supported (vision models do not pass them)")
+                "castling linear attention has no attention matrix to mask: attn_mask/is_causal are not supported "
+                "(vision models do not pass them)")
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, head_dim={self.head_dim}, "

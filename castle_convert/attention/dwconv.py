@@ -4,27 +4,25 @@ Both take and return values in merged-head token layout ``(B, N, C)`` and start 
 (zero-initialised weights), so adding them does not move a converted model away from its teacher.
 """
 
-from __future__ import annotations
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from castle_convert.attention.base import GridTracker
-from castle_convert.attention.functional import patch_grid_dw, token_dw
+from castle_convert.attention.functional import patch_grid_dw, resolve_grid, token_dw
 
 
 class PatchGridDWConv(nn.Module):
     """2-D depthwise conv (one filter per channel) over the patch grid.
 
     Prefix tokens (class, distillation, registers) are not on the grid: their DW term is zero.
-    The grid comes from the model's :class:`GridTracker` at forward time, so non-square and
-    changed input sizes work.
+    The grid ``(rows, cols)`` is an argument of each call (the model's forward derives it from the
+    image), so non-square and changed input sizes work, and calls never share it.
     """
 
-    def __init__(self, channels: int, kernel_size: int, num_prefix_tokens: int, grid: GridTracker):
+    def __init__(self, channels: int, kernel_size: int, num_prefix_tokens: int):
         super().__init__()
         self.num_prefix_tokens = num_prefix_tokens
-        self.grid = grid
         self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2,
                               groups=channels, bias=False)
         nn.init.zeros_(self.conv.weight)
@@ -34,9 +32,9 @@ class PatchGridDWConv(nn.Module):
         w = self.conv.weight
         self.conv.weight.data = torch.zeros_like(w).as_strided(w.shape, (kernel_size * kernel_size, 1, kernel_size, 1))
 
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, v: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         P = self.num_prefix_tokens                                     # v: (B, N, C)
-        return patch_grid_dw(v, self.conv.weight, P, self.grid.resolve(v.shape[1] - P))
+        return patch_grid_dw(v, self.conv.weight, P, resolve_grid(v.shape[1] - P, grid))
 
 
 class TokenDWConv(nn.Module):
@@ -53,11 +51,11 @@ class TokenDWConv(nn.Module):
                               groups=num_heads, bias=False)
         nn.init.zeros_(self.conv.weight)
 
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return token_dw(v, self.conv.weight, self.num_heads)          # (B, N, C)
+    def forward(self, v: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        return token_dw(v, self.conv.weight, self.num_heads)          # (B, N, C); the grid is not used
 
 
-def dw_macs(dw: nn.Module | None, num_tokens: int, grid: tuple[int, int], channels: int) -> int:
+def dw_macs(dw: Optional[nn.Module], num_tokens: int, grid: Tuple[int, int], channels: int) -> int:
     """Multiply-accumulates of a DW branch for one image: ``num_tokens`` tokens, ``grid`` patches."""
     if dw is None:
         return 0
@@ -67,10 +65,10 @@ def dw_macs(dw: nn.Module | None, num_tokens: int, grid: tuple[int, int], channe
     return k[0] * num_tokens * channels                                # along the token sequence
 
 
-def build_dw(mode: str, kernel_size: int, channels: int, num_heads: int, num_prefix_tokens: int,
-             grid: GridTracker) -> nn.Module | None:
+def build_dw(mode: str, kernel_size: int, channels: int, num_heads: int,
+             num_prefix_tokens: int) -> Optional[nn.Module]:
     if mode == "2d":
-        return PatchGridDWConv(channels, kernel_size, num_prefix_tokens, grid)
+        return PatchGridDWConv(channels, kernel_size, num_prefix_tokens)
     if mode == "1d":
         return TokenDWConv(num_heads, kernel_size)
     return None

@@ -5,10 +5,8 @@ output directory, next to the Hugging Face remote-code files, so a checkpoint lo
 ``trust_remote_code=True`` runs exactly the code the converted model ran here. Keep it that way.
 """
 
-from __future__ import annotations
-
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +14,7 @@ import torch.nn.functional as F
 INV_PI = 1.0 / math.pi
 
 
-def global_scale(num_tokens: int, ref_tokens: float) -> float:
+def global_scale(num_tokens: int, ref_tokens: int) -> float:
     """Weight of the global term ``Q̂(K̂ᵀV)`` relative to ``½V``: ``ref_tokens / N``.
 
     The global term is a sum over the N tokens while ½V is one token's value, so with a plain sum
@@ -25,11 +23,13 @@ def global_scale(num_tokens: int, ref_tokens: float) -> float:
     layer was fitted at: identical at ``N_ref``, the same balance at every other resolution.
     ``ref_tokens = 0`` keeps the plain sum (checkpoints written before this option).
     """
-    return float(ref_tokens) / num_tokens if ref_tokens else 1.0
+    if ref_tokens == 0:
+        return 1.0
+    return float(ref_tokens) / num_tokens
 
 
 def angular_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float,
-                   extra: Optional[torch.Tensor] = None, ref_tokens: float = 0.0) -> torch.Tensor:
+                   extra: Optional[torch.Tensor] = None, ref_tokens: int = 0) -> torch.Tensor:
     """normalize(½·V + (r/π)·Q̂(K̂ᵀV) [+ extra]) per token per head, r = :func:`global_scale`.
     q, k, v: (B, h, N, d).
 
@@ -50,7 +50,7 @@ def angular_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float
 
 
 def linear_angular_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
-                         eps: float, dw: Optional[torch.Tensor] = None, ref_tokens: float = 0.0) -> torch.Tensor:
+                         eps: float, dw: Optional[torch.Tensor] = None, ref_tokens: int = 0) -> torch.Tensor:
     """The inference form's attention: ``merge(γ·normalize(LA)) + DW``, in few memory passes.
 
     q, k, v: (B, h, N, d) views of the fused qkv projection (any strides), gamma: (h,),
@@ -67,7 +67,7 @@ def linear_angular_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamm
       :func:`angular_linear` to keep K̂ᵀV in range; fp32 needs no rescaling.
     """
     B, h, N, d = v.shape
-    half = v.dtype in (torch.float16, torch.bfloat16)
+    half = v.dtype == torch.float16 or v.dtype == torch.bfloat16
     c = N ** -0.5 if half else 1.0                        # la below is (2/√N)·LA / c
     # Divisions, not reciprocal products: 1/eps overflows fp16, and 0·inf would be NaN.
     k_den = torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(eps) / c    # (B, h, N, 1)
@@ -93,7 +93,7 @@ def merge_heads(heads: torch.Tensor) -> torch.Tensor:
 
 
 def patch_grid_dw(v: torch.Tensor, weight: torch.Tensor, num_prefix_tokens: int,
-                  hw: tuple[int, int]) -> torch.Tensor:
+                  hw: Tuple[int, int]) -> torch.Tensor:
     """2-D depthwise conv over the patch grid; prefix tokens get 0. v: (B, N, C), weight (C, 1, k, k)."""
     B, N, C = v.shape
     P = num_prefix_tokens
@@ -114,16 +114,32 @@ def token_dw(v: torch.Tensor, weight: torch.Tensor, num_heads: int) -> torch.Ten
     return x.transpose(1, 2).reshape(B, N, C)                         # (B, N, C)
 
 
-def grid_for_tokens(num_patches: int, hw: Optional[tuple[int, int]]) -> tuple[int, int]:
-    """The patch grid for ``num_patches`` tokens: ``hw`` when it fits, else a square one."""
-    if hw is not None and hw[0] * hw[1] == num_patches:
-        return hw
-    side = math.isqrt(num_patches)
+def patch_grid(height: int, width: int, patch_size: Tuple[int, int], pad: bool = False) -> Tuple[int, int]:
+    """The patch grid (rows, cols) of a ``height``×``width`` px image: integer ops only, so traced
+    shapes stay symbolic (FX, torch.export, ONNX). ``pad``: a partial border patch counts (timm
+    ``dynamic_img_pad``)."""
+    ph, pw = patch_size
+    if pad:
+        return (height + ph - 1) // ph, (width + pw - 1) // pw
+    return height // ph, width // pw
+
+
+def resolve_grid(num_patches: int, grid: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+    """The patch grid of a call with ``num_patches`` patch tokens: ``grid`` as the model's forward
+    passed it (checked against the token count), else a square one.
+
+    The check is ``torch._assert``, which FX, TorchScript and torch.export keep as a graph op (no
+    Python branch on traced values). Without ``grid`` a square count is assumed to be a square
+    image; any other count cannot be placed and is an error.
+    """
+    if grid is not None:
+        torch._assert(grid[0] * grid[1] == num_patches,
+                      "the patch grid passed with grid=(rows, cols) does not match the number of patch tokens")
+        return grid
+    side = int(math.sqrt(num_patches) + 0.5)
     if side * side != num_patches:
-        raise ValueError(
-            f"cannot place {num_patches} patch tokens on a grid: the image size was not seen "
-            "by the patch embedding (call the whole model, not a sub-module) and the count "
-            "is not a square")
+        raise ValueError("cannot place " + str(num_patches) + " patch tokens on a grid: they are not a square, so "
+                         "pass the image's patch grid, attn(x, grid=(rows, cols)), or call the whole model")
     return side, side
 
 

@@ -16,9 +16,10 @@ the factor, and it keeps K̂ᵀV inside the fp16 range at high token counts.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+import torch.fx
 from torch import nn
 
 from castle_convert.attention.base import (CastlingModule, CastlingTrainingForm,
@@ -27,6 +28,11 @@ from castle_convert.attention.dwconv import build_dw, dw_macs
 from castle_convert.attention.functional import (angular_linear, linear_angular_fused,
                                                  merge_heads)
 from castle_convert.config import CastlingConfig
+
+# One leaf node under FX symbolic tracing: the kernel picks its rescaling from the dtype (fp16/bf16),
+# a Python branch FX cannot trace; as a leaf it runs as written at call time (TorchScript compiles it).
+torch.fx.wrap("linear_angular_fused")
+
 
 class _LinearAngularParts(CastlingModule):
     """Modules and helpers shared by both forms (same state_dict keys in both)."""
@@ -62,7 +68,7 @@ class _LinearAngularParts(CastlingModule):
     def _gamma(self) -> torch.Tensor:
         return self.gamma.view(1, -1, 1, 1)                                  # (1, h, 1, 1)
 
-    def mixing_macs(self, num_tokens: int, grid: tuple[int, int]) -> int:
+    def mixing_macs(self, num_tokens: int, grid: Tuple[int, int]) -> int:
         C = self.num_heads * self.head_dim
         return 2 * num_tokens * self.head_dim * C + dw_macs(self.dw, num_tokens, grid, C)  # K̂ᵀV, Q(K̂ᵀV), DW
 
@@ -71,11 +77,13 @@ class _LinearAngularParts(CastlingModule):
 class LinearAngularAttentionInference(_LinearAngularParts):
     """Inference form: ``proj(γ·normalize(LA) + DW)``. No softmax, no mask, nothing N×N."""
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """x: (B, N, dim); ``grid``: this image's patch grid (rows, cols), passed down by the model."""
         self._check_mask(attn_mask, is_causal)
         q, k, v, v_tokens = self._qkv(x)                                    # (B, h, N, d)
-        out = linear_angular_fused(q, k, v, self.gamma, self.eps, self._dw(v_tokens), self.ref_tokens)  # (B, N, C)
+        out = linear_angular_fused(q, k, v, self.gamma, self.eps, self._dw(v_tokens, grid),
+                                   self.ref_tokens)                         # (B, N, C)
         return self._output(x, out)
 
 
@@ -90,8 +98,7 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
             num_prefix_tokens=spec.num_prefix_tokens, qkv=spec.qkv, proj=spec.proj,
             q_norm=spec.q_norm, k_norm=spec.k_norm, out_norm=spec.out_norm,
             out_gate=spec.out_gate,
-            dw=build_dw(config.dw, config.dw_kernel, C, spec.num_heads, spec.num_prefix_tokens,
-                        spec.grid),
+            dw=build_dw(config.dw, config.dw_kernel, C, spec.num_heads, spec.num_prefix_tokens),
             gamma=nn.Parameter(torch.ones(spec.num_heads, device=spec.qkv.weight.device,
                                           dtype=spec.qkv.weight.dtype)),
             proj_drop=spec.proj_drop, eps=config.eps, combine=config.combine, ref_tokens=config.ref_tokens or 0)
@@ -116,8 +123,8 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
         return (super().extra_repr() + f", ref_tokens={self.ref_tokens}, combine={self.combine}, "
                 f"gate={self.aux_gate:g}, threshold={self.threshold:g}")
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         self._check_mask(attn_mask, is_causal)
         g = self.aux_gate
         q, k, v, v_tokens = self._qkv(x)                                    # (B, h, N, d)
@@ -128,7 +135,7 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
             self._calib[0] += aux.detach().float().norm(dim=-1).mean(dim=(0, 2))  # (h,)
             self._calib[1] += 1
             return self._output(x, self._merge(aux))
-        dw = self._dw(v_tokens)                                             # (B, N, C) or None
+        dw = self._dw(v_tokens, grid)                                       # (B, N, C) or None
         lin = None
         if self.combine == "blend" or self.compute_transfer:
             lin = self._merge(self._gamma() * angular_linear(q, k, v, self.eps, ref_tokens=self.ref_tokens))

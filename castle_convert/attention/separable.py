@@ -52,7 +52,7 @@ with ``u``. Either way the forward is tensor-only: a softmax over N scores, no N
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -96,7 +96,7 @@ class _SeparableParts(CastlingModule):
         return merge_heads(separable_context(scores, v, self._heads(self.context_gain),
                                              self._heads(self.relu_gain)))
 
-    def mixing_macs(self, num_tokens: int, grid: tuple[int, int]) -> int:
+    def mixing_macs(self, num_tokens: int, grid: Tuple[int, int]) -> int:
         h, d = self.num_heads, self.head_dim
         C = h * d
         in_proj = getattr(self, "in_proj", None)        # inference form: [values | logits or keys]
@@ -113,8 +113,9 @@ class SeparableAttentionInference(_SeparableParts):
     folded in (no ``k_norm``), else ``[values (C) | keys (C)]`` followed by ``k_norm`` and ``u``.
     """
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """x: (B, N, dim); ``grid``: this image's patch grid (rows, cols), passed down by the model."""
         self._check_mask(attn_mask, is_causal)
         B, N, _ = x.shape
         h, d = self.num_heads, self.head_dim
@@ -128,7 +129,7 @@ class SeparableAttentionInference(_SeparableParts):
             k = self.k_norm(y[..., C:].reshape(B, N, h, d).transpose(1, 2))  # (B, h, N, d)
             scores = context_scores(k, self._heads(self.context_query), self.scale)  # (B, h, N)
         out = self._sep(scores, v)                                         # (B, N, C)
-        dw = self._dw(v_tokens)
+        dw = self._dw(v_tokens, grid)
         if dw is not None:
             out = out + dw
         return self._output(x, out)
@@ -148,8 +149,7 @@ class SeparableAttention(CastlingTrainingForm, _SeparableParts):
             dim=spec.dim, num_heads=spec.num_heads, head_dim=spec.head_dim, scale=spec.scale,
             num_prefix_tokens=spec.num_prefix_tokens, proj=spec.proj, out_norm=spec.out_norm,
             out_gate=spec.out_gate,
-            dw=build_dw(config.dw, config.dw_kernel, C, spec.num_heads, spec.num_prefix_tokens,
-                        spec.grid),
+            dw=build_dw(config.dw, config.dw_kernel, C, spec.num_heads, spec.num_prefix_tokens),
             context_gain=nn.Parameter(torch.ones(C, device=w.device, dtype=w.dtype)),
             relu_gain=nn.Parameter(torch.zeros(C, device=w.device, dtype=w.dtype)),
             proj_drop=spec.proj_drop, eps=config.eps)
@@ -195,8 +195,8 @@ class SeparableAttention(CastlingTrainingForm, _SeparableParts):
         q = self.q_norm(b[:C].detach().view(1, self.num_heads, 1, self.head_dim))  # (1, h, 1, d)
         return q.reshape(C).to(w.dtype).clone()
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         self._check_mask(attn_mask, is_causal)
         g = self.aux_gate
         q, k, v, v_tokens = self._qkv(x)                                    # (B, h, N, d)
@@ -209,7 +209,7 @@ class SeparableAttention(CastlingTrainingForm, _SeparableParts):
             return self._output(x, merge_heads(aux))
         scores = context_scores(k, self._heads(self.context_query), self.scale)  # (B, h, N)
         lin = self._sep(scores, v)                                          # (B, N, C)
-        dw = self._dw(v_tokens)
+        dw = self._dw(v_tokens, grid)
         if dw is not None:
             lin = lin + dw
         if self.compute_transfer:

@@ -27,6 +27,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import nn
 
+from castle_convert import adapters
 from castle_convert.attention.base import CastlingTrainingForm
 from castle_convert.convert import training_forms
 from castle_convert.distill.losses import DivergenceError, is_finite
@@ -86,16 +87,6 @@ class _Capture:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-def _grids(student: nn.Module) -> list:
-    grids, seen = [], set()
-    for _, m in training_forms(student):
-        grid = getattr(getattr(m, "dw", None), "grid", None)
-        if grid is not None and id(grid) not in seen:
-            seen.add(id(grid))
-            grids.append(grid)
-    return grids
 
 
 def trainable_parameters(student: nn.Module, paths: list[str], train: str) -> list[nn.Parameter]:
@@ -165,13 +156,13 @@ def layer_errors(student: nn.Module, teacher: nn.Module, batches: Iterable[torch
 
 def _layer_outputs(student, teacher, paths, images) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     inputs, outputs = _teacher_states(teacher, paths, images)
-    for path, out in _student_outputs(student, paths, inputs, tuple(images.shape[-2:])):
+    grid = adapters.image_grid(student, images.shape[-2], images.shape[-1])      # these images' patch grid
+    for path, out in _student_outputs(student, paths, inputs, grid):
         yield path, out, outputs[path]
 
 
 def _teacher_states(teacher, paths, images) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The teacher's input hidden states (B, N, C) and attention outputs (B, N, C) at every path, one forward."""
-    from castle_convert import adapters
     capture = _Capture(teacher, paths)
     try:
         with torch.no_grad():
@@ -181,13 +172,11 @@ def _teacher_states(teacher, paths, images) -> tuple[dict[str, torch.Tensor], di
     return capture.inputs, capture.outputs
 
 
-def _student_outputs(student, paths, inputs: dict[str, torch.Tensor], image_hw: tuple[int, int]
+def _student_outputs(student, paths, inputs: dict[str, torch.Tensor], grid: tuple[int, int]
                      ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each converted layer of ``student`` on the teacher's hidden states ``inputs[path]`` of images of ``image_hw``."""
-    for grid in _grids(student):
-        grid.hw = grid.grid_for(*image_hw)
+    """Each converted layer of ``student`` on the teacher's hidden states ``inputs[path]`` (patch grid ``grid``)."""
     for path in paths:
-        yield path, _first(student.get_submodule(path)(inputs[path]))
+        yield path, _first(student.get_submodule(path)(inputs[path], grid=grid))
 
 
 def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable[torch.Tensor], *, steps: int,
@@ -253,7 +242,7 @@ def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable
         bar = tqdm(total=steps, desc="stage 1: attention transfer", dynamic_ncols=True)
     shuffle = torch.Generator().manual_seed(0)
     stack = ExitStack()
-    chunk: list = []                     # (hidden states, image size, shuffled batch indices) of the current chunk
+    chunk: list = []                     # (hidden states, patch grid, shuffled batch indices) of the current chunk
     try:
         stack.enter_context(_layerwise(student, teacher, paths))
         for step in range(steps):
@@ -264,12 +253,12 @@ def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable
                 n, b = images.shape[0], images.shape[0] // reuse
                 order = torch.cat([torch.randperm(n, generator=shuffle) for _ in range(reuse)]) if reuse > 1 \
                     else torch.arange(n)
-                chunk = [(inputs, outputs, tuple(images.shape[-2:]), order[i:i + b].to(device))
-                         for i in range(0, len(order) - b + 1, b)]
-            inputs, outputs, image_hw, idx = chunk.pop(0)
+                grid = adapters.image_grid(student, images.shape[-2], images.shape[-1])
+                chunk = [(inputs, outputs, grid, order[i:i + b].to(device)) for i in range(0, len(order) - b + 1, b)]
+            inputs, outputs, grid, idx = chunk.pop(0)
             sub = {p: inputs[p][idx] for p in paths} if reuse > 1 else inputs
             losses = []
-            for path, s in _student_outputs(student, paths, sub, image_hw):
+            for path, s in _student_outputs(student, paths, sub, grid):
                 t = outputs[path][idx] if reuse > 1 else outputs[path]
                 losses.append((s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12))
             loss = torch.stack(losses).sum()

@@ -78,6 +78,17 @@ def _kind(config: dict) -> tuple[str, str, str]:
     return KIND_NAMES.get(kind, (f"{kind} attention", "", "a linear attention"))
 
 
+def builtin_origin(name: str) -> str:
+    """Where a built-in teacher's weights come from, as the card says it."""
+    from castle_convert import zoo
+    return zoo.BUILTINS.get(name, {}).get("origin") or f"castle-convert's built-in `{name}` teacher"
+
+
+def epochs_text(epochs: float) -> str:
+    """``1 epoch``, ``0.25 epochs``, ``30 epochs``: the exact count, the noun agreeing with it."""
+    return f"{epochs:g} epoch" + ("" if epochs == 1 else "s")
+
+
 def model_title(config: dict) -> str:
     src = config.get("source", {})
     name = src.get("builtin") or src.get("base_model") or src.get("architecture") or \
@@ -163,10 +174,11 @@ import castle_convert as cc
 ```
 
 `cc.load` rebuilds the {src.get("library", "source")} architecture, converts it and loads the weights
-(safetensors only); the model keeps its preprocessing (`model.pretrained_cfg` /
-`model.castle_image_processor`).""")
-    if src.get("library") == "timm":
-        arch = config.get("architecture") or f"castle_{src.get('architecture')}"
+(safetensors only); the preprocessing stays attached: timm's `model.pretrained_cfg`, or for transformers
+sources `model.castle_image_processor`, the `preprocessor_config.json` dict
+(`AutoImageProcessor.from_pretrained` of the directory builds the processor itself).""")
+    arch = config.get("architecture") or (f"castle_{src.get('architecture')}" if src.get("library") == "timm" else None)
+    if arch and arch != "castle_transformers":       # timm sources, and transformers ones with a timm equivalent
         file = f'hf_hub_download("{repo}", "model.safetensors")' if on_hub else f'"{repo}/model.safetensors"'
         other = f'"hf-hub:{repo}"' if on_hub else f'"local-dir:{repo}"'
         parts.append(f"""### timm
@@ -218,8 +230,7 @@ def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Option
     castling = config.get("castling", {})
     _, ds_name = _dataset(report)
     origin = (f"the Hub model [`{src['base_model']}`](https://huggingface.co/{src['base_model']})"
-              if src.get("base_model") else
-              f"castle-convert's built-in `{src['builtin']}` teacher (trained locally, not on the Hub)"
+              if src.get("base_model") else builtin_origin(src["builtin"])
               if src.get("builtin") else f"`{src.get('model') or src.get('architecture') or title}`")
     kept = list((report or {}).get("keep_softmax") or [])
     lines = [f"# {title}", "", MARKER, "",
@@ -277,14 +288,15 @@ def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Option
     if recipe_yaml:
         lines += ["## Training recipe", "",
                   f"Distilled with the `{report.get('recipe', 'custom')}` recipe"
-                  + (f" for {report['epochs']:.3g} epochs ({report.get('steps')} steps, "
+                  + (f" for {epochs_text(report['epochs'])} ({report.get('steps')} steps, "
                      f"{report.get('train_time_s', 0):.0f} s)" if isinstance(report.get("epochs"), (int, float))
                      else "") + ":", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
     lines += ["## Limitations", "",
               "* The attention is an approximation of the teacher's softmax attention: expect accuracy close "
               "to, not equal to, the teacher's (see Results).",
               "* Linear attention has no attention matrix: attention masks / head masks are not supported "
-              "(vision models do not use them) and `output_attentions` returns nothing.",
+              "(vision models do not use them), and `output_attentions=True` raises an error (there are no "
+              "attention weights to return; `output_hidden_states=True` works).",
               "* Loading with transformers needs `trust_remote_code=True`."]
     versions = report.get("versions")
     if versions:

@@ -138,12 +138,15 @@ def check_attention_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> None
             "(output_hidden_states=True) or cc.layer_errors(student, teacher, image_batches)")
 
 
-def install(model: nn.Module) -> None:
-    """Put the replacements on every transformers ``PreTrainedModel`` inside ``model``."""
+def install(model: nn.Module) -> nn.Module:
+    """Put the replacements on every transformers ``PreTrainedModel`` inside a converted ``model``
+    (nothing for other models); returns ``model``."""
     try:
         from transformers import PreTrainedModel
     except ImportError:                                              # pragma: no cover
-        return
+        return model
+    if not getattr(model, "castling_converted", None):
+        return model
     for m in model.modules():
         if isinstance(m, PreTrainedModel) and not getattr(m, "_castle_guarded", False):
             m.save_pretrained = types.MethodType(save_pretrained, m)
@@ -151,3 +154,4 @@ def install(model: nn.Module) -> None:
             m.set_attn_implementation = types.MethodType(set_attn_implementation, m)
             m.register_forward_pre_hook(check_attention_kwargs, with_kwargs=True)
             m._castle_guarded = True
+    return model

@@ -111,7 +111,8 @@ def config_from_metadata(metadata: dict[str, str], file: Path) -> dict:
 
 # config.json keys castle-convert adds around a transformers source's own config fields
 _CASTLE_KEYS = ("model_type", "format_version", "castle_convert_version", "castling", "converted_modules", "source",
-                "castle_headless", "dtype", "architectures", "auto_map", "transformers_version", "timm_vit")
+                "castle_headless", "dtype", "architectures", "auto_map", "transformers_version", "timm_vit",
+                "architecture")
 
 
 def full_source(config: dict) -> dict:
@@ -171,6 +172,23 @@ def _float_dtype(state: dict[str, torch.Tensor]) -> Optional[torch.dtype]:
     return None
 
 
+def load_routes(path: Union[str, Path]) -> list[str]:
+    """The routes that load the output directory ``path``, as the CLI names them: castle_convert.load always,
+    transformers when the remote-code files are there, timm for timm sources."""
+    path = Path(path)
+    config = read_config(path)
+    routes = ["castle_convert.load()"]
+    if config.get("auto_map") and (path / "modeling_castling.py").is_file():
+        routes.append("transformers (trust_remote_code=True)")
+    timm_ok = config["source"].get("library") == "timm"
+    if not timm_ok:                    # a transformers source: through the equivalent timm ViT, where there is one
+        from castle_convert.export.timm_equivalent import plan
+        timm_ok = str(config.get("architecture", "")).startswith("castle_") and not isinstance(plan(config), str)
+    if timm_ok:
+        routes.append(f'timm (timm.create_model("local-dir:{path}", pretrained=True))')
+    return routes
+
+
 HUB_FILES = ["config.json", WEIGHTS_NAME, "preprocessor_config.json", "README.md", "report.json", "recipe.yaml"]
 
 
@@ -205,7 +223,9 @@ def load(path: Union[str, Path], *, device: Any = "cpu", dtype: Optional[torch.d
     Rebuilds the source architecture (timm or transformers; nothing is downloaded), converts it
     to the inference form without calibration, and loads ``model.safetensors`` strictly. Returns
     the model in eval mode on ``device`` (in the stored dtype unless ``dtype`` is given), with its
-    preprocessing attached (timm ``pretrained_cfg`` / ``castle_image_processor``).
+    preprocessing attached: timm sources' ``pretrained_cfg``; transformers sources'
+    ``castle_image_processor``, the ``preprocessor_config.json`` dict (``AutoImageProcessor.from_pretrained(path)``
+    builds the processor from it).
     """
     path = resolve_path(path, revision=revision, cache_dir=cache_dir)
     config = read_config(path)
@@ -225,7 +245,7 @@ def load(path: Union[str, Path], *, device: Any = "cpu", dtype: Optional[torch.d
         model.castle_image_processor = json.loads(processor.read_text())
     model.castle_source = dict(config["source"])
     if config["source"].get("library") == "timm":
-        from castle_convert.export.timm_route import castle_config, converted_pretrained_cfg
+        from castle_convert.export.source import castle_config, converted_pretrained_cfg
         # names castle_<arch>, no softmax hub id: timm's save_for_hf / push_to_hf_hub of it reload as converted
         model.pretrained_cfg = converted_pretrained_cfg(model.pretrained_cfg, config["source"]["architecture"],
                                                         castle_config(config))

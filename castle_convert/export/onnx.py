@@ -1,5 +1,9 @@
-"""``castle-convert export-onnx DIR --output model.onnx``: ONNX with a dynamic batch axis, checked
-against the PyTorch model in onnxruntime."""
+"""``castle-convert export-onnx DIR --output model.onnx``: ONNX with a dynamic batch axis (and, with
+``--dynamic-size``, dynamic height and width), checked against the PyTorch model in onnxruntime.
+
+A dynamic resolution goes through ``torch.onnx.export(..., dynamo=True)`` (``torch.export`` +
+onnxscript): the patch grid each converted attention needs is computed from the input's shape in the
+graph, so one file serves every resolution the source architecture accepts."""
 
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ class OnnxResult:
     input_shape: tuple[int, ...]
     output_name: str
     opset: int
+    dynamic_size: bool = False
+    checked_shapes: tuple = ()            # every (B, C, H, W) the parity check ran
 
     @property
     def ok(self) -> bool:
@@ -34,21 +40,29 @@ class OnnxResult:
 
     def format(self) -> str:
         verdict = "ok" if self.ok else "FAILED"
-        return (f"wrote {self.path} (opset {self.opset}, input pixel_values {('batch',) + self.input_shape[1:]}, "
-                f"output {self.output_name})\nonnxruntime parity at batch {self.batch}: max abs difference "
+        dims = ("batch", self.input_shape[1], "height", "width") if self.dynamic_size else \
+            ("batch",) + self.input_shape[1:]
+        shapes = ", ".join("x".join(str(v) for v in s) for s in self.checked_shapes) or f"batch {self.batch}"
+        return (f"wrote {self.path} (opset {self.opset}, input pixel_values {dims}, output {self.output_name})\n"
+                f"onnxruntime parity at batch {self.batch} ({shapes}): max abs difference "
                 f"{self.max_abs_diff:.3g} (tolerance {self.tolerance:g}) {verdict}")
 
 
 class _Exported(nn.Module):
-    """Tensor in, tensor out: logits (classifiers) or the last hidden state (backbones)."""
+    """Tensor in, tensor out: logits (classifiers) or the last hidden state (backbones). With
+    ``any_size`` a transformers model always interpolates its position embeddings (a no-op at its
+    own size), so the traced graph holds no comparison of the input size."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, any_size: bool = False):
         super().__init__()
         self.model = model
+        self.any_size = any_size and getattr(model, "config", None) is not None and not hasattr(model, "pretrained_cfg")
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         from castle_convert import adapters
         from castle_convert.convert import primary_output
+        if self.any_size:
+            return primary_output(self.model(pixel_values, interpolate_pos_encoding=True))
         return primary_output(adapters.forward(self.model, pixel_values))
 
 
@@ -93,10 +107,30 @@ def _register_symbolics(opset: int) -> None:
     torch.onnx.register_custom_op_symbolic("aten::addcdiv", _addcdiv_symbolic, opset)
 
 
+def _dynamic_export(wrapped: nn.Module, x1: torch.Tensor, output: Path, out_name: str, opset: int,
+                    patch: int) -> None:
+    """``torch.onnx.export(dynamo=True)`` with batch, height and width dynamic (height/width multiples of ``patch``)."""
+    try:
+        import onnxscript  # noqa: F401 - the dynamo exporter's op library
+    except ImportError as e:
+        raise OnnxExportError("--dynamic-size exports through torch.export and needs onnxscript: "
+                              "pip install onnxscript") from e
+    Dim = torch.export.Dim
+    shapes = ({0: Dim("batch", min=1, max=1024), 2: patch * Dim("rows", min=1, max=1024),
+               3: patch * Dim("cols", min=1, max=1024)},)
+    torch.onnx.export(wrapped, (x1,), str(output), input_names=["pixel_values"], output_names=[out_name],
+                      dynamic_shapes=shapes, opset_version=max(opset, 18), dynamo=True, verbose=False)
+
+
 def export_onnx(directory: Union[str, Path], output: Union[str, Path], *, opset: int = 17, atol: float = 1e-4,
-                check_batch: int = 3, seed: int = 0) -> OnnxResult:
+                check_batch: int = 3, seed: int = 0, dynamic_size: bool = False) -> OnnxResult:
     """Export the model in ``directory`` to ONNX (batch axis dynamic: traced at batch 1) and
     compare onnxruntime with PyTorch on a random batch of ``check_batch`` images.
+
+    ``dynamic_size``: height and width are dynamic too (multiples of the patch size; opset ≥ 18),
+    and the parity check also runs at a second, non-square size. A source whose own embedding fixes
+    the resolution in the graph (transformers' DINOv2 interpolation) fails that check: load such a
+    directory through timm (``timm.create_model("local-dir:DIR")``) and export that model instead.
 
     Raises :class:`OnnxExportError` when the max abs difference exceeds ``atol`` (the result is
     attached as ``.result``); the ONNX file is kept for inspection.
@@ -110,7 +144,12 @@ def export_onnx(directory: Union[str, Path], output: Union[str, Path], *, opset:
 
     model = load(directory).float().eval()
     c, h, w = adapters.adapter_for(model).input_size(model)
-    wrapped = _Exported(model).eval()
+    patch = max(adapters.patch_sizes(model) or {1})
+    if dynamic_size and hasattr(model, "pretrained_cfg") and not getattr(model, "dynamic_img_size", True):
+        raise OnnxExportError(f"{directory} holds a timm model built without dynamic_img_size: its position "
+                              "embedding has one size, so its ONNX graph cannot take other resolutions (convert a "
+                              "model created with dynamic_img_size=True, or export without --dynamic-size)")
+    wrapped = _Exported(model, any_size=dynamic_size).eval()
     output = Path(output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -125,25 +164,43 @@ def export_onnx(directory: Union[str, Path], output: Union[str, Path], *, opset:
         getattr(model, "num_classes", 0) or 0) > 0)
     out_name = "logits" if classifier else "features"
     try:
-        with warnings.catch_warnings(), _static_position_embeddings(model), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            _register_symbolics(opset)
-            torch.onnx.export(wrapped, (x1,), str(output), input_names=["pixel_values"], output_names=[out_name],
-                              dynamic_axes={"pixel_values": {0: "batch"}, out_name: {0: "batch"}},
-                              opset_version=opset, dynamo=False)
+            if dynamic_size:        # traced at batch 2 and a non-native, non-square size: nothing specialises
+                xt = torch.randn(2, c, h + patch, w + 2 * patch, generator=gen)
+                _dynamic_export(wrapped, xt, output, out_name, opset, patch)
+                opset = max(opset, 18)
+            else:
+                with _static_position_embeddings(model):
+                    _register_symbolics(opset)
+                    torch.onnx.export(wrapped, (x1,), str(output), input_names=["pixel_values"],
+                                      output_names=[out_name], opset_version=opset, dynamo=False,
+                                      dynamic_axes={"pixel_values": {0: "batch"}, out_name: {0: "batch"}})
         onnx.checker.check_model(str(output))
+    except OnnxExportError:
+        raise
     except Exception as e:  # noqa: BLE001 - exporter errors come in many types
         raise OnnxExportError(f"ONNX export of {directory} failed: {type(e).__name__}: {str(e)[:300]}") from e
     session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
-    x = torch.randn(check_batch, c, h, w, generator=gen)
-    got = session.run(None, {"pixel_values": x.numpy()})[0]
-    with torch.no_grad():
-        ref = wrapped(x).numpy()
-    if got.shape != ref.shape:
-        raise OnnxExportError(f"onnxruntime returned shape {got.shape}, PyTorch {ref.shape}")
-    diff = float(np.abs(got - ref).max())
+    sizes = [(h, w)] + ([(h + 2 * patch, max(patch, w - patch))] if dynamic_size else [])   # + a non-square size
+    diff, checked = 0.0, []
+    for hh, ww in sizes:
+        x = torch.randn(check_batch, c, hh, ww, generator=gen)
+        try:
+            got = session.run(None, {"pixel_values": x.numpy()})[0]
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+            raise OnnxExportError(f"the ONNX graph of {directory} does not run at {hh}x{ww} px: its source fixes the "
+                                  f"resolution in the graph ({str(e).splitlines()[0][:160]}); export without "
+                                  "--dynamic-size, or load the directory through timm and export that") from e
+        with torch.no_grad():
+            ref = wrapped(x).numpy()
+        if got.shape != ref.shape:
+            raise OnnxExportError(f"onnxruntime returned shape {got.shape}, PyTorch {ref.shape} at {hh}x{ww} px")
+        diff = max(diff, float(np.abs(got - ref).max()))
+        checked.append(tuple(x.shape))
     result = OnnxResult(path=output, max_abs_diff=diff, tolerance=atol, batch=check_batch,
-                        input_shape=tuple(x.shape), output_name=out_name, opset=opset)
+                        input_shape=tuple(x1.shape), output_name=out_name, opset=opset, dynamic_size=dynamic_size,
+                        checked_shapes=tuple(checked))
     if not result.ok:
         err = OnnxExportError(f"onnxruntime output differs from PyTorch: max abs difference {diff:.3g} > "
                               f"tolerance {atol:g} (file kept: {output})")

@@ -202,10 +202,23 @@ def build_config(model: nn.Module, *, source: dict, labels: Optional[list[str]],
             if labels:
                 config["label_names"] = list(labels)
             config.update(id2label={str(i): names[i] for i in range(n)}, label2id={v: i for i, v in enumerate(names)})
-    elif labels and not headless:
-        config.update(id2label={str(i): v for i, v in enumerate(labels)},
-                      label2id={v: i for i, v in enumerate(labels)})
+    else:
+        if labels and not headless:
+            config.update(id2label={str(i): v for i, v in enumerate(labels)},
+                          label2id={v: i for i, v in enumerate(labels)})
     return config
+
+
+def timm_architecture_field(config: dict) -> Optional[str]:
+    """config.json ``architecture`` of a transformers-source directory (timm's ``local-dir:`` / ``hf-hub:`` read it):
+    ``castle_<arch>`` of the equivalent timm ViT, else ``castle_transformers``, whose entry point names the routes
+    that load the directory. None for timm sources (they have their own)."""
+    if config["source"].get("library") != "transformers":
+        return None
+    from castle_convert.export.timm_equivalent import plan
+    from castle_convert.export.source import PREFIX, TRANSFORMERS_ENTRY
+    eq = plan(config)
+    return TRANSFORMERS_ENTRY if isinstance(eq, str) else PREFIX + eq.architecture
 
 
 def _metadata(config: dict, recipe_yaml: Optional[str]) -> dict[str, str]:
@@ -344,6 +357,9 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
                           "for timm, timm.create_model('castle_<arch>') still load it).") from e
     if resolution:
         config["distilled_resolution"] = resolution
+    architecture = timm_architecture_field(config)        # transformers sources: timm's local-dir:/hf-hub: entry
+    if architecture:
+        config["architecture"] = architecture
     processor = image_processor_config(model, resolution)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -65,12 +65,21 @@ def _timm_vit_parts(model: nn.Module):
     return pe, blocks[0], blocks[0].attn
 
 
+def timm_class_name(module: nn.Module) -> str:
+    """The timm class name of ``module``, also after conversion swapped it for its grid-passing subclass
+    (``GridVisionTransformer`` is a ``VisionTransformer``, ``GridBlock`` a ``Block``)."""
+    if type(module).__module__ == "castle_convert.adapters.timm_grid":
+        from castle_convert.adapters.timm_grid import timm_class
+        return timm_class(module).__name__
+    return type(module).__name__
+
+
 def timm_architecture(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")
     if arch:
         return arch[len("castle_"):] if arch.startswith("castle_") else arch
-    if type(model).__name__ == "VisionTransformer":
+    if timm_class_name(model) == "VisionTransformer":
         return "vit_base_patch16_224"      # every shaping argument is recorded explicitly
     raise ValueError(f"cannot tell which timm architecture {type(model).__name__} is: build it with "
                      "timm.create_model() so model.pretrained_cfg names it")
@@ -152,7 +161,7 @@ def timm_vit_spec(model: nn.Module) -> dict:
         return RemoteCodeUnsupported(f"{type(model).__name__} ({timm_architecture(model)}): {reason}")
 
     pe, blk0, _ = _timm_vit_parts(model)
-    if type(model).__name__ not in ("VisionTransformer", "VisionTransformerDistilled"):
+    if timm_class_name(model) not in ("VisionTransformer", "VisionTransformerDistilled"):
         raise no(f"model class {type(model).__name__} is not VisionTransformer / VisionTransformerDistilled")
     if type(pe) is not PatchEmbed or not isinstance(pe.proj, nn.Conv2d) or tuple(pe.proj.kernel_size) != tuple(
             pe.patch_size) or tuple(pe.proj.stride) != tuple(pe.patch_size):
@@ -161,7 +170,7 @@ def timm_vit_spec(model: nn.Module) -> dict:
         raise no("attention pooling head (global_pool='map'/'prr')")
     if not _identity(getattr(model, "patch_drop", None)) and model.training:
         raise no("patch dropout")
-    distilled = type(model).__name__ == "VisionTransformerDistilled"
+    distilled = timm_class_name(model) == "VisionTransformerDistilled"
     pool = model.global_pool
     if pool not in ("token", "avg", "max", "avgmax") and not distilled:
         raise no(f"global_pool={pool!r}")
@@ -170,7 +179,7 @@ def timm_vit_spec(model: nn.Module) -> dict:
     act = None
     for i, blk in enumerate(model.blocks):
         where = f"blocks.{i}"
-        if type(blk) is not Block:
+        if timm_class_name(blk) != Block.__name__ or not isinstance(blk, Block):
             raise no(f"{where} is a {type(blk).__name__}, not timm's Block")
         softmax = type(blk.attn) is Attention                      # a hybrid's layer kept softmax
         if not softmax and not isinstance(blk.attn, (LinearAngularAttentionInference, SeparableAttentionInference)):
@@ -254,6 +263,34 @@ def timm_base_model(model: nn.Module, args: dict) -> Optional[str]:
     if not hub or reshaping or hub.count("/") != 1:
         return None
     return hub
+
+
+# -- the timm pretrained_cfg of a converted model (timm route, castle_convert.load) ----------------------
+
+PREFIX = "castle_"
+_NO_WEIGHTS = ("url", "hf_hub_id", "hf_hub_filename", "hf_hub_revision", "file", "state_dict", "custom_load",
+               "tag", "source")
+# pretrained_cfg key holding the castle-convert config (format_version, castling, converted_modules, source):
+# timm's save_for_hf / push_to_hf_hub write pretrained_cfg into config.json, so their output reloads here.
+CFG_KEY = "castle_convert"
+# config.json "architecture" of a transformers-source directory without a timm equivalent: timm's local-dir: /
+# hf-hub: read it, and its entry point says in one line which routes load the directory
+TRANSFORMERS_ENTRY = PREFIX + "transformers"
+
+
+def converted_pretrained_cfg(cfg: dict, arch: str, castle: Optional[dict]) -> dict:
+    """The ``pretrained_cfg`` of a converted model: names ``castle_<arch>``, no softmax-weights source
+    (hub id, url, tag, file), and the castle-convert config when known (``CFG_KEY``)."""
+    out = {k: v for k, v in cfg.items() if k not in _NO_WEIGHTS and k != CFG_KEY}
+    out["architecture"] = PREFIX + arch
+    if castle:
+        out[CFG_KEY] = castle
+    return out
+
+
+def castle_config(config: dict) -> dict:
+    """The fields of a config.json / metadata that rebuild the converted architecture."""
+    return {k: config[k] for k in ("format_version", "castling", "converted_modules", "source") if k in config}
 
 
 # -- transformers --------------------------------------------------------------------------------

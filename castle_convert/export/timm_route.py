@@ -25,26 +25,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-PREFIX = "castle_"
+from castle_convert.export.source import (_NO_WEIGHTS, CFG_KEY, PREFIX, TRANSFORMERS_ENTRY,  # noqa: F401
+                                          castle_config, converted_pretrained_cfg)
+
 PATTERNS = ("vit_*", "deit*", "test_vit*")
 default_cfgs: dict[str, dict] = {}           # read by timm's register_model
-_NO_WEIGHTS = ("url", "hf_hub_id", "hf_hub_filename", "hf_hub_revision", "file", "state_dict", "custom_load",
-               "tag", "source")
 _registered = False
-# pretrained_cfg key holding the castle-convert config (format_version, castling, converted_modules, source):
-# timm's save_for_hf / push_to_hf_hub write pretrained_cfg into config.json, so their output reloads here.
-CFG_KEY = "castle_convert"
 _FEATURE_ARGS = ("out_indices", "feature_cls")      # what timm's ViT features_only takes
-
-
-def converted_pretrained_cfg(cfg: dict, arch: str, castle: Optional[dict]) -> dict:
-    """The ``pretrained_cfg`` of a converted model: names ``castle_<arch>``, no softmax-weights source
-    (hub id, url, tag, file), and the castle-convert config when known (``CFG_KEY``)."""
-    out = {k: v for k, v in cfg.items() if k not in _NO_WEIGHTS and k != CFG_KEY}
-    out["architecture"] = PREFIX + arch
-    if castle:
-        out[CFG_KEY] = castle
-    return out
 
 
 def _caller_checkpoint_path() -> Optional[str]:
@@ -156,32 +143,34 @@ def create_castle_model(arch: str, pretrained: bool = False, pretrained_cfg: Any
     else:
         config = config_from_metadata(metadata, file)
     src = config["source"]
-    if src.get("library") != "timm" or src.get("architecture") != arch:
-        other = f"castle_{src.get('architecture')}" if src.get("library") == "timm" else "castle_convert.load()"
-        raise CheckpointError(f"{file} holds a converted {src.get('library')} "
-                              f"{src.get('architecture') or (src.get('architectures') or ['?'])[0]}, not {arch}: "
-                              f"load it with {other}")
-    stored = dict(src.get("model_args") or {})
     num_classes = kwargs.pop("num_classes", None)
     img_size = kwargs.pop("img_size", None)
+    if src.get("library") == "transformers":          # the equivalent timm ViT, weights renamed
+        model, stored, data_cfg = _from_transformers(arch, file, cfg, state, config, cache_dir)
+    else:
+        if src.get("library") != "timm" or src.get("architecture") != arch:
+            raise CheckpointError(f"{file} holds a converted {src.get('library')} {src.get('architecture') or '?'}, "
+                                  f"not {arch}: load it with castle_{src.get('architecture')}")
+        stored, data_cfg = dict(src.get("model_args") or {}), src.get("pretrained_cfg") or {}
     changed = {k: v for k, v in kwargs.items() if _norm(stored.get(k)) != _norm(v)}
     if changed:
         raise CheckpointError(f"{name}: {', '.join(f'{k}={v!r}' for k, v in changed.items())} differs from the "
                               f"checkpoint {file} ({', '.join(f'{k}={stored.get(k)!r}' for k in changed)}); only "
                               "num_classes (new head) and img_size (resampled position embedding) can change")
-    try:
-        model = build_converted(config)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"cannot rebuild the architecture described in {file}'s metadata: {e}") from None
-    load_into(model, state, file)
+    if src.get("library") != "transformers":
+        try:
+            model = build_converted(config)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"cannot rebuild the architecture described in {file}'s metadata: {e}") from None
+        load_into(model, state, file)
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)
     if img_size is not None and _norm(img_size) != _norm(stored.get("img_size")):
         model.set_input_size(img_size=img_size if not isinstance(img_size, list) else tuple(img_size))
     model.pretrained_cfg = converted_pretrained_cfg(
         {**model.pretrained_cfg, **{k: v for k, v in cfg.items() if v is not None},
-         **{k: tuple(v) if isinstance(v, list) else v for k, v in (src.get("pretrained_cfg") or {}).items()}},
-        arch, castle_config(config))
+         **{k: tuple(v) if isinstance(v, list) else v for k, v in data_cfg.items()}},
+        arch, castle_config(config) if src.get("library") == "timm" else None)
     if num_classes is not None:
         model.pretrained_cfg["num_classes"] = num_classes
     model.default_cfg = model.pretrained_cfg
@@ -191,9 +180,55 @@ def create_castle_model(arch: str, pretrained: bool = False, pretrained_cfg: Any
     return model.train()                      # timm.create_model returns models in train mode
 
 
-def castle_config(config: dict) -> dict:
-    """The fields of a config.json / metadata that rebuild the converted architecture."""
-    return {k: config[k] for k in ("format_version", "castling", "converted_modules", "source") if k in config}
+def _directory_file(file: Path, cfg: dict, name: str, cache_dir: Any) -> Optional[Path]:
+    """``name`` (config.json, preprocessor_config.json) beside ``file`` in its directory or Hub repo, or None."""
+    local = Path(file).parent / name
+    if local.is_file() or not cfg.get("hf_hub_id"):
+        return local if local.is_file() else None
+    from huggingface_hub import hf_hub_download
+    try:
+        return Path(hf_hub_download(cfg["hf_hub_id"], name, cache_dir=cache_dir))
+    except Exception:  # noqa: BLE001 - not every repo has every file
+        return None
+
+
+def _from_transformers(arch: str, file: Path, cfg: dict, state: dict, meta_config: dict, cache_dir: Any):
+    """(model, its constructor arguments, data config) of the timm ViT equivalent to a transformers-source
+    file (:mod:`castle_convert.export.timm_equivalent`), or a one-line error naming the routes that load it."""
+    import json
+
+    import timm
+
+    from castle_convert.config import CastlingConfig
+    from castle_convert.convert import convert, finalize
+    from castle_convert.export.load import CheckpointError, load_into, read_config
+    from castle_convert.export.timm_equivalent import hf_data_config, plan, set_norm_eps, timm_state
+
+    where = cfg.get("file") or cfg.get("hf_hub_id") or str(file)
+    config_file = _directory_file(file, cfg, "config.json", cache_dir)
+    config = read_config(config_file.parent) if config_file is not None else None
+    eq = plan(config) if config is not None else "its config.json is not beside the weights"
+    if isinstance(eq, str):
+        raise _no_timm(where, eq)
+    if eq.architecture != arch:
+        raise CheckpointError(f"{where} holds a converted transformers {eq.hf_class}, whose timm equivalent is "
+                              f"castle_{eq.architecture}, not castle_{arch}: load it with castle_{eq.architecture}")
+    base = timm.create_model(arch, pretrained=False, **eq.model_args)
+    set_norm_eps(base, eq.norm_eps)
+    castling = CastlingConfig.from_dict({"ref_tokens": 0, **meta_config["castling"]})
+    converted = set(eq.converted_modules)
+    model = convert(base, castling, inplace=True, filter_fn=(lambda m, fqn: fqn in converted) if converted else None,
+                    gamma_init="one")
+    model = finalize(model, inplace=True, check=False, force=True)
+    model.castling_config = castling
+    try:
+        renamed = timm_state(state, eq, config)
+    except KeyError as e:
+        raise CheckpointError(f"{file}: {e.args[0]}: load it with castle_convert.load({str(where)!r})") from None
+    load_into(model, renamed, file)
+    processor = _directory_file(file, cfg, "preprocessor_config.json", cache_dir)
+    data = hf_data_config(json.loads(processor.read_text()) if processor else None, eq.resolution)
+    return model.eval(), eq.model_args, data
 
 
 def _norm(v: Any) -> Any:
@@ -201,23 +236,57 @@ def _norm(v: Any) -> Any:
     return tuple(_norm(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
+def _named(fn, name: str):
+    def entry(pretrained: bool = False, **kwargs: Any):
+        return fn(pretrained, **kwargs)
+    entry.__name__ = entry.__qualname__ = name
+    entry.__module__ = __name__
+    entry.__doc__ = fn.__doc__
+    return entry
+
+
 def _entrypoint(arch: str):
-    def fn(pretrained: bool = False, **kwargs: Any):
-        return create_castle_model(arch, pretrained, **kwargs)
-    fn.__name__ = fn.__qualname__ = PREFIX + arch
-    fn.__module__ = __name__
+    fn = _named(lambda pretrained, **kwargs: create_castle_model(arch, pretrained, **kwargs), PREFIX + arch)
     fn.__doc__ = f"timm {arch} converted by castle-convert (load a castle-convert model.safetensors)."
     return fn
 
 
+def transformers_source(pretrained: bool = False, pretrained_cfg: Any = None, **kwargs: Any):
+    """timm entry of a directory converted from a transformers model: timm has no model class for its weights
+    (their names are transformers'), so this stops with the routes that do load it."""
+    from castle_convert.export.load import CheckpointError, read_config
+    from castle_convert.export.timm_equivalent import plan
+    cfg = pretrained_cfg if isinstance(pretrained_cfg, dict) else {}
+    where = cfg.get("file") or cfg.get("hf_hub_id") or "this directory"
+    try:
+        reason = plan(read_config(Path(where)))
+    except CheckpointError as e:
+        reason = str(e)
+    raise _no_timm(where, reason if isinstance(reason, str) else "it was written for another castle-convert version")
+
+
+def _no_timm(where: Any, reason: str):
+    """The one-line error of a transformers-source directory timm cannot build."""
+    from castle_convert.export.load import CheckpointError
+    return CheckpointError(f"{where} holds a converted transformers model that timm cannot build ({reason}): load it "
+                           f"with castle_convert.load({str(where)!r}) or transformers (AutoModel.from_pretrained(..., "
+                           "trust_remote_code=True))")
+
+
 def register() -> int:
-    """Register ``castle_<arch>`` for every timm ViT/DeiT architecture; returns how many were added."""
+    """Register ``castle_<arch>`` for every timm ViT/DeiT architecture (and :data:`TRANSFORMERS_ENTRY`);
+    returns how many were added."""
     global _registered
     import timm
     from timm.models import get_pretrained_cfg
     from timm.models._registry import is_model, register_model
 
     added = 0
+    if not is_model(TRANSFORMERS_ENTRY):
+        default_cfgs[TRANSFORMERS_ENTRY] = {}
+        fn = globals()[TRANSFORMERS_ENTRY] = _named(transformers_source, TRANSFORMERS_ENTRY)
+        register_model(fn)
+        added += 1
     for arch in timm.list_models(list(PATTERNS)):
         name = PREFIX + arch
         if is_model(name):

@@ -18,10 +18,8 @@ Every converted attention computes ``proj(norm(γ·normalize(½V + (1/π)·Q̂(K
 softmax, nothing N×N.
 """
 
-from __future__ import annotations
-
 import inspect
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +28,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
-from .castling_functional import (context_scores, grid_for_tokens, linear_angular_fused, merge_heads,
-                                  patch_grid_dw, separable_context, token_dw)
+from .castling_functional import (context_scores, linear_angular_fused, merge_heads, patch_grid, patch_grid_dw,
+                                  resolve_grid, separable_context, token_dw)
 from .configuration_castling import CastlingViTConfig
 
 SUPPORTED_KINDS = ("linear_angular", "separable")
@@ -77,13 +75,13 @@ class _CastlingAttentionBase(nn.Module):
         self.out_gate = nn.Linear(dim, C, bias=gate_bias) if gated else None
         self.proj = nn.Linear(C, dim_out or dim, bias=proj_bias)
 
-    def _dw_term(self, v_tokens: torch.Tensor, hw: Optional[tuple]) -> Optional[torch.Tensor]:
-        """DW(V) (B, N, C), or None without a DW branch. v_tokens: (B, N, C)."""
+    def _dw_term(self, v_tokens: torch.Tensor, grid: Optional[Tuple[int, int]]) -> Optional[torch.Tensor]:
+        """DW(V) (B, N, C), or None without a DW branch. v_tokens: (B, N, C); grid: this call's patch grid."""
         if self.dw is None:
             return None
         if self.dw.mode == "2d":
             P = self.num_prefix_tokens
-            return patch_grid_dw(v_tokens, self.dw.conv.weight, P, grid_for_tokens(v_tokens.shape[1] - P, hw))
+            return patch_grid_dw(v_tokens, self.dw.conv.weight, P, resolve_grid(v_tokens.shape[1] - P, grid))
         return token_dw(v_tokens, self.dw.conv.weight, self.num_heads)
 
     def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -112,13 +110,14 @@ class CastlingAttention(_CastlingAttentionBase):
         self._init_shared(dim, num_heads, head_dim, num_prefix_tokens, castling, proj_bias, dim_out,
                           out_norm_eps, gated, gate_bias)
 
-    def forward(self, x: torch.Tensor, hw: Optional[tuple] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """x: (B, N, dim); grid: the call's patch grid (rows, cols), passed down by the model's forward."""
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)          # (B, N, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                            # each (B, h, N, d)
         v_tokens = qkv[:, :, 2].flatten(2)                                         # (B, N, C)
         q, k = self.q_norm(q), self.k_norm(k)
-        out = linear_angular_fused(q, k, v, self.gamma, self.eps, self._dw_term(v_tokens, hw),
+        out = linear_angular_fused(q, k, v, self.gamma, self.eps, self._dw_term(v_tokens, grid),
                                    self.ref_tokens)                                # (B, N, C)
         return self._output(x, out)
 
@@ -144,7 +143,8 @@ class CastlingSeparableAttention(_CastlingAttentionBase):
         self._init_shared(dim, num_heads, head_dim, num_prefix_tokens, castling, proj_bias, dim_out,
                           out_norm_eps, gated, gate_bias)
 
-    def forward(self, x: torch.Tensor, hw: Optional[tuple] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """x: (B, N, dim); grid: the call's patch grid (rows, cols), passed down by the model's forward."""
         B, N, _ = x.shape
         h, d = self.num_heads, self.head_dim
         C = h * d
@@ -158,7 +158,7 @@ class CastlingSeparableAttention(_CastlingAttentionBase):
             scores = context_scores(k, self.context_query.view(h, d), self.scale)  # (B, h, N)
         out = merge_heads(separable_context(scores, v, self.context_gain.view(h, d),
                                             self.relu_gain.view(h, d)))            # (B, N, C)
-        dw = self._dw_term(v_tokens, hw)
+        dw = self._dw_term(v_tokens, grid)
         return self._output(x, out if dw is None else out + dw)
 
 
@@ -178,7 +178,7 @@ class SoftmaxAttention(nn.Module):
         self.norm = nn.LayerNorm(C, eps=out_norm_eps) if out_norm_eps is not None else nn.Identity()
         self.proj = nn.Linear(C, dim, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor, hw: Optional[tuple] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                                    # each (B, h, N, d)
@@ -278,8 +278,8 @@ class _Block(nn.Module):
         self.mlp = _Mlp(spec)
         self.ls2 = _LayerScale(dim) if spec.get("layer_scale") else nn.Identity()
 
-    def forward(self, x: torch.Tensor, hw: tuple) -> torch.Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x), hw))
+    def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x), grid))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
@@ -457,30 +457,51 @@ class CastlingTimmViTModel(CastlingTimmViTPreTrainedModel):
 
 # -- transformers sources: the transformers class with castling attention --------------------------
 
-class _GridTracker:
-    """Patch grid of the current input, recorded by a pre-hook on the patch embedding."""
-
-    def __init__(self, patch_size):
-        self.patch_size = tuple(patch_size) if isinstance(patch_size, (tuple, list)) else (patch_size, patch_size)
-        self.hw = None
-
-    def __call__(self, module, args, kwargs):
-        images = args[0] if args else next(iter(kwargs.values()))                 # (B, C, H, W)
-        self.hw = (images.shape[-2] // self.patch_size[0], images.shape[-1] // self.patch_size[1])
-
-
 class CastlingHFAttention(nn.Module):
-    """Takes the place of a transformers ``XAttention``; keeps its call/return convention."""
+    """Takes the place of a transformers ``XAttention``; keeps its call/return convention. The call's
+    patch grid arrives as the ``grid`` keyword argument (see :class:`_GridKwarg`)."""
 
-    def __init__(self, attn: CastlingAttention, grid: _GridTracker, returns_tuple: bool):
+    def __init__(self, attn: nn.Module, returns_tuple: bool):
         super().__init__()
         self.attn = attn
         self.returns_tuple = returns_tuple
-        self._grid = grid
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        out = self.attn(hidden_states, self._grid.hw)                              # (B, N, dim)
+    def forward(self, hidden_states: torch.Tensor, *args, grid: Optional[Tuple[int, int]] = None, **kwargs):
+        out = self.attn(hidden_states, grid)                                       # (B, N, dim)
         return (out, None) if self.returns_tuple else out
+
+
+class _GridKwarg:
+    """Forward pre-hook of the base model: this call's patch grid (from its ``pixel_values``) joins this
+    call's own keyword arguments, which transformers passes down to every attention. It holds the patch
+    size only: nothing of a call is stored."""
+
+    def __init__(self, patch_size: Tuple[int, int]):
+        self.patch_size = patch_size
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        if not isinstance(pixels, torch.Tensor) or "grid" in kwargs:
+            return None
+        return args, {**kwargs, "grid": patch_grid(pixels.shape[-2], pixels.shape[-1], self.patch_size)}
+
+
+class _GridOnEmbeddings(_GridKwarg):
+    """Forward hook of the embeddings, for transformers versions whose base model calls its encoder without
+    keyword arguments: the call's grid travels on the call's own embedding tensor (``_castle_grid``)."""
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, out):
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        if isinstance(pixels, torch.Tensor) and isinstance(out, torch.Tensor):
+            out._castle_grid = patch_grid(pixels.shape[-2], pixels.shape[-1], self.patch_size)
+
+
+def _grid_from_embeddings(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of the encoder: the grid on its input tensor becomes the ``grid`` keyword argument."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if "grid" in kwargs or getattr(hidden, "_castle_grid", None) is None:
+        return None
+    return args, {**kwargs, "grid": hidden._castle_grid}
 
 
 def _hf_layout(m: nn.Module) -> Optional[str]:
@@ -514,9 +535,14 @@ def _castling_swap_hf(model: PreTrainedModel, config) -> None:
         + int(getattr(emb, "distillation_token", None) is not None)
     reg = getattr(emb, "register_tokens", None)
     n_prefix += reg.shape[1] if reg is not None else 0
-    pe = emb.patch_embeddings
-    grid = _GridTracker(getattr(pe, "patch_size", config.patch_size))
-    pe.register_forward_pre_hook(grid, with_kwargs=True)
+    patch = getattr(emb.patch_embeddings, "patch_size", config.patch_size)
+    patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+    base.register_forward_pre_hook(_GridKwarg(patch), with_kwargs=True)
+    encoder = getattr(base, "encoder", None)
+    if isinstance(encoder, nn.Module) and any(p.kind is p.VAR_KEYWORD
+                                              for p in inspect.signature(encoder.forward).parameters.values()):
+        emb.register_forward_hook(_GridOnEmbeddings(patch), with_kwargs=True)
+        encoder.register_forward_pre_hook(_grid_from_embeddings, with_kwargs=True)
     found = []
     for name, m in base.named_modules():
         if _hf_layout(m) is not None and not any(name.startswith(f + ".") for f in found):
@@ -536,7 +562,7 @@ def _castling_swap_hf(model: PreTrainedModel, config) -> None:
         p = next(old.parameters())
         attn = make_attention(dim, heads, dim // heads, n_prefix, config.castling,
                               qkv_bias=getattr(config, "qkv_bias", True), proj_bias=True)
-        new = CastlingHFAttention(attn, grid, rt).to(device=p.device, dtype=p.dtype)
+        new = CastlingHFAttention(attn, rt).to(device=p.device, dtype=p.dtype)
         parent, _, child = name.rpartition(".")
         setattr(base.get_submodule(parent) if parent else base, child, new)
 
