@@ -385,6 +385,12 @@ def _assert_nothing_complete(path: Path) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_cli_bad_input_is_one_line(case: Case, world, tmp_path):
+    assert_one_line_error(case, world, tmp_path)
+
+
+def assert_one_line_error(case: Case, world, tmp_path) -> None:
+    """Run ``case`` through the CLI: its exit code, one ``Error:`` line matching its pattern, no traceback,
+    no pickle executed, nothing complete-looking at its --output."""
     args = case.args(world, tmp_path)
     r = CliRunner().invoke(main, [str(a) for a in args])
     assert r.exception is None or isinstance(r.exception, SystemExit), \

@@ -1,0 +1,123 @@
+"""Hostile input and faults, third round (issue 18): the checkpoints, images and runs users really have.
+
+Same assertions as ``test_hostile.py``: a CLI case exits with one ``Error: ...`` line naming the problem
+(no traceback, nothing complete-looking written); a case that has a right answer checks the answer.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from castle_convert.data import DataError, load_image_folder
+from test_hostile import Case, _copy, _distill, assert_one_line_error, world  # noqa: F401 - world is a fixture
+
+
+# -- image folders (items 3, 12, 15) --------------------------------------------------------------
+
+def _images(w, tmp) -> Path:
+    return _copy(w["images"], tmp / "imgs")
+
+
+def _grey(value, dtype, mode=None) -> Image.Image:
+    return Image.fromarray(np.full((32, 32), value, dtype=dtype), mode=mode)
+
+
+def test_16bit_and_float_images_are_scaled_not_clipped(world, tmp_path):
+    d = _images(world, tmp_path)
+    _grey(32768, np.uint16).save(d / "train" / "class_0" / "g16.png")           # mid-grey in 16 bits
+    _grey(0.5, np.float32).save(d / "train" / "class_0" / "f32.tif")            # mid-grey as float
+    _grey(40000, np.int32).save(d / "train" / "class_0" / "i32.tif")            # 16-bit values in an int image
+    train, _, _ = load_image_folder(d)
+    got = {Path(p).name: np.asarray(train[i][0]) for i, (p, _) in enumerate(train.samples)}
+    assert got["g16.png"].shape == (32, 32, 3) and abs(int(got["g16.png"].mean()) - 128) <= 1   # was 255 (white)
+    assert abs(int(got["f32.tif"].mean()) - 128) <= 1                                            # was 0 (black)
+    assert abs(int(got["i32.tif"].mean()) - 156) <= 1
+
+
+@pytest.mark.parametrize("name, image, pattern", [
+    ("hdr.tif", lambda: _grey(3.5, np.float32), r"hdr\.tif is a float image with values in \[3\.5, 3\.5\]"),
+    ("nan.tif", lambda: _grey(np.nan, np.float32), r"nan\.tif is a float image"),
+    ("big.tif", lambda: _grey(1 << 20, np.int32), r"big\.tif is a 32-bit integer image"),
+])
+def test_images_of_unknown_scale_are_refused(world, tmp_path, name, image, pattern):
+    d = _images(world, tmp_path)
+    image().save(d / "train" / "class_1" / name)
+    train, _, _ = load_image_folder(d)
+    i = next(i for i, (p, _) in enumerate(train.samples) if p.endswith(name))
+    with pytest.raises(DataError, match=pattern + r".*8-bit") as err:
+        train[i]
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_exif_orientation_is_honoured(world, tmp_path):
+    d = _images(world, tmp_path)
+    img = Image.fromarray(np.zeros((16, 32, 3), dtype=np.uint8))               # stored 32 wide, 16 high
+    exif = img.getexif()
+    exif[0x0112] = 6                                                            # display rotated 90°: 16 wide
+    img.save(d / "train" / "class_2" / "phone.jpg", exif=exif)
+    train, _, _ = load_image_folder(d)
+    i = next(i for i, (p, _) in enumerate(train.samples) if p.endswith("phone.jpg"))
+    assert train[i][0].size == (16, 32)
+
+
+def test_links_hidden_and_special_files_are_not_samples(world, tmp_path):
+    """A link loop inside a class folder, links out of the tree and back into it, a FIFO named x.png, hidden
+    folders: the 24 real images, each with its own label (torchvision's ImageFolder made 984 samples)."""
+    d = _images(world, tmp_path)
+    outside = _copy(world["images"] / "val", tmp_path / "elsewhere")
+    train = d / "train"
+    (train / "class_0" / "loop").symlink_to(train)                              # back into the tree: a loop
+    (train / "class_1" / "outside").symlink_to(outside)                         # out of the tree
+    (train / "class_2" / "dup.png").symlink_to(train / "class_0" / "0.png")      # a file back into the tree
+    (train / "linked_class").symlink_to(outside / "class_0")                    # a class folder that is a link
+    os.mkfifo(train / "class_0" / "x.png")                                      # reading it would hang
+    hidden = train / ".ipynb_checkpoints"
+    hidden.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(hidden / "a.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(train / "class_1" / "._mac.png")
+    with pytest.warns(UserWarning, match=r"5 entries of train/ not read.*symbolic links are not followed"):
+        tr, va, classes = load_image_folder(d)
+    assert classes == ["class_0", "class_1", "class_2"]
+    assert len(tr) == 24 and len(va) == 12
+    for path, label in tr.samples:
+        assert Path(path).parent.name == classes[label] and Path(path).parent.parent == train
+    assert tr[0][0].size == (32, 32)
+
+
+def test_differing_class_folders_are_named(world, tmp_path):
+    d = _images(world, tmp_path)
+    (d / "train" / "class_2").rename(d / "train" / "class_two")
+    with pytest.raises(DataError, match=r"only in train/: class_two; only in val/: class_2") as err:
+        load_image_folder(d)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def _fifo_only_class(w, tmp):
+    d = _images(w, tmp)
+    for f in (d / "train" / "class_1").iterdir():
+        f.unlink()
+    os.mkfifo(d / "train" / "class_1" / "x.png")
+    return d
+
+
+CASES = [
+    Case("data-fifo-only-class", lambda w, t: _distill(w, t, data=_fifo_only_class(w, t)),
+         r"class_1 has no images", output="out"),
+    Case("data-classes-differ", lambda w, t: _distill(w, t, data=(lambda d: (
+        (d / "val" / "class_0").rename(d / "val" / "cats"), d)[1])(_images(w, t))),
+         r"different class folders \(only in train/: class_0; only in val/: cats\)", output="out"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_cli_bad_input_is_one_line(case: Case, world, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_one_line_error(case, world, tmp_path)
