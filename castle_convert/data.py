@@ -129,12 +129,23 @@ class Transformed(Dataset):
 # -- sources -------------------------------------------------------------------------------------
 
 def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format), gzipped or not."""
+    """Read an IDX file (the MNIST format), gzipped or not; a truncated or damaged file is a one-line
+    DataError naming it."""
+    import zlib
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:       # gzip: EOFError for a cut file (click would say "Aborted!")
+        raise DataError(f"{path} cannot be read ({error_line(e, 120)}): the file is truncated or damaged; "
+                        "reinstall it (apt-get install --reinstall dataset-fashion-mnist) or copy it again") from None
+    ndim = raw[3] if len(raw) >= 4 else 0
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    size = 4 + 4 * ndim + int(np.prod(dims))
+    if len(raw) < 4 or raw[2] != 0x08 or not ndim or len(raw) != size:
+        raise DataError(f"{path} is not a complete IDX (MNIST-format) file ({len(raw)} bytes, header says "
+                        f"{size if ndim else '?'}): reinstall it (apt-get install --reinstall dataset-fashion-mnist) "
+                        "or copy it again")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 

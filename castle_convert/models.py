@@ -93,9 +93,23 @@ def _hf_from_dir(path: Path, pretrained: bool, img_size: Optional[int]) -> nn.Mo
     except Exception as e:  # noqa: BLE001 - transformers reports bad files in many types
         text = str(e)
         if "safetensors" in text.lower() or "deserializ" in text.lower() or "header" in text.lower():
-            raise ModelLoadError(f"{path / 'model.safetensors'} cannot be read (truncated or damaged: "
-                                 f"{error_line(e)}): copy the model directory again") from None
+            file, problem = _unreadable_safetensors(path) or (path / "model.safetensors", e)
+            raise ModelLoadError(f"{file} cannot be read (truncated or damaged: {error_line(problem)}): "
+                                 "copy the model directory again") from None
         raise ModelLoadError(f"cannot load the Hugging Face model in {path}: {error_line(e)}") from None
+
+
+def _unreadable_safetensors(path: Path) -> Optional[tuple[Path, Exception]]:
+    """The first ``*.safetensors`` file (a shard of a sharded model, or model.safetensors) of ``path`` whose
+    header safetensors refuses (truncated: "file not fully covered"), with the error; None if all open."""
+    from safetensors import safe_open
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+            return file, e
+    return None
 
 
 def _hf_from_dir_unchecked(path: Path, pretrained: bool, img_size: Optional[int]) -> nn.Module:

@@ -116,6 +116,48 @@ CASES = [
 ]
 
 
+def _fashion_mnist(tmp: Path, cut: str) -> Path:
+    """The four Fashion-MNIST files (tiny), with ``cut`` truncated to half its bytes."""
+    import gzip
+    import struct
+    d = tmp / "fmnist"
+    d.mkdir()
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        for kind, array in (("images-idx3", np.zeros((n, 28, 28), np.uint8)), ("labels-idx1", np.arange(n) % 10)):
+            raw = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", s) for s in array.shape)
+            with gzip.open(d / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
+                f.write(raw + array.astype(np.uint8).tobytes())
+    data = (d / cut).read_bytes()
+    (d / cut).write_bytes(data[: len(data) // 2])
+    return d
+
+
+@pytest.mark.parametrize("cut", ["train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"])
+def test_truncated_fashion_mnist_names_the_file(world, tmp_path, monkeypatch, cut):
+    monkeypatch.setenv("CASTLE_FASHION_MNIST_DIR", str(_fashion_mnist(tmp_path, cut)))
+    assert_one_line_error(Case("fmnist-truncated", lambda w, t: _distill(w, t, data="fashion-mnist"),
+                               rf"{cut} cannot be read .*truncated.*reinstall", output="out"), world, tmp_path)
+
+
+def _sharded_hf(w, tmp) -> Path:
+    from transformers import ViTForImageClassification
+    d = tmp / "hf_sharded"
+    ViTForImageClassification.from_pretrained(w["hf_vit"]).save_pretrained(d, max_shard_size="20KB")
+    shards = sorted(d.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
+    return d
+
+
+CASES += [
+    Case("model-hf-truncated-shard", lambda w, t: _distill(w, t, model=_sharded_hf(w, t)),
+         r"model-00002-of-000\d\d\.safetensors cannot be read \(truncated", output="out"),
+]
+
+
+# -- the CLI corpus of this round (CASES, collected above) -------------------------------------------
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_cli_bad_input_is_one_line(case: Case, world, tmp_path):
     with warnings.catch_warnings():
