@@ -122,7 +122,13 @@ def _hf_from_dir_unchecked(path: Path, pretrained: bool, img_size: Optional[int]
     if not pretrained:
         model = auto.from_config(config)
     else:
-        model = auto.from_pretrained(path, config=config, ignore_mismatched_sizes=img_size is not None)
+        model, info = auto.from_pretrained(path, config=config, ignore_mismatched_sizes=img_size is not None,
+                                           output_loading_info=True)
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:                 # transformers initialises them randomly and only logs a table
+            raise ModelLoadError(f"{path} lacks {len(missing)} weights of {type(model).__name__} (e.g. {missing[0]}): "
+                                 "they would start random; copy the complete model directory again (or save it "
+                                 "with save_pretrained)")
     processor = path / "preprocessor_config.json"
     if processor.exists():                      # mean/std/size for the data pipeline (data.data_config)
         model.castle_image_processor = json.loads(processor.read_text())

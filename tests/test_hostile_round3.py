@@ -156,6 +156,25 @@ CASES += [
 ]
 
 
+# -- a Hugging Face directory missing weights (item 4) --------------------------------------------
+
+def _hf_missing_layer(w, tmp) -> Path:
+    from safetensors.torch import load_file, save_file
+    d = _copy(w["hf_vit"], tmp / "hf")
+    state = load_file(str(d / "model.safetensors"))
+    kept = {k: v for k, v in state.items() if ".0.attention." not in k and ".0.attn" not in k}
+    assert len(kept) < len(state)
+    save_file(kept, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+CASES += [
+    Case("model-hf-missing-layer", lambda w, t: _distill(w, t, model=_hf_missing_layer(w, t)),
+         r"hf lacks \d+ weights of ViTForImageClassification \(e\.g\. .*0\..*\): they would start random", output="out"),
+]
+
+
+
 # -- the CLI corpus of this round (CASES, collected above) -------------------------------------------
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
