@@ -175,6 +175,118 @@ CASES += [
 
 
 
+# -- timm checkpoints: the head, wrapper prefixes, EMA copies, pickles (items 1, 13, 14) -----------
+
+def _finetuned(num_classes=3, **kw):
+    import timm
+    torch.manual_seed(1)
+    return timm.create_model("test_vit", num_classes=num_classes, **kw).eval()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_finetuned_checkpoint_keeps_its_head(tmp_path, capsys, suffix):
+    """A 3-class fine-tune of test_vit (timm's default: 1000 classes): the teacher is the checkpoint itself,
+    head included (timm's loader dropped a head whose class count differs from the pretrained config's)."""
+    from safetensors.torch import save_file
+
+    from castle_convert.models import load_model
+    model = _finetuned(3)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    path = tmp_path / f"finetuned{suffix}"
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    teacher = load_model(str(path), arch="test_vit")
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        assert torch.equal(teacher(x), model(x))
+    assert teacher.num_classes == 3 and "finetuned" in teacher.pretrained_cfg["file"]
+    assert f"teacher: the weights of finetuned{suffix} (3 classes)" in capsys.readouterr().out
+    headless = _finetuned(0)
+    save_file({k: v.contiguous() for k, v in headless.state_dict().items()}, str(tmp_path / "backbone.safetensors"))
+    assert load_model(str(tmp_path / "backbone.safetensors"), arch="test_vit").num_classes == 0
+
+
+def _prefixed(state: dict, prefix: str) -> dict:
+    return {prefix + k: v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("layout, copy, says", [
+    ("ddp", "model", "the weights of"),
+    ("compiled", "model", "the weights of"),
+    ("compiled-ddp", "model", "the weights of"),
+    ("model_ema-only", "ema", "the EMA copy ('model_ema', the only copy in the file)"),
+    ("state_dict_ema-only", "ema", "the EMA copy ('state_dict_ema', the only copy in the file)"),
+    ("timm-train", "model", "the model copy ('state_dict'); its EMA copy ('state_dict_ema') is not used"),
+    ("deit-style", "model", "the model copy ('model'); its EMA copy ('model_ema') is not used"),
+])
+def test_checkpoints_timm_loads_are_loaded_as_timm_does(tmp_path, capsys, layout, copy, says):
+    """DDP ``module.`` / torch.compile ``_orig_mod.`` prefixes and EMA-only files load (they were refused with
+    "pass the architecture it was trained as"); the run says which copy became the teacher."""
+    import argparse
+
+    from castle_convert.models import load_model
+    model, ema = _finetuned(3), _finetuned(3)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.01)
+    sd, ema_sd = model.state_dict(), _prefixed(ema.state_dict(), "module.")     # timm's ModelEmaV2 wraps .module
+    checkpoint = {
+        "ddp": _prefixed(sd, "module."),
+        "compiled": _prefixed(sd, "_orig_mod."),
+        "compiled-ddp": _prefixed(sd, "_orig_mod.module."),
+        "model_ema-only": {"model_ema": ema_sd, "epoch": 3},
+        "state_dict_ema-only": {"state_dict_ema": ema_sd},
+        "timm-train": {"state_dict": _prefixed(sd, "module."), "state_dict_ema": ema_sd, "epoch": 9, "arch": "test_vit",
+                       "args": argparse.Namespace(model="test_vit", lr=1e-3), "optimizer": {"state": {}}},
+        "deit-style": {"model": sd, "model_ema": ema_sd},
+    }[layout]
+    torch.save(checkpoint, tmp_path / "ckpt.pth")
+    teacher = load_model(str(tmp_path / "ckpt.pth"), arch="test_vit")
+    expected = model if copy == "model" else ema
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        assert torch.equal(teacher(x), expected(x))
+    assert f"teacher: {says}" in capsys.readouterr().out
+
+
+def _hf_pickle(w, tmp) -> Path:
+    from test_hostile import _Evil
+    d = _copy(w["hf_vit"], tmp / "hf")
+    from safetensors.torch import load_file
+    state = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    torch.save({**state, "extra": _Evil(tmp / "PWNED")}, d / "pytorch_model.bin")
+    return d
+
+
+def _timm_folder_pickle(w, tmp) -> Path:
+    from test_hostile import _Evil
+    d = _copy(w["teacher"], tmp / "timm")
+    from safetensors.torch import load_file
+    state = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    torch.save({"state_dict": state, "extra": _Evil(tmp / "PWNED")}, d / "pytorch_model.bin")
+    return d
+
+
+_CONVERT = r"only if you trust the file \(unpickling runs any code in it\): python -c \"import torch.*st\.save_file\(.*'\)\"$"
+
+CASES += [
+    Case("model-pickle-checkpoint-full-advice", lambda w, t: _distill(w, t, "--arch", "deit_tiny",
+                                                                      model=__import__("test_hostile")._pickle_ckpt(t)),
+         r"evil\.pth is a pickle holding Python objects besides tensors \(posix\.system\).*never unpickles: "
+         r"convert it to safetensors.*torch\.load\('.*evil\.pth', weights_only=False\).*evil\.safetensors'\)\"$",
+         output="out"),
+    Case("model-hf-dir-pickle", lambda w, t: _distill(w, t, model=_hf_pickle(w, t)),
+         r"pytorch_model\.bin is a pickle .*posix\.system.*" + _CONVERT, output="out"),
+    Case("model-timm-folder-pickle", lambda w, t: _distill(w, t, model=_timm_folder_pickle(w, t)),
+         r"pytorch_model\.bin is a pickle .*" + _CONVERT, output="out"),
+    Case("model-checkpoint-head-does-not-fit", lambda w, t: _distill(w, t, "--arch", "test_vit", model=(
+        lambda p: (torch.save({**_finetuned(3).state_dict(), "head.weight": torch.zeros(3, 7)}, p), p)[1])(t / "x.pth")),
+         r"x\.pth does not fit --arch test_vit: 1 tensors with another shape \(e\.g\. head\.weight", output="out"),
+]
+
+
+
 # -- the CLI corpus of this round (CASES, collected above) -------------------------------------------
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
