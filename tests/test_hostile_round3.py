@@ -287,6 +287,66 @@ CASES += [
 
 
 
+# -- published directories naming files to load; minimum versions (item 10) ----------------------
+
+def _timm_wrapper_dir(w, tmp, marker: Path, **model_args) -> Path:
+    """A castle-convert directory whose config.json names transformers' TimmWrapperModel with loader arguments."""
+    import json
+
+    from test_hostile import _Evil
+    evil = tmp / "evil.pth"
+    torch.save({"state_dict": _Evil(marker)}, evil)
+    d = _copy(w["published"], tmp / "pub")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["source"] = {"library": "transformers", "model_type": "timm_wrapper", "architectures": ["TimmWrapperModel"]}
+    cfg.update(model_type="castling_vit", architecture="test_vit",
+               model_args={k: (str(evil) if v == "EVIL" else v) for k, v in model_args.items()})
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("model_args, named", [
+    ({"checkpoint_path": "EVIL"}, r"source\.config\.model_args\.checkpoint_path"),
+    ({"pretrained_cfg_overlay": {"file": "EVIL"}}, r"source\.config\.model_args\.pretrained_cfg_overlay"),
+    ({"cache_dir": "/tmp/somewhere"}, r"source\.config\.model_args\.cache_dir"),
+])
+def test_loader_arguments_of_any_source_class_are_refused(world, tmp_path, monkeypatch, model_args, named):
+    import timm.models._factory as factory
+
+    import castle_convert as cc
+    calls = []
+    monkeypatch.setattr(factory, "load_checkpoint", lambda *a, **k: calls.append(a))
+    marker = tmp_path / "PWNED"
+    d = _timm_wrapper_dir(world, tmp_path, marker, **model_args)
+    with pytest.raises(cc.CheckpointError, match=named + r".*model\.safetensors only") as err:
+        cc.load(d)
+    assert len(str(err.value).splitlines()) == 1
+    assert not calls and not marker.exists()
+
+
+def test_remote_timm_names_in_a_source_are_refused(world, tmp_path):
+    import json
+
+    import castle_convert as cc
+    d = _timm_wrapper_dir(world, tmp_path, tmp_path / "PWNED")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architecture"] = f"local-dir:{world['teacher']}"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(cc.CheckpointError, match=r"source\.config\.architecture names weights"):
+        cc.load(d)
+
+
+def test_minimum_versions_have_safe_loading_defaults():
+    """torch >= 2.6: torch.load defaults to weights_only=True (and the weights_only bypass CVE-2025-32434 is
+    fixed); timm >= 1.0.26: its load_checkpoint / load_state_dict / hub loaders default to weights_only=True."""
+    import re
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    pins = dict(re.findall(r'"(torch|timm)>=([\d.]+)"', text))
+    version = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
+    assert version(pins["torch"]) >= (2, 6) and version(pins["timm"]) >= (1, 0, 26), pins
+
+
+
 # -- the CLI corpus of this round (CASES, collected above) -------------------------------------------
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
