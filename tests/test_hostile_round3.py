@@ -347,6 +347,64 @@ def test_minimum_versions_have_safe_loading_defaults():
 
 
 
+# -- recipes: base: reads YAML recipes only (item 11) -----------------------------------------------
+
+SECRET = "root:$6$SECRETHASH:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n"
+
+
+def _recipe_with_base(tmp: Path, base) -> Path:
+    p = tmp / "mine.yaml"
+    p.write_text(f"base: {base}\nepochs: 2\n")
+    return p
+
+
+def _secret(tmp: Path, name: str = "shadow") -> Path:
+    p = tmp / name
+    p.write_text(SECRET)
+    return p
+
+
+def _fifo(tmp: Path) -> Path:
+    os.mkfifo(tmp / "pipe.yaml")
+    return tmp / "pipe.yaml"
+
+
+def _big(tmp: Path) -> Path:
+    p = tmp / "big.yaml"
+    p.write_text("epochs: 2\n" + "# padding\n" * 120_000)
+    return p
+
+
+CASES += [
+    Case("recipe-base-secret-file", lambda w, t: _distill(w, t, "--recipe", str(_recipe_with_base(t, _secret(t)))),
+         r"^Error: '.*shadow' \(base: of recipe .*mine\.yaml\) is not a YAML recipe: give a \.yaml/\.yml file"
+         r"(?!.*SECRET)", output="out"),
+    Case("recipe-base-dev-zero", lambda w, t: _distill(w, t, "--recipe", str(_recipe_with_base(t, "/dev/zero"))),
+         r"'/dev/zero' \(base: of recipe .*\) is not a YAML recipe", output="out"),
+    Case("recipe-base-fifo", lambda w, t: _distill(w, t, "--recipe", str(_recipe_with_base(t, _fifo(t)))),
+         r"pipe\.yaml \(base: of recipe .*\) is not a regular file", output="out"),
+    Case("recipe-base-huge", lambda w, t: _distill(w, t, "--recipe", str(_recipe_with_base(t, _big(t)))),
+         r"big\.yaml \(base: .*\) is \d+ bytes, more than a recipe can be \(1048576 bytes\)", output="out"),
+    Case("recipe-base-link-to-secret", lambda w, t: _distill(w, t, "--recipe", str(_recipe_with_base(t, (
+        lambda link: (link.symlink_to(_secret(t)), link)[1])(t / "innocent.yaml")))),
+         r"innocent\.yaml' \(base: .*\) is not a YAML recipe(?!.*SECRET)", output="out"),
+    Case("recipe-path-secret-file", lambda w, t: _distill(w, t, "--recipe", str(_secret(t, "passwd"))),
+         r"'.*passwd' is not a YAML recipe(?!.*SECRET)", output="out"),
+]
+
+
+def test_recipe_bases_that_are_recipes_still_work(tmp_path):
+    from castle_convert.recipes import load_recipe
+    shipped = _recipe_with_base(tmp_path, "toy")
+    assert load_recipe(str(shipped)).epochs == 2
+    parent = tmp_path / "parent.yml"
+    parent.write_text("base: toy\noptim:\n  lr: 0.004\n")
+    child = _recipe_with_base(tmp_path, parent)
+    r = load_recipe(str(child))
+    assert r.epochs == 2 and r.optim.lr == 0.004
+
+
+
 # -- the CLI corpus of this round (CASES, collected above) -------------------------------------------
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
