@@ -405,6 +405,42 @@ def test_recipe_bases_that_are_recipes_still_work(tmp_path):
 
 
 
+# -- an unwritable cache is named before a built-in is trained or extracted (item 7) ----------------
+
+def _refuse_work(monkeypatch):
+    """Training fmnist_vit reads Fashion-MNIST first; extracting dinov2_small calls extract(): both fail loudly."""
+    import castle_convert.data as data
+    import castle_convert.dinov2_weights as dw
+
+    def refuse(*a, **k):
+        raise AssertionError("a built-in was being made before the cache was checked")
+    monkeypatch.setattr(data, "load_fashion_mnist", refuse)
+    monkeypatch.setattr(dw, "extract", refuse)
+
+
+@pytest.mark.parametrize("builtin", ["fmnist_vit", "dinov2_small"])
+def test_unwritable_cache_is_named_before_work(world, tmp_path, monkeypatch, builtin):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("CASTLE_CACHE", str(tmp_path / "afile" / "cache"))
+    _refuse_work(monkeypatch)
+    assert_one_line_error(Case("cache-unwritable", lambda w, t: _distill(w, t, model=builtin, data="fashion-mnist"),
+                               rf"built-in {builtin} .*CASTLE_CACHE, .*afile/cache, is not writable.*set CASTLE_CACHE",
+                               output="out"), world, tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_cache_is_named_before_work(world, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o555)
+    monkeypatch.setenv("CASTLE_CACHE", str(cache))
+    _refuse_work(monkeypatch)
+    assert_one_line_error(Case("cache-read-only", lambda w, t: _distill(w, t, model="fmnist_vit", data="fashion-mnist"),
+                               r"CASTLE_CACHE, .*cache, is not writable \(Permission denied\)", output="out"),
+                          world, tmp_path)
+
+
+
 # -- the CLI corpus of this round (CASES, collected above) -------------------------------------------
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
