@@ -599,9 +599,12 @@ def test_kill_during_final_save_leaves_no_litter_for_the_next_run(world, tmp_pat
     live.mkdir()
     _run(world, out)
     assert not dead.exists() and not (tmp_path / ".out.old").exists() and live.exists()
-    (tmp_path / "file_out").write_text("a file in the way")
-    cc.save_pretrained(cc.load(out), tmp_path / "file_out", overwrite=True)
-    assert (tmp_path / "file_out" / "model.safetensors").is_file() and not (tmp_path / ".file_out.old").exists()
+    cc.save_pretrained(cc.load(out), out, overwrite=True)                  # its own output: replaced
+    assert (out / "model.safetensors").is_file() and not (tmp_path / ".out.old").exists()
+    (tmp_path / "file_out").write_text("a file in the way")                # not castle-convert's: never replaced
+    with pytest.raises(FileExistsError, match="file_out is a file"):
+        cc.save_pretrained(cc.load(out), tmp_path / "file_out", overwrite=True)
+    assert (tmp_path / "file_out").read_text() == "a file in the way"
 
 
 def test_sigkill_then_resume_in_a_fresh_process(world, tmp_path):

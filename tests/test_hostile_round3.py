@@ -441,6 +441,44 @@ def test_read_only_cache_is_named_before_work(world, tmp_path, monkeypatch):
 
 
 
+# -- --overwrite replaces only castle-convert's own output (item 8) ---------------------------------
+
+def _runs_folder(tmp: Path) -> Path:
+    """A folder of other runs and notes (what --output runs --overwrite deleted)."""
+    runs = tmp / "runs"
+    (runs / "other_run").mkdir(parents=True)
+    (runs / "other_run" / "config.json").write_text('{"castling": {}, "source": {}}')
+    (runs / "notes.txt").write_text("keep me")
+    return runs
+
+
+CASES += [
+    Case("output-overwrite-foreign-dir", lambda w, t: _distill(w, t, "--overwrite", output=_runs_folder(t)),
+         r"output .*runs is a directory castle-convert did not write.*--overwrite replaces only a castle-convert "
+         r"output directory"),
+    Case("output-overwrite-file", lambda w, t: _distill(w, t, "--overwrite", output=(
+        lambda f: (f.write_text("notes"), f)[1])(t / "notes.txt")), r"notes\.txt is a file: --overwrite replaces only"),
+    Case("output-overwrite-link", lambda w, t: _distill(w, t, "--overwrite", output=(
+        lambda link: (link.symlink_to(w["published"]), link)[1])(t / "link")), r"link is a symbolic link"),
+]
+
+
+def test_overwrite_keeps_other_files_and_replaces_own_output(world, tmp_path):
+    import castle_convert as cc
+    from castle_convert.export.save import OutputExistsError
+    runs = _runs_folder(tmp_path)
+    model = cc.load(world["published"])
+    with pytest.raises(OutputExistsError, match="did not write") as err:
+        cc.save_pretrained(model, runs, overwrite=True)
+    assert len(str(err.value).splitlines()) == 1
+    assert (runs / "notes.txt").read_text() == "keep me" and (runs / "other_run").is_dir()
+    own = cc.save_pretrained(model, runs / "mine")
+    (own / "extra.txt").write_text("written inside castle-convert's own output")
+    cc.save_pretrained(model, own, overwrite=True)                     # recognised as its own: replaced
+    assert (own / "model.safetensors").is_file() and not (own / "extra.txt").exists()
+
+
+
 # -- the CLI corpus of this round (CASES, collected above) -------------------------------------------
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -56,14 +56,35 @@ class ExportError(ValueError):
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output directory unless ``overwrite`` (checked before any work)."""
+    """Refuse a non-empty output directory unless ``overwrite``, and with ``overwrite`` anything but a directory
+    castle-convert wrote (:func:`written_by_castle_convert`): checked before any work."""
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+    occupied = path.is_symlink() or (path.exists() and (not path.is_dir() or any(path.iterdir())))
+    if occupied and not overwrite:
         raise OutputExistsError(f"output {path} exists and is not empty: choose another --output, or pass "
                                 "--overwrite to replace it")
+    if occupied and not written_by_castle_convert(path):
+        what = ("a symbolic link" if path.is_symlink() else "a file" if not path.is_dir() else
+                "a directory castle-convert did not write (no config.json with its castling/source fields)")
+        raise OutputExistsError(f"output {path} is {what}: --overwrite replaces only a castle-convert output "
+                                "directory, never other files; choose another --output (e.g. a new folder inside it)")
     problem = write_problem(path)
     if problem:
         raise ExportError(f"cannot write output {path}: {problem}: choose another --output")
+
+
+def written_by_castle_convert(path: Path) -> bool:
+    """Whether ``path`` is an output directory of castle-convert (save_pretrained / the CLI): a real directory whose
+    config.json is a JSON object with the ``castling`` and ``source`` sections it writes."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir() or not (path / CONFIG_NAME).is_file():
+        return False
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("castling"), dict) and isinstance(config.get("source"),
+                                                                                                dict)
 
 
 def write_problem(path: Path) -> Optional[str]:
