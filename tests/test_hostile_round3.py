@@ -7,6 +7,7 @@ Same assertions as ``test_hostile.py``: a CLI case exits with one ``Error: ...``
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -476,6 +477,119 @@ def test_overwrite_keeps_other_files_and_replaces_own_output(world, tmp_path):
     (own / "extra.txt").write_text("written inside castle-convert's own output")
     cc.save_pretrained(model, own, overwrite=True)                     # recognised as its own: replaced
     assert (own / "model.safetensors").is_file() and not (own / "extra.txt").exists()
+
+
+
+# -- one run per output; a full disk (item 9) ------------------------------------------------------
+
+def test_second_run_on_the_same_output_names_the_process_holding_it(world, tmp_path):
+    """Another process holds the output's lock: the run stops at once naming its PID; once that process is gone
+    (killed: its lock file stays behind) the run takes the lock over and finishes, leaving no lock file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from click.testing import CliRunner
+
+    from castle_convert.cli import main
+    from test_hostile import _error_line, _run
+    lock = tmp_path / ".out.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); print('held', flush=True)\n"
+        "time.sleep(120)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = CliRunner().invoke(main, [str(a) for a in _distill(world, tmp_path)])
+        assert r.exit_code == 1 and "Traceback" not in r.output
+        assert re.search(rf"output .*out is being written by another castle-convert process \(PID {holder.pid}, lock "
+                         r".*\.out\.lock\): wait for it to finish, or choose another --output", _error_line(r.output))
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert lock.exists()                                             # left behind by the killed holder
+    _run(world, tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not lock.exists()
+
+
+def test_save_pretrained_of_a_busy_output_is_refused(world, tmp_path):
+    import castle_convert as cc
+    from castle_convert.export.save import OutputBusyError, output_lock
+    model = cc.load(world["published"])
+    with output_lock(tmp_path / "pub"):                              # re-entrant in the holding process
+        cc.save_pretrained(model, tmp_path / "pub")
+    assert not (tmp_path / ".pub.lock").exists()
+    import fcntl
+    fd = os.open(tmp_path / ".pub2.lock", os.O_RDWR | os.O_CREAT)   # another holder (its own open file)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, b"4242")
+    try:
+        with pytest.raises(OutputBusyError, match=r"PID 4242") as err:
+            cc.save_pretrained(model, tmp_path / "pub2")
+        assert len(str(err.value).splitlines()) == 1 and not (tmp_path / "pub2").exists()
+    finally:
+        os.close(fd)
+
+
+def _disk_full_when(predicate):
+    """A safetensors save_file that fails with ENOSPC for the files ``predicate`` picks."""
+    import errno
+
+    import safetensors.torch as st
+    real = st.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        if predicate(str(filename)):
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return real(tensors, filename, metadata=metadata)
+    return save_file
+
+
+def test_disk_full_at_a_training_checkpoint_keeps_the_last_one(world, tmp_path, monkeypatch):
+    import json
+
+    import safetensors.torch as st
+
+    from castle_convert.distill.checkpoint import CheckpointWriteError
+    from test_hostile import _run
+    full = [False]
+    monkeypatch.setattr(st, "save_file", _disk_full_when(lambda f: full[0] and "checkpoint.tmp" in f))
+
+    def fill_disk(step):
+        full[0] = full[0] or step == 3
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointWriteError, match=r"cannot write the checkpoint .*checkpoint\.tmp: No space left on "
+                       r"device .*run again with --resume; the previous checkpoint \(step 2\) is intact") as err:
+        _run(world, out, on_step=fill_disk)
+    assert len(str(err.value).splitlines()) == 1
+    ckpt = tmp_path / "out.run" / "checkpoint"
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 2
+    assert not ckpt.with_name("checkpoint.tmp").exists() and not out.exists()
+    monkeypatch.undo()
+    assert _run(world, out, resume=True).distill.steps == 6
+
+
+def test_disk_full_at_the_final_save_is_one_line_and_keeps_the_checkpoint(world, tmp_path, monkeypatch):
+    import json
+
+    import safetensors.torch as st
+
+    from castle_convert.export.save import ExportError
+    from test_hostile import _run
+    monkeypatch.setattr(st, "save_file", _disk_full_when(lambda f: "/.out.tmp-" in f))
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=r"cannot write .*out: No space left on device .*nothing was written.*the "
+                       r"run's last checkpoint is kept in .*out\.run: continue with --resume") as err:
+        _run(world, out)
+    assert len(str(err.value).splitlines()) == 1
+    assert json.loads((tmp_path / "out.run" / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    monkeypatch.undo()
+    _run(world, out, resume=True)
+    assert (out / "model.safetensors").is_file()
 
 
 

@@ -19,12 +19,13 @@ any model or data is loaded. A tampered or truncated file is a one-line ``Resume
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -44,6 +45,24 @@ _ACCELERATE_FILES = ("random_states_0.pkl", "optimizer.bin", "scheduler.bin", "c
 
 class ResumeError(RuntimeError):
     """--resume was asked for but there is nothing (usable) to resume."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, ...); the one that was there before is intact."""
+
+
+@contextlib.contextmanager
+def writing(target: Path, cleanup: list[Path], kept: str) -> Iterator[None]:
+    """Write a checkpoint: an OSError (e.g. ENOSPC) removes the partial ``cleanup`` paths and becomes a one-line
+    :class:`CheckpointWriteError` naming ``target`` and what is ``kept``."""
+    try:
+        yield
+    except OSError as e:
+        for p in cleanup:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"cannot write the checkpoint {target}: {e.strerror or type(e).__name__}"
+                                   f"{f' ({e.filename})' if e.filename else ''}: free space (or fix the folder), then "
+                                   f"run again with --resume; {kept}") from None
 
 
 def _start_over(work_dir: Path) -> str:
@@ -156,20 +175,23 @@ def save(ckpt_dir: Path, accelerator, *, model: nn.Module, optimizer, step: int,
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    (tmp / f"rng_{accelerator.process_index}.json").write_text(json.dumps(_rng_state()))
-    if accelerator.is_main_process:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
-        tensors, optim_json = _optimizer_state(optimizer)
-        save_file(tensors, str(tmp / OPTIMIZER))
-        scaler = getattr(accelerator, "scaler", None)
-        record = {"format": FORMAT, "step": int(step), "anneal_epoch": float(anneal_epoch), "optimizer": optim_json,
-                  "scaler": _jsonable(scaler.state_dict()) if scaler is not None else None,
-                  "recipe": recipe_dict, "run": run_info}
-        (tmp / RECIPE).write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
-        (tmp / STATE).write_text(json.dumps(record, indent=1))          # last: marks the folder complete
+    kept = (f"the previous checkpoint (step {_recorded_step(ckpt_dir)}) is intact in {ckpt_dir}"
+            if (ckpt_dir / STATE).is_file() else "no earlier checkpoint was written")
+    with writing(tmp, [tmp], kept):
+        if accelerator.is_main_process:
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        (tmp / f"rng_{accelerator.process_index}.json").write_text(json.dumps(_rng_state()))
+        if accelerator.is_main_process:
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
+            tensors, optim_json = _optimizer_state(optimizer)
+            save_file(tensors, str(tmp / OPTIMIZER))
+            scaler = getattr(accelerator, "scaler", None)
+            record = {"format": FORMAT, "step": int(step), "anneal_epoch": float(anneal_epoch),
+                      "optimizer": optim_json, "scaler": _jsonable(scaler.state_dict()) if scaler is not None else None,
+                      "recipe": recipe_dict, "run": run_info}
+            (tmp / RECIPE).write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
+            (tmp / STATE).write_text(json.dumps(record, indent=1))          # last: marks the folder complete
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         old = ckpt_dir.with_name(ckpt_dir.name + ".old")
@@ -179,6 +201,13 @@ def save(ckpt_dir: Path, accelerator, *, model: nn.Module, optimizer, step: int,
         tmp.rename(ckpt_dir)
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _recorded_step(ckpt_dir: Path) -> Any:
+    try:
+        return json.loads((ckpt_dir / STATE).read_text()).get("step", "?")
+    except (OSError, ValueError, AttributeError):
+        return "?"
 
 
 # -- reading -------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from castle_convert.config import ConfigError, error_line
 from castle_convert.convert import finalize, primary_output, set_schedule, training_forms
 from castle_convert.data import DataBundle, DataError, Materialized
 from castle_convert.distill import checkpoint, losses
-from castle_convert.distill.checkpoint import ResumeError
+from castle_convert.distill.checkpoint import CheckpointWriteError, ResumeError  # noqa: F401 - the CLI's
 from castle_convert.distill.losses import DivergenceError
 from castle_convert.distill.evaluate import embeddings, evaluate, head_classes
 from castle_convert.distill.schedule import AnnealSchedule, lr_factor
@@ -386,11 +386,13 @@ def run_stage1(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe:
         transfer = result.to_dict() if result else None
     report = {"transfer": transfer, "recipe": recipe.to_dict()}
     if folder and accelerator.is_main_process:      # before the auto:K choice: a resume (or another K) redoes it
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()},
-                  str(folder / (STAGE1_WEIGHTS + ".tmp")))
-        (folder / (STAGE1_WEIGHTS + ".tmp")).replace(folder / STAGE1_WEIGHTS)
-        (folder / STAGE1_REPORT).write_text(json.dumps(report, indent=2))      # written last: marks it done
+        partial = [folder / (STAGE1_WEIGHTS + ".tmp"), folder / STAGE1_WEIGHTS, folder / STAGE1_REPORT]
+        with checkpoint.writing(folder, partial, "stage 1 is redone then"):
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()},
+                      str(folder / (STAGE1_WEIGHTS + ".tmp")))
+            (folder / (STAGE1_WEIGHTS + ".tmp")).replace(folder / STAGE1_WEIGHTS)
+            (folder / STAGE1_REPORT).write_text(json.dumps(report, indent=2))      # written last: marks it done
     accelerator.wait_for_everyone()
     kept = list(explicit) + _auto_keep(student, teacher, (transfer or {}).get("errors"), auto_k, explicit,
                                        accelerator)
