@@ -18,6 +18,7 @@ from torch import nn
 
 from castle_convert.convert import convert, inspect
 from castle_convert.data import DataError, build_data
+from castle_convert.distill.checkpoint import check_resume, resumable
 from castle_convert.distill.evaluate import head_classes
 from castle_convert.distill.loop import DistillResult, ResumeError, distill, process_state
 from castle_convert.export.save import (ExportError, check_output_dir, check_writable, output_lock,
@@ -77,7 +78,7 @@ def _run(model_spec: str, recipe: Recipe, *, data_spec: str, output: Path, arch:
     work_dir = output.with_name(output.name + ".run")
     if not resume:
         check_output_dir(output, overwrite)                     # before any work
-        if (work_dir / "checkpoint").exists():
+        if resumable(work_dir):                                 # a checkpoint, a finished or started stage 1
             if not overwrite:
                 raise ResumeError(f"an interrupted run left a checkpoint in {work_dir}: pass --resume to "
                                   "continue it, or --overwrite to start over")
@@ -85,7 +86,6 @@ def _run(model_spec: str, recipe: Recipe, *, data_spec: str, output: Path, arch:
                 shutil.rmtree(work_dir)
         state.wait_for_everyone()
     else:
-        from castle_convert.distill.checkpoint import check_resume
         check_resume(work_dir, recipe.to_dict())               # the run's recipe, before any work
     t0 = time.time()
     with state.main_process_first():                            # a built-in teacher trains once
@@ -137,7 +137,7 @@ def _run(model_spec: str, recipe: Recipe, *, data_spec: str, output: Path, arch:
                             resolution=int(size[0]) if d.resolution else None)
         except ExportError as e:                # e.g. disk full: the run's checkpoints stay for --resume
             kept = f"; the run's last checkpoint is kept in {work_dir}: continue with --resume" \
-                if (work_dir / "checkpoint").is_dir() else ""
+                if resumable(work_dir) else ""
             raise ExportError(f"{e}{kept}") from None
         shutil.rmtree(work_dir, ignore_errors=True)            # checkpoints are done with
     state.wait_for_everyone()

@@ -593,6 +593,98 @@ def test_disk_full_at_the_final_save_is_one_line_and_keeps_the_checkpoint(world,
 
 
 
+# -- resume after stage 1, during stage 1, between a checkpoint's renames (item 6) ------------------
+
+STAGE1 = ["transfer.steps=3", "transfer.batch_size=4", "distill.attn_transfer=0"]
+
+
+def _weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(out / "model.safetensors"))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def test_resume_after_stage1_is_bit_identical(world, tmp_path, monkeypatch):
+    """Killed after stage 1, before the first stage-2 checkpoint: the resumed run loads stage 1 (weights and RNG
+    states) and ends with exactly the uninterrupted run's weights (it differed by up to 0.007)."""
+    import sys
+
+    from test_hostile import _kill_at, _run
+    loop = sys.modules["castle_convert.distill.loop"]
+    real, rng_after_stage1 = loop.run_stage1, []
+
+    def recording(*a, **k):
+        out = real(*a, **k)
+        rng_after_stage1.append(torch.get_rng_state())
+        return out
+    monkeypatch.setattr(loop, "run_stage1", recording)
+    full = tmp_path / "full"
+    _run(world, full, STAGE1)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        _run(world, out, STAGE1, on_step=_kill_at(1))
+    work = tmp_path / "out.run"
+    assert (work / "stage1" / "stage1.json").is_file() and not (work / "checkpoint").exists()
+    assert (work / "stage1" / "rng_0.json").is_file()
+    _run(world, out, STAGE1, resume=True)
+    assert torch.equal(rng_after_stage1[0], rng_after_stage1[2])   # stage 2 starts from the same RNG state
+    assert _max_diff(_weights(full), _weights(out)) == 0.0
+
+
+def test_kill_during_stage1_then_resume_redoes_it(world, tmp_path, capsys):
+    import sys
+
+    from test_hostile import _run
+    transfer = sys.modules["castle_convert.distill.transfer"]
+    real = transfer.attention_transfer
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    transfer.attention_transfer = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run(world, tmp_path / "out", STAGE1)
+    finally:
+        transfer.attention_transfer = real
+    capsys.readouterr()
+    _run(world, tmp_path / "out", STAGE1, resume=True)               # was: "no checkpoint to resume"
+    assert "stage 1 did not finish before the interruption: redoing it" in capsys.readouterr().out
+    full = tmp_path / "full"
+    _run(world, full, STAGE1)
+    assert _max_diff(_weights(full), _weights(tmp_path / "out")) == 0.0
+
+
+def _killed_between_renames(w, tmp) -> Path:
+    """An interrupted run whose last checkpoint save stopped between its two renames: checkpoint/ gone (moved to
+    checkpoint.old), the complete newer checkpoint.tmp not yet in place."""
+    from test_hostile import _interrupted
+    out = tmp / "out"
+    ckpt = _interrupted(w, out)
+    ckpt.rename(ckpt.with_name("checkpoint.tmp"))
+    return out
+
+
+def test_complete_checkpoint_tmp_is_resumed_and_never_deleted_silently(world, tmp_path, capsys):
+    from castle_convert.distill.checkpoint import ResumeError
+    from test_hostile import _run
+    out = _killed_between_renames(world, tmp_path)
+    tmp = tmp_path / "out.run" / "checkpoint.tmp"
+    with pytest.raises(ResumeError, match=r"an interrupted run left a checkpoint in .*out\.run: pass --resume"):
+        _run(world, out)                                              # a plain rerun: refused, nothing deleted
+    assert (tmp / "state.json").is_file()
+    capsys.readouterr()
+    result = _run(world, out, resume=True)
+    assert "resumed from" in capsys.readouterr().out and result.distill.steps == 6
+    full = tmp_path / "full"
+    _run(world, full)
+    assert _max_diff(_weights(full), _weights(out)) == 0.0
+
+
+
 # -- the CLI corpus of this round (CASES, collected above) -------------------------------------------
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

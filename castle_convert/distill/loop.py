@@ -147,8 +147,8 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
             "use a teacher fine-tuned on this dataset (or a headless backbone, distilled on features)")
     opt = recipe.optim
     work_dir = Path(work_dir) if work_dir else None
-    ckpt_dir = work_dir / "checkpoint" if work_dir else None
-    if resume and not (ckpt_dir and (ckpt_dir.is_dir() or (work_dir / STAGE1_DIR / STAGE1_WEIGHTS).is_file())):
+    ckpt_dir = work_dir / checkpoint.CHECKPOINT if work_dir else None
+    if resume and not (work_dir and checkpoint.resumable(work_dir)):
         raise ResumeError(f"--resume: no checkpoint to resume in {ckpt_dir} (the run saves one every "
                           f"save_every={recipe.save_every} steps)")
     if resume:
@@ -156,6 +156,8 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
 
     accelerator = accelerator or _accelerator(recipe, work_dir, opt.grad_accum)
     check_engine(accelerator)
+    if resume:
+        checkpoint.promote(work_dir, accelerator)
     set_seed(recipe.seed)
     world = accelerator.num_processes
     if opt.batch_size % (world * opt.grad_accum):
@@ -323,7 +325,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
                          transfer=(stage1 or {}).get("transfer"), kept_softmax=kept_softmax)
 
 
-STAGE1_DIR, STAGE1_WEIGHTS, STAGE1_REPORT = "stage1", "student.safetensors", "stage1.json"
+STAGE1_DIR, STAGE1_WEIGHTS, STAGE1_REPORT = checkpoint.STAGE1_DIR, checkpoint.STAGE1_WEIGHTS, checkpoint.STAGE1_REPORT
 
 
 def run_stage1(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Recipe, accelerator,
@@ -355,10 +357,13 @@ def run_stage1(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe:
         restore_softmax(student, teacher, [p for p in explicit if p in converted])
     if resume and folder and (folder / STAGE1_REPORT).is_file():
         report = _load_stage1(folder, student, accelerator, "--resume: the stage-1 checkpoint in")
+        _restore_stage1_rng(folder, accelerator)       # the RNG states as stage 1 ended: bit-identical from here
         accelerator.print(f"stage 1: loaded from {folder} (resumed)")
         errors = (report.get("transfer") or {}).get("errors")
         kept = list(explicit) + _auto_keep(student, teacher, errors, auto_k, explicit, accelerator)
         return {**report, "kept_softmax": kept}
+    if resume and folder and (folder / checkpoint.STAGE1_STARTED).is_file():
+        accelerator.print("stage 1 did not finish before the interruption: redoing it")
     result = None
     if tr.load_from:                                  # an earlier run's stage 1, reused (recorded as such)
         source = Path(tr.load_from).expanduser()
@@ -366,6 +371,10 @@ def run_stage1(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe:
         transfer = {**(loaded.get("transfer") or {}), "loaded_from": str(source)}
         accelerator.print(f"stage 1: loaded from {source} (transfer.load_from), not recomputed")
     elif tr.steps:
+        if folder and accelerator.is_main_process:    # a kill from here on: --resume redoes stage 1
+            with checkpoint.writing(folder / checkpoint.STAGE1_STARTED, [], "nothing is lost: stage 1 starts over"):
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / checkpoint.STAGE1_STARTED).write_text(json.dumps({"recipe": recipe.to_dict()}, indent=1))
         world, rank = accelerator.num_processes, accelerator.process_index
         shard = data.train if world == 1 else torch.utils.data.Subset(data.train, range(rank, len(data.train), world))
         workers = 0 if isinstance(data.train, Materialized) else recipe.data.workers
@@ -385,14 +394,20 @@ def run_stage1(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe:
     if not tr.load_from:
         transfer = result.to_dict() if result else None
     report = {"transfer": transfer, "recipe": recipe.to_dict()}
-    if folder and accelerator.is_main_process:      # before the auto:K choice: a resume (or another K) redoes it
-        partial = [folder / (STAGE1_WEIGHTS + ".tmp"), folder / STAGE1_WEIGHTS, folder / STAGE1_REPORT]
+    if folder:                                      # before the auto:K choice: a resume (or another K) redoes it
+        rng = folder / f"rng_{accelerator.process_index}.json"
+        partial = [folder / (STAGE1_WEIGHTS + ".tmp"), folder / STAGE1_WEIGHTS, folder / STAGE1_REPORT, rng]
         with checkpoint.writing(folder, partial, "stage 1 is redone then"):
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()},
-                      str(folder / (STAGE1_WEIGHTS + ".tmp")))
-            (folder / (STAGE1_WEIGHTS + ".tmp")).replace(folder / STAGE1_WEIGHTS)
-            (folder / STAGE1_REPORT).write_text(json.dumps(report, indent=2))      # written last: marks it done
+            if accelerator.is_main_process:
+                folder.mkdir(parents=True, exist_ok=True)
+            accelerator.wait_for_everyone()
+            checkpoint.write_rng(folder, accelerator.process_index)  # every process's RNGs as stage 1 ends
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()},
+                          str(folder / (STAGE1_WEIGHTS + ".tmp")))
+                (folder / (STAGE1_WEIGHTS + ".tmp")).replace(folder / STAGE1_WEIGHTS)
+                (folder / STAGE1_REPORT).write_text(json.dumps(report, indent=2))      # written last: marks it done
     accelerator.wait_for_everyone()
     kept = list(explicit) + _auto_keep(student, teacher, (transfer or {}).get("errors"), auto_k, explicit,
                                        accelerator)
@@ -415,6 +430,17 @@ def _load_stage1(folder: Path, student: nn.Module, accelerator, what: str) -> di
     if not isinstance(report, dict):
         raise ResumeError(f"{what} {folder / STAGE1_REPORT} is not a stage-1 record: start over with --overwrite")
     return report
+
+
+def _restore_stage1_rng(folder: Path, accelerator) -> None:
+    """The RNG states stage 1 ended with (``rng_<rank>.json``; a record from before they were kept has none)."""
+    if not (folder / f"rng_{accelerator.process_index}.json").is_file():
+        return
+    try:
+        checkpoint.read_rng(folder, accelerator.process_index)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ResumeError(f"--resume: the stage-1 checkpoint in {folder} is damaged ({error_line(e, 160)}): start "
+                          "over with --overwrite") from None
 
 
 def _auto_keep(student: nn.Module, teacher: nn.Module, errors: Optional[dict], k: int, explicit: list[str],
