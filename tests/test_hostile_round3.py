@@ -685,6 +685,81 @@ def test_complete_checkpoint_tmp_is_resumed_and_never_deleted_silently(world, tm
 
 
 
+# -- bf16 / fp16: mixed precision runs and half-precision models (item 5) ---------------------------
+
+def test_bf16_mixed_precision_run_finishes_and_resumes_exactly(world, tmp_path):
+    """mixed_precision: bf16 (distill-10ep/30ep's default) on CPU: the run finishes (finalize's parity check
+    failed at the very end: the unwrapped student kept Accelerate's autocast wrapper and fp32's tolerance), the
+    finalized student carries no wrapper, and a killed run resumes to the same weights."""
+    import castle_convert as cc
+    from test_hostile import _interrupted, _run
+    bf16 = ["mixed_precision=bf16"]
+    full = _run(world, tmp_path / "full", bf16)
+    student = full.distill.student
+    assert "forward" not in student.__dict__ and "_original_forward" not in student.__dict__
+    assert next(student.parameters()).dtype == torch.float32
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(cc.load(tmp_path / "full")(x), student(x), atol=1e-5)
+    out = tmp_path / "out"
+    _interrupted(world, out, bf16)
+    _run(world, out, bf16, resume=True)
+    assert _max_diff(_weights(tmp_path / "full"), _weights(out)) <= 1e-6
+
+
+def test_finalize_under_autocast_compares_in_that_precision():
+    import timm
+
+    import castle_convert as cc
+    torch.manual_seed(0)
+    student = cc.convert(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                           num_heads=2, num_classes=3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        final = cc.finalize(student, force=True)
+    assert 0 < final.castling_parity <= 5e-2 * 10
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["linear_angular", "separable"])
+@pytest.mark.parametrize("fid", ["timm-vit", "hf-vit"])
+def test_half_precision_models_convert_train_and_finalize(dtype, kind, fid):
+    """A .half() / bf16 source (HF torch_dtype): the depthwise conv, γ and every new parameter are made in the
+    source's dtype and device, so the first gate-0 forward works (it failed: fp32 conv next to half weights)."""
+    import castle_convert as cc
+    from castle_convert.convert import training_forms
+    from families import FAMILIES
+    family = next(f for f in FAMILIES if f.id == fid)
+    model = family.build().to(dtype)
+    student = cc.convert(model, kind=kind)
+    for _, m in training_forms(student):
+        assert {p.dtype for p in m.added_parameters()} == {dtype}
+    cc.set_schedule(student, 0.0)
+    x = torch.randn(2, 3, family.size, family.size, dtype=dtype)
+    out = family(student, x)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+    final = cc.finalize(student, force=True)
+    assert final.castling_parity <= 5e-2
+
+
+def test_distill_of_a_bf16_timm_teacher(world):
+    """cc.distill of a bf16 timm model (timm does not cast fp32 pixels itself): calibration, stage 1 and stage 2
+    feed it bf16 images."""
+    import timm
+
+    import castle_convert as cc
+    from castle_convert.data import build_data
+    from castle_convert.recipes import load_recipe
+    from test_hostile import TINY_ARGS, TINY_RUN
+    torch.manual_seed(0)
+    teacher = timm.create_model("vit_tiny_patch16_224", **TINY_ARGS).eval().to(torch.bfloat16)
+    data = build_data(str(world["images"]), teacher, augmentation="none")
+    student = cc.convert(teacher, calibration_inputs=torch.stack([data.train[i][0] for i in range(8)]))
+    result = cc.distill(teacher, student, data, recipe=load_recipe("toy", TINY_RUN + STAGE1), progress=False)
+    assert next(result.student.parameters()).dtype == torch.bfloat16 and result.steps == 6
+
+
+
 # -- the CLI corpus of this round (CASES, collected above) -------------------------------------------
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
