@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from castle_convert.data import DataError, load_image_folder
-from test_hostile import Case, _copy, _distill, assert_one_line_error, world  # noqa: F401 - world is a fixture
+from test_hostile import Case, _copy, _distill, _pickle_ckpt, assert_one_line_error, world  # noqa: F401 - world is a fixture
 
 
 # -- image folders (items 3, 12, 15) --------------------------------------------------------------
@@ -175,7 +175,6 @@ CASES += [
 ]
 
 
-
 # -- timm checkpoints: the head, wrapper prefixes, EMA copies, pickles (items 1, 13, 14) -----------
 
 def _finetuned(num_classes=3, **kw):
@@ -249,23 +248,16 @@ def test_checkpoints_timm_loads_are_loaded_as_timm_does(tmp_path, capsys, layout
     assert f"teacher: {says}" in capsys.readouterr().out
 
 
-def _hf_pickle(w, tmp) -> Path:
-    from test_hostile import _Evil
-    d = _copy(w["hf_vit"], tmp / "hf")
+def _pickled_folder(src: Path, dst: Path, nest: bool) -> Path:
+    """A copy of the model folder ``src`` whose weights are a pytorch_model.bin pickle with a payload in it."""
     from safetensors.torch import load_file
+
+    from test_hostile import _Evil
+    d = _copy(src, dst)
     state = load_file(str(d / "model.safetensors"))
     (d / "model.safetensors").unlink()
-    torch.save({**state, "extra": _Evil(tmp / "PWNED")}, d / "pytorch_model.bin")
-    return d
-
-
-def _timm_folder_pickle(w, tmp) -> Path:
-    from test_hostile import _Evil
-    d = _copy(w["teacher"], tmp / "timm")
-    from safetensors.torch import load_file
-    state = load_file(str(d / "model.safetensors"))
-    (d / "model.safetensors").unlink()
-    torch.save({"state_dict": state, "extra": _Evil(tmp / "PWNED")}, d / "pytorch_model.bin")
+    evil = _Evil(dst.parent / "PWNED")
+    torch.save({"state_dict": state, "extra": evil} if nest else {**state, "extra": evil}, d / "pytorch_model.bin")
     return d
 
 
@@ -273,19 +265,18 @@ _CONVERT = r"only if you trust the file \(unpickling runs any code in it\): pyth
 
 CASES += [
     Case("model-pickle-checkpoint-full-advice", lambda w, t: _distill(w, t, "--arch", "deit_tiny",
-                                                                      model=__import__("test_hostile")._pickle_ckpt(t)),
+                                                                      model=_pickle_ckpt(t)),
          r"evil\.pth is a pickle holding Python objects besides tensors \(posix\.system\).*never unpickles: "
          r"convert it to safetensors.*torch\.load\('.*evil\.pth', weights_only=False\).*evil\.safetensors'\)\"$",
          output="out"),
-    Case("model-hf-dir-pickle", lambda w, t: _distill(w, t, model=_hf_pickle(w, t)),
+    Case("model-hf-dir-pickle", lambda w, t: _distill(w, t, model=_pickled_folder(w["hf_vit"], t / "hf", False)),
          r"pytorch_model\.bin is a pickle .*posix\.system.*" + _CONVERT, output="out"),
-    Case("model-timm-folder-pickle", lambda w, t: _distill(w, t, model=_timm_folder_pickle(w, t)),
+    Case("model-timm-folder-pickle", lambda w, t: _distill(w, t, model=_pickled_folder(w["teacher"], t / "timm", True)),
          r"pytorch_model\.bin is a pickle .*" + _CONVERT, output="out"),
     Case("model-checkpoint-head-does-not-fit", lambda w, t: _distill(w, t, "--arch", "test_vit", model=(
         lambda p: (torch.save({**_finetuned(3).state_dict(), "head.weight": torch.zeros(3, 7)}, p), p)[1])(t / "x.pth")),
          r"x\.pth does not fit --arch test_vit: 1 tensors with another shape \(e\.g\. head\.weight", output="out"),
 ]
-
 
 
 # -- published directories naming files to load; minimum versions (item 10) ----------------------
@@ -347,7 +338,6 @@ def test_minimum_versions_have_safe_loading_defaults():
     assert version(pins["torch"]) >= (2, 6) and version(pins["timm"]) >= (1, 0, 26), pins
 
 
-
 # -- recipes: base: reads YAML recipes only (item 11) -----------------------------------------------
 
 SECRET = "root:$6$SECRETHASH:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n"
@@ -405,7 +395,6 @@ def test_recipe_bases_that_are_recipes_still_work(tmp_path):
     assert r.epochs == 2 and r.optim.lr == 0.004
 
 
-
 # -- an unwritable cache is named before a built-in is trained or extracted (item 7) ----------------
 
 def _refuse_work(monkeypatch):
@@ -439,7 +428,6 @@ def test_read_only_cache_is_named_before_work(world, tmp_path, monkeypatch):
     assert_one_line_error(Case("cache-read-only", lambda w, t: _distill(w, t, model="fmnist_vit", data="fashion-mnist"),
                                r"CASTLE_CACHE, .*cache, is not writable \(Permission denied\)", output="out"),
                           world, tmp_path)
-
 
 
 # -- --overwrite replaces only castle-convert's own output (item 8) ---------------------------------
@@ -477,7 +465,6 @@ def test_overwrite_keeps_other_files_and_replaces_own_output(world, tmp_path):
     (own / "extra.txt").write_text("written inside castle-convert's own output")
     cc.save_pretrained(model, own, overwrite=True)                     # recognised as its own: replaced
     assert (own / "model.safetensors").is_file() and not (own / "extra.txt").exists()
-
 
 
 # -- one run per output; a full disk (item 9) ------------------------------------------------------
@@ -592,7 +579,6 @@ def test_disk_full_at_the_final_save_is_one_line_and_keeps_the_checkpoint(world,
     assert (out / "model.safetensors").is_file()
 
 
-
 # -- resume after stage 1, during stage 1, between a checkpoint's renames (item 6) ------------------
 
 STAGE1 = ["transfer.steps=3", "transfer.batch_size=4", "distill.attn_transfer=0"]
@@ -684,7 +670,6 @@ def test_complete_checkpoint_tmp_is_resumed_and_never_deleted_silently(world, tm
     assert _max_diff(_weights(full), _weights(out)) == 0.0
 
 
-
 # -- bf16 / fp16: mixed precision runs and half-precision models (item 5) ---------------------------
 
 def test_bf16_mixed_precision_run_finishes_and_resumes_exactly(world, tmp_path):
@@ -757,7 +742,6 @@ def test_distill_of_a_bf16_timm_teacher(world):
     student = cc.convert(teacher, calibration_inputs=torch.stack([data.train[i][0] for i in range(8)]))
     result = cc.distill(teacher, student, data, recipe=load_recipe("toy", TINY_RUN + STAGE1), progress=False)
     assert next(result.student.parameters()).dtype == torch.bfloat16 and result.steps == 6
-
 
 
 # -- the CLI corpus of this round (CASES, collected above) -------------------------------------------
