@@ -203,6 +203,11 @@ def test_finetuned_checkpoint_keeps_its_head(tmp_path, capsys, suffix):
     headless = _finetuned(0)
     save_file({k: v.contiguous() for k, v in headless.state_dict().items()}, str(tmp_path / "backbone.safetensors"))
     assert load_model(str(tmp_path / "backbone.safetensors"), arch="test_vit").num_classes == 0
+    registers = _finetuned(5, reg_tokens=2)                     # prefix tokens the architecture's default lacks
+    save_file({k: v.contiguous() for k, v in registers.state_dict().items()}, str(tmp_path / "reg.safetensors"))
+    loaded = load_model(str(tmp_path / "reg.safetensors"), arch="test_vit")
+    with torch.no_grad():
+        assert loaded.num_reg_tokens == 2 and torch.equal(loaded(x), registers(x))
 
 
 def _prefixed(state: dict, prefix: str) -> dict:
@@ -594,7 +599,23 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-def test_resume_after_stage1_is_bit_identical(world, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def uninterrupted(world, tmp_path_factory):
+    """``uninterrupted(sets)``: the final weights of an uninterrupted run with those recipe changes (run once per
+    module, shared by the resume tests)."""
+    from test_hostile import _run
+    cache: dict = {}
+
+    def weights(sets=()) -> dict:
+        if tuple(sets) not in cache:
+            out = tmp_path_factory.mktemp("uninterrupted") / "full"
+            _run(world, out, list(sets))
+            cache[tuple(sets)] = _weights(out)
+        return cache[tuple(sets)]
+    return weights
+
+
+def test_resume_after_stage1_is_bit_identical(world, tmp_path, monkeypatch, uninterrupted):
     """Killed after stage 1, before the first stage-2 checkpoint: the resumed run loads stage 1 (weights and RNG
     states) and ends with exactly the uninterrupted run's weights (it differed by up to 0.007)."""
     import sys
@@ -608,8 +629,6 @@ def test_resume_after_stage1_is_bit_identical(world, tmp_path, monkeypatch):
         rng_after_stage1.append(torch.get_rng_state())
         return out
     monkeypatch.setattr(loop, "run_stage1", recording)
-    full = tmp_path / "full"
-    _run(world, full, STAGE1)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         _run(world, out, STAGE1, on_step=_kill_at(1))
@@ -617,11 +636,11 @@ def test_resume_after_stage1_is_bit_identical(world, tmp_path, monkeypatch):
     assert (work / "stage1" / "stage1.json").is_file() and not (work / "checkpoint").exists()
     assert (work / "stage1" / "rng_0.json").is_file()
     _run(world, out, STAGE1, resume=True)
-    assert torch.equal(rng_after_stage1[0], rng_after_stage1[2])   # stage 2 starts from the same RNG state
-    assert _max_diff(_weights(full), _weights(out)) == 0.0
+    assert torch.equal(rng_after_stage1[0], rng_after_stage1[1])   # stage 2 starts from the same RNG state
+    assert _max_diff(uninterrupted(STAGE1), _weights(out)) == 0.0
 
 
-def test_kill_during_stage1_then_resume_redoes_it(world, tmp_path, capsys):
+def test_kill_during_stage1_then_resume_redoes_it(world, tmp_path, capsys, uninterrupted):
     import sys
 
     from test_hostile import _run
@@ -639,9 +658,7 @@ def test_kill_during_stage1_then_resume_redoes_it(world, tmp_path, capsys):
     capsys.readouterr()
     _run(world, tmp_path / "out", STAGE1, resume=True)               # was: "no checkpoint to resume"
     assert "stage 1 did not finish before the interruption: redoing it" in capsys.readouterr().out
-    full = tmp_path / "full"
-    _run(world, full, STAGE1)
-    assert _max_diff(_weights(full), _weights(tmp_path / "out")) == 0.0
+    assert _max_diff(uninterrupted(STAGE1), _weights(tmp_path / "out")) == 0.0
 
 
 def _killed_between_renames(w, tmp) -> Path:
@@ -654,7 +671,7 @@ def _killed_between_renames(w, tmp) -> Path:
     return out
 
 
-def test_complete_checkpoint_tmp_is_resumed_and_never_deleted_silently(world, tmp_path, capsys):
+def test_complete_checkpoint_tmp_is_resumed_and_never_deleted_silently(world, tmp_path, capsys, uninterrupted):
     from castle_convert.distill.checkpoint import ResumeError
     from test_hostile import _run
     out = _killed_between_renames(world, tmp_path)
@@ -665,9 +682,7 @@ def test_complete_checkpoint_tmp_is_resumed_and_never_deleted_silently(world, tm
     capsys.readouterr()
     result = _run(world, out, resume=True)
     assert "resumed from" in capsys.readouterr().out and result.distill.steps == 6
-    full = tmp_path / "full"
-    _run(world, full)
-    assert _max_diff(_weights(full), _weights(out)) == 0.0
+    assert _max_diff(uninterrupted(), _weights(out)) == 0.0
 
 
 # -- bf16 / fp16: mixed precision runs and half-precision models (item 5) ---------------------------
