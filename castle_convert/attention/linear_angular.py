@@ -98,7 +98,8 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
             num_prefix_tokens=spec.num_prefix_tokens, qkv=spec.qkv, proj=spec.proj,
             q_norm=spec.q_norm, k_norm=spec.k_norm, out_norm=spec.out_norm,
             out_gate=spec.out_gate,
-            dw=build_dw(config.dw, config.dw_kernel, C, spec.num_heads, spec.num_prefix_tokens),
+            dw=build_dw(config.dw, config.dw_kernel, C, spec.num_heads, spec.num_prefix_tokens,
+                        like=spec.qkv.weight),
             gamma=nn.Parameter(torch.ones(spec.num_heads, device=spec.qkv.weight.device,
                                           dtype=spec.qkv.weight.dtype)),
             proj_drop=spec.proj_drop, eps=config.eps, combine=config.combine, ref_tokens=config.ref_tokens or 0)

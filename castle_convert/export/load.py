@@ -68,10 +68,10 @@ def weights_path(path: Union[str, Path]) -> Path:
         return file
     pickles = [n for n in PICKLE_NAMES if (path / n).exists()]
     if pickles:
+        from castle_convert.config import pickle_fix
         raise CheckpointError(
             f"{file} is missing and {path / pickles[0]} is a pickle file: castle-convert reads weights only from "
-            "safetensors and never unpickles them. Convert it where you trust it, e.g. "
-            "safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')")
+            f"safetensors and never unpickles them; {pickle_fix(path / pickles[0], file)}")
     raise CheckpointError(f"{file} is missing: {path} is not a complete castle-convert output directory")
 
 
