@@ -263,7 +263,8 @@ def eval_cmd(output: Path, teacher_spec: Optional[str], arch: Optional[str], dat
     Per resolution: mean patch-token cosine and CLS cosine to the teacher (top-1 agreement, and accuracy
     on labelled data, for classifiers), beside the MACs and batch-1 latency ratios.
     """
-    from castle_convert.fidelity import measure, parse_resolutions
+    from castle_convert.fidelity import measure
+    from castle_convert.recipes import parse_resolutions
     from castle_convert.export.load import load
 
     try:

@@ -106,6 +106,17 @@ class CastlingSection:
                               gamma_init=self.gamma_init, aux=self.aux, gate=1.0, threshold=0.0)
 
 
+def parse_resolutions(text: str) -> list[int]:
+    """'224,448,518' -> [224, 448, 518] (the fidelity block's and `castle-convert eval`'s resolutions)."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"--resolutions {text!r}: give positive pixel sizes separated by commas, e.g. 224,448,518")
+    return values
+
+
 @dataclass
 class FidelitySection:
     """The fidelity block at the end of the main job (castle_convert/fidelity.py)."""
@@ -117,7 +128,6 @@ class FidelitySection:
     latency: bool = True                # batch-1 latency of teacher and student beside the cosines
 
     def resolution_list(self) -> list[int]:
-        from castle_convert.fidelity import parse_resolutions
         try:
             return parse_resolutions(self.resolutions)
         except ValueError as e:

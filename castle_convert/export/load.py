@@ -120,7 +120,8 @@ def full_source(config: dict) -> dict:
     at the top level of config.json only; older directories also repeat them under ``source.config``)."""
     source = dict(config["source"])
     if source.get("library") == "transformers" and "config" not in source:
-        base = {k: v for k, v in config.items() if k not in _CASTLE_KEYS}
+        own = ("architecture",) if source.get("model_type") == "timm_wrapper" else ()   # TimmWrapper's own key
+        base = {k: v for k, v in config.items() if k not in _CASTLE_KEYS or k in own}
         source["config"] = {**base, "model_type": source.get("model_type"),
                             "architectures": list(source.get("architectures") or [])}
     return source
