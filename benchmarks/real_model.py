@@ -86,7 +86,7 @@ def main() -> int:
     from castle_convert.recipes import load_recipe
     from castle_convert.run import run
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))     # the cores this process may use (taskset)
     t_all = time.time()
     teacher = zoo.load_builtin("dinov2_small")
     sets = None if args.no_probes else P.probe_sets()
@@ -128,6 +128,12 @@ def main() -> int:
                "student_eval": r.report["student"], "params": r.report["params"]}
         results["runs"][name] = row
         print(f"{name}: {json.dumps(row)}", flush=True)
+        save()                                  # after every run: a long benchmark stopped midway keeps its rows
+
+    def save() -> None:
+        results["total_time_s"] = time.time() - t_all
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
 
     kinds = [k for k in args.kinds.split(",") if k]
     sweep = [int(k) for k in args.sweep.split(",") if k.strip()]
@@ -143,9 +149,7 @@ def main() -> int:
     for kind in kinds:
         if kind != "linear_angular":
             one(kind, [f"castling.kind={kind}"] + args.sweep_overrides, probes=False)
-    results["total_time_s"] = time.time() - t_all
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
+    save()
     print(table(results))
     print(f"total {results['total_time_s'] / 60:.1f} min; wrote {args.json}")
     return 0

@@ -77,7 +77,7 @@ def main() -> None:
               help="Recipe name (recipes/NAME.yaml) or path to a YAML file.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe key, e.g. --set optim.lr=1e-4 --set castling.dw=1d.")
-@click.option("--data", "data_spec", help="DIR (train/ + val/ image folders), hf:NAME[:CONFIG], or fashion-mnist.")
+@click.option("--data", "data_spec", help="natural (built-in: Debian wallpaper photos + procedural images, unlabeled), DIR (train/ + val/ image folders), hf:NAME[:CONFIG], or fashion-mnist.")
 @click.option("--output", type=click.Path(path_type=Path), help="Output directory (default runs/MODEL-RECIPE).")
 @click.option("--arch", help="timm architecture of a checkpoint file MODEL.")
 @click.option("--attention", "kind", metavar="KIND",
