@@ -73,6 +73,9 @@ def main() -> int:
     parser.add_argument("--sweep-set", dest="sweep_overrides", action="append", default=[],
                         help="overrides for the sweep and other-kind runs only")
     parser.add_argument("--no-probes", action="store_true", help="natural fidelity only (faster)")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="only the sweep, from the headline run's stage 1 kept in --work by an earlier run "
+                             "(e.g. on another core while the headline's probes run)")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "real_model.json")
     parser.add_argument("--work", type=Path, default=Path("/tmp/castle_real_model"))
     args = parser.parse_args()
@@ -138,8 +141,12 @@ def main() -> int:
     kinds = [k for k in args.kinds.split(",") if k]
     sweep = [int(k) for k in args.sweep.split(",") if k.strip()]
     stage1 = args.work / "linear_angular.stage1"
+    if args.sweep_only and not (stage1 / "stage1.json").exists() and not any(stage1.glob("*")):
+        parser.error(f"--sweep-only needs the headline run's stage 1 in {stage1}: run without --sweep-only first")
     if "linear_angular" in kinds:               # the headline run
-        one("linear_angular", ["castling.kind=linear_angular"], probes=True, keep_stage1=stage1 if sweep else None)
+        if not args.sweep_only:
+            one("linear_angular", ["castling.kind=linear_angular"], probes=True,
+                keep_stage1=stage1 if sweep else None)
         for k in sweep:                         # hybrid: same stage 1, stage 2 redone
             if k == 0 and not args.sweep_overrides:
                 continue                        # identical to the headline run
@@ -147,7 +154,7 @@ def main() -> int:
             one(f"sweep-K{k}", ["castling.kind=linear_angular", keep] + args.sweep_overrides, probes=False,
                 stage1_from=stage1)
     for kind in kinds:
-        if kind != "linear_angular":
+        if kind != "linear_angular" and not args.sweep_only:
             one(kind, [f"castling.kind={kind}"] + args.sweep_overrides, probes=False)
     save()
     print(table(results))

@@ -216,7 +216,11 @@ def measure(teacher: nn.Module, student: nn.Module, data_spec: str = "natural",
         images = images.to(report.device)
         row = FidelityRow(resolution=int(res), **compare(_at(teacher, int(res)), _at(student, int(res)), images,
                                                           None if labels is None else labels.to(report.device)))
-        if latency:
+        if not latency:                          # MACs only, counted on the meta device as bench counts them
+            one = torch.empty(images[:1].shape, device="meta")
+            row.macs_ratio = adapters.count_macs(_at(student, int(res)).to("meta"), one) / \
+                adapters.count_macs(_at(teacher, int(res)).to("meta"), one)
+        else:
             cell = benchmark(teacher, converted=student, resolutions=[int(res)], batches=[1], repeats=10,
                              min_repeats=2, warmup=1, time_budget_s=latency_budget_s, progress=False,
                              device=report.device.split(":")[0]).cells[0]

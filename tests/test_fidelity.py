@@ -70,6 +70,9 @@ def test_latency_and_macs_beside_fidelity(tmp_path):
         assert row.teacher_ms > 0 and row.student_ms > 0 and row.latency_ratio > 0
         assert 0 < row.macs_ratio < 2 and row.agree is None
     assert teacher.patch_embed.img_size == (32, 32)                   # the models themselves are untouched
+    no_latency = fidelity.measure(teacher, student, str(data), [32, 64], latency=False, progress=False)
+    for row, timed in zip(no_latency.rows, r.rows):                  # MACs without timing: the same counts
+        assert row.teacher_ms is None and row.macs_ratio == pytest.approx(timed.macs_ratio)
 
 
 def test_hf_model_tokens_and_cls():
