@@ -13,7 +13,7 @@ from castle_convert.bench import BenchError
 from castle_convert.config import ConfigError
 from castle_convert.convert import ConversionError, FinalizeError
 from castle_convert.data import DataError
-from castle_convert.distill.loop import DivergenceError, ResumeError
+from castle_convert.distill.loop import CheckpointWriteError, DivergenceError, ResumeError
 from castle_convert.export.card import CardError
 from castle_convert.export.load import CheckpointError
 from castle_convert.export.onnx import OnnxExportError
@@ -22,7 +22,7 @@ from castle_convert.export.save import ExportError, OutputExistsError
 from castle_convert.models import ModelLoadError
 
 USER_ERRORS = (ModelLoadError, ConversionError, FinalizeError, ConfigError, DataError, ResumeError, DivergenceError,
-               OutputExistsError, BenchError, CheckpointError, ExportError, CardError, PushError)
+               CheckpointWriteError, OutputExistsError, BenchError, CheckpointError, ExportError, CardError, PushError)
 
 
 class _Group(click.Group):
@@ -263,7 +263,8 @@ def eval_cmd(output: Path, teacher_spec: Optional[str], arch: Optional[str], dat
     Per resolution: mean patch-token cosine and CLS cosine to the teacher (top-1 agreement, and accuracy
     on labelled data, for classifiers), beside the MACs and batch-1 latency ratios.
     """
-    from castle_convert.fidelity import measure, parse_resolutions
+    from castle_convert.fidelity import measure
+    from castle_convert.recipes import parse_resolutions
     from castle_convert.export.load import load
 
     try:

@@ -18,6 +18,17 @@ def error_line(e: BaseException, limit: int = 200) -> str:
     return f"{type(e).__name__}: {text[0][:limit] if text else ''}".rstrip(": ")
 
 
+def pickle_fix(path, out=None) -> str:
+    """How to turn the torch pickle ``path`` into the safetensors file ``out`` (default: next to it), as the end
+    of a one-line refusal."""
+    from pathlib import Path
+    out = out or Path(path).with_suffix(".safetensors")
+    return ("convert it to safetensors once, only if you trust the file (unpickling runs any code in it): "
+            "python -c \"import torch, safetensors.torch as st; "
+            f"sd = torch.load('{path}', weights_only=False); sd = sd.get('state_dict', sd); "
+            f"st.save_file({{k: v.contiguous() for k, v in sd.items() if torch.is_tensor(v)}}, '{out}')\"")
+
+
 class ConfigError(ValueError):
     """A CastlingConfig (or recipe) field has a value we cannot use."""
 

@@ -312,6 +312,19 @@ def _eval_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         model.train(was_training)
 
 
+# finalize's parity tolerance (times the output's scale) for the precision the model computes in
+PARITY_TOL = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def compute_dtype(model: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype ``model`` computes in: the autocast dtype when autocast is on for ``x``'s device (Accelerate's
+    ``mixed_precision``), else its parameters' dtype."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return next(model.parameters()).dtype
+
+
 def finalize(model: nn.Module, *, inplace: bool = False, check: bool = True,
              atol: Optional[float] = None, inputs: Optional[torch.Tensor] = None, force: bool = False) -> nn.Module:
     """Swap every training form for its inference form and verify parity.
@@ -323,10 +336,11 @@ def finalize(model: nn.Module, *, inplace: bool = False, check: bool = True,
     (e.g. to measure speed, or an untrained conversion on purpose).
 
     The auxiliary softmax branch, its mask and its schedule state are dropped. The result is
-    compared with the training form at gate 0 on a random batch (or ``inputs``); if the largest
-    absolute logit difference exceeds ``atol`` (default 1e-4 in fp32 times the largest |output|
-    when that is above 1: a backbone's features are larger than logits) a :class:`FinalizeError` is raised
-    and ``model`` is left as it was.
+    compared with the training form at gate 0 on a random batch (or ``inputs``), in the precision the model
+    computes in (its parameters' dtype, or the autocast dtype when called under autocast, as Accelerate's
+    ``mixed_precision`` runs it); if the largest absolute logit difference exceeds ``atol`` (default 1e-4 in
+    fp32, 2e-2 in fp16, 5e-2 in bf16, times the largest |output| when that is above 1: a backbone's features are
+    larger than logits) a :class:`FinalizeError` is raised and ``model`` is left as it was.
     """
     _require_module(model, "finalize")
     forms = training_forms(model)
@@ -365,10 +379,10 @@ def finalize(model: nn.Module, *, inplace: bool = False, check: bool = True,
     if check:
         got = _eval_logits(out, x)
         diff = (got - reference).abs().max().item()
-        dtype = next(model.parameters()).dtype
+        dtype = compute_dtype(model, x)
         # relative to the output's scale: logits are O(1), a backbone's features can be O(10)
         scale = max(1.0, reference.abs().max().item()) if torch.isfinite(reference).all() else 1.0
-        tol = atol if atol is not None else (1e-4 if dtype == torch.float32 else 2e-2) * scale
+        tol = atol if atol is not None else PARITY_TOL.get(dtype, 2e-2) * scale
         if not diff <= tol:                                       # also catches NaN
             if inplace:
                 for name, m in forms:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import gzip
 import os
 import random
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -110,7 +112,7 @@ class Transformed(Dataset):
     def __getitem__(self, i: int):
         image, label = self.base[i]
         if image.mode != "RGB":
-            image = image.convert("RGB")
+            image = to_rgb(image, f"image {i}")
         if self.seed is None:
             return self.transform(image), label
         sample_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i
@@ -127,12 +129,23 @@ class Transformed(Dataset):
 # -- sources -------------------------------------------------------------------------------------
 
 def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format), gzipped or not."""
+    """Read an IDX file (the MNIST format), gzipped or not; a truncated or damaged file is a one-line
+    DataError naming it."""
+    import zlib
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:       # gzip: EOFError for a cut file (click would say "Aborted!")
+        raise DataError(f"{path} cannot be read ({error_line(e, 120)}): the file is truncated or damaged; "
+                        "reinstall it (apt-get install --reinstall dataset-fashion-mnist) or copy it again") from None
+    ndim = raw[3] if len(raw) >= 4 else 0
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    size = 4 + 4 * ndim + int(np.prod(dims))
+    if len(raw) < 4 or raw[2] != 0x08 or not ndim or len(raw) != size:
+        raise DataError(f"{path} is not a complete IDX (MNIST-format) file ({len(raw)} bytes, header says "
+                        f"{size if ndim else '?'}): reinstall it (apt-get install --reinstall dataset-fashion-mnist) "
+                        "or copy it again")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -179,35 +192,123 @@ def load_fashion_mnist() -> tuple[ArrayImages, ArrayImages]:
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def to_rgb(image: Image.Image, where: str) -> Image.Image:
+    """``image`` upright (EXIF orientation applied) as 8-bit RGB.
+
+    16-bit greyscale (``I;16*``, or ``I`` with values in 0..65535) is scaled by 255/65535 and float
+    greyscale (``F``) with values in [0, 1] by 255 — a plain ``convert("RGB")`` clips both (white / black
+    images). Other integer or float ranges are refused: their scale is unknown.
+    """
+    from PIL import ImageOps
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(image, dtype=np.float64)                            # (H, W)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if mode == "F":
+            if not (np.isfinite(a).all() and 0.0 <= lo and hi <= 1.0):
+                raise DataError(f"{where} is a float image with values in [{lo:g}, {hi:g}]; float images are read "
+                                "as values in [0, 1]: save it as an 8-bit (or 16-bit) PNG or JPEG")
+            a = a * 255.0
+        else:
+            if lo < 0 or hi > 65535:
+                raise DataError(f"{where} is a 32-bit integer image with values in [{lo:g}, {hi:g}] (beyond 16 bits): "
+                                "save it as an 8-bit (or 16-bit) PNG or JPEG")
+            a = a * (255.0 / 65535.0)
+        image = Image.fromarray(np.rint(a).astype(np.uint8), mode="L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def _read_image(path: str) -> Image.Image:
-    """torchvision's PIL loader, with a corrupt or unreadable file named in a one-line DataError."""
+    """An image file as upright 8-bit RGB (:func:`to_rgb`); a corrupt or unreadable file is a one-line DataError."""
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
-            return image.convert("RGB")
+            return to_rgb(image, path)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, DataError):
+            raise
         raise DataError(f"{path} cannot be read as an image ({error_line(e, 120)}): "
                         "remove or replace the file") from None
 
 
+class ImageFiles(Dataset):
+    """One split of an image folder, ``root/<class>/**/<image>``, as torchvision's ``ImageFolder`` lists it
+    (classes and files in sorted order) but reading only what is really in the tree: regular files with an
+    image extension, in real sub-folders. Hidden entries (``.ipynb_checkpoints``, ``._x.jpg``) are not read;
+    symbolic links (a link out of the tree, or back into it: a loop) and special files (a FIFO or device named
+    ``x.png``) are skipped and counted in ``skipped``."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.skipped: list[str] = []
+        self.classes = []
+        for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_symlink():
+                self.skipped.append(entry.path)
+            elif entry.is_dir(follow_symlinks=False):
+                self.classes.append(entry.name)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples: list[tuple[str, int]] = []
+        for c in self.classes:
+            walked = []
+            for dirpath, dirnames, filenames in os.walk(self.root / c, followlinks=False):
+                keep = []
+                for d in dirnames:                              # os.walk lists links to folders as folders
+                    if d.startswith("."):
+                        continue
+                    if os.path.islink(os.path.join(dirpath, d)):
+                        self.skipped.append(os.path.join(dirpath, d))
+                    else:
+                        keep.append(d)
+                dirnames[:] = keep
+                walked.append((dirpath, filenames))
+            for dirpath, filenames in sorted(walked):
+                for name in sorted(filenames):
+                    if name.startswith(".") or not name.lower().endswith(IMG_EXTENSIONS):
+                        continue
+                    path = os.path.join(dirpath, name)
+                    if stat.S_ISREG(os.lstat(path).st_mode):    # not a link, FIFO, socket or device
+                        self.samples.append((path, self.class_to_idx[c]))
+                    else:
+                        self.skipped.append(path)
+        self.targets = [t for _, t in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, target = self.samples[i]
+        return _read_image(path), target
+
+
 def load_image_folder(root: Path) -> tuple[Dataset, Dataset, list[str]]:
-    from torchvision.datasets import ImageFolder
     missing = [s for s in ("train", "val") if not (root / s).is_dir()]
     if missing:
         raise DataError(f"--data {root}: expected an image-folder layout with {root}/train/<class>/* and "
                         f"{root}/val/<class>/*; missing {', '.join(missing)}/")
-    train, val = (ImageFolder(str(root / s), loader=_read_image, allow_empty=True) for s in ("train", "val"))
+    train, val = (ImageFiles(root / s) for s in ("train", "val"))
     for split, ds in (("train", train), ("val", val)):
         if not ds.classes:
             raise DataError(f"--data {root}: {root / split} has no class folders (expected {split}/<class>/*.jpg)")
-        counts = np.bincount([t for _, t in ds.samples], minlength=len(ds.classes))
+        counts = np.bincount(ds.targets, minlength=len(ds.classes))
         empty = [ds.classes[i] for i in np.flatnonzero(counts == 0)]
         if empty:
             raise DataError(f"--data {root}: {root / split / empty[0]} has no images (extensions "
                             f"{', '.join(IMG_EXTENSIONS[:4])}, ...): add images or remove the empty class folder")
+        if ds.skipped:
+            warnings.warn(f"--data {root}: {len(ds.skipped)} entries of {split}/ not read (e.g. "
+                          f"{os.path.relpath(ds.skipped[0], root)}): symbolic links are not followed and special "
+                          "files (FIFOs, devices) are not images; copy the images into the folder instead")
     if train.classes != val.classes:
-        raise DataError(f"--data {root}: train/ and val/ have different class folders "
-                        f"({len(train.classes)} vs {len(val.classes)})")
+        only_train = [c for c in train.classes if c not in val.class_to_idx]
+        only_val = [c for c in val.classes if c not in train.class_to_idx]
+        parts = [f"only in {s}/: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                 for s, names in (("train", only_train), ("val", only_val)) if names]
+        raise DataError(f"--data {root}: train/ and val/ have different class folders ({'; '.join(parts)}): "
+                        "give both splits the same class folders")
     return train, val, train.classes
 
 

@@ -82,16 +82,6 @@ class FidelityReport:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
-def parse_resolutions(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or any(v < 1 for v in values):
-        raise ValueError(f"--resolutions {text!r}: give positive pixel sizes separated by commas, e.g. 224,448,518")
-    return values
-
-
 # -- images ----------------------------------------------------------------------------------------
 
 def _normalize(images_u8: np.ndarray, mean, std) -> torch.Tensor:

@@ -37,19 +37,77 @@ def _close_matches(name: str) -> list[str]:
     return difflib.get_close_matches(name, pool, n=5, cutoff=0.6)
 
 
-def _checkpoint_keys(path: Path) -> dict[str, tuple]:
-    """Tensor names and shapes of a checkpoint, read without unpickling arbitrary objects."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+# Wrapper prefixes timm's clean_state_dict removes: DDP's ``module.`` and torch.compile's ``_orig_mod.``, either order.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_MODEL_KEYS, _EMA_KEYS = ("state_dict", "model"), ("state_dict_ema", "model_ema")
+
+
+def pickle_refusal(path: Path, e: BaseException, out: Optional[Path] = None) -> str:
+    """The one-line refusal of a torch pickle holding objects besides tensors (``torch.load(weights_only=True)``
+    failed): what the file is, and how to turn it into safetensors (``out``) where it is trusted."""
+    import re
+
+    from castle_convert.config import pickle_fix
+    found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
+    what = f" ({', '.join(found)})" if found else ""
+    return f"{path} is a pickle holding Python objects besides tensors{what}, which castle-convert never unpickles: " \
+           f"{pickle_fix(path, out)}"
+
+
+def read_checkpoint(path: Path) -> tuple[dict, str]:
+    """``(state_dict, which copy)`` of a checkpoint file, chosen as timm's ``load_checkpoint`` does without
+    ``use_ema`` (``state_dict`` / ``model``; the EMA copy ``state_dict_ema`` / ``model_ema`` when it is the only
+    one) and cleaned as its ``clean_state_dict`` (DDP ``module.`` / torch.compile ``_orig_mod.`` prefixes);
+    read with safetensors or ``torch.load(weights_only=True)`` (timm's training-checkpoint ``args`` allowed)."""
+    import argparse
+    import pickle
+
     import torch
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        checkpoint = load_file(str(path))
+    else:
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "weights only load failed" not in str(e).lower():
+                raise
+            raise ModelLoadError(pickle_refusal(path, e)) from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"it holds a {type(checkpoint).__name__}, not a state dict")
+    which = "the weights"
+    keys = [k for k in _MODEL_KEYS + _EMA_KEYS if isinstance(checkpoint.get(k), dict)]
+    if keys and keys[0] in _MODEL_KEYS:
+        ema = [k for k in keys if k in _EMA_KEYS]
+        which = f"the model copy ('{keys[0]}')" + (f"; its EMA copy ('{ema[0]}') is not used" if ema else "")
+    elif keys:
+        which = f"the EMA copy ('{keys[0]}', the only copy in the file)"
+    if keys:
+        checkpoint = checkpoint[keys[0]]
+    state = {}
+    for k, v in checkpoint.items():
+        while k.startswith(_WRAPPER_PREFIXES):
+            k = k.split(".", 1)[1]
+        if isinstance(v, torch.Tensor):
+            state[k] = v
+    return state, which
+
+
+def _arch_args(arch: str, shapes: dict[str, tuple]) -> dict:
+    """timm constructor arguments the checkpoint's tensors decide: the class count (its classifier's weight, e.g.
+    ``head.weight``; no classifier tensors at all: headless) and the register-token count (``reg_token``)."""
+    from timm.models import get_pretrained_cfg_value
+    args = {}
+    classifier = get_pretrained_cfg_value(arch, "classifier") or "head"
+    name = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
+    if f"{name}.weight" in shapes:
+        args["num_classes"] = shapes[f"{name}.weight"][0]
+    elif not any(k.startswith(f"{name}.") for k in shapes):
+        args["num_classes"] = 0
+    if "reg_token" in shapes and len(shapes["reg_token"]) == 3:
+        args["reg_tokens"] = shapes["reg_token"][1]
+    return args
 
 
 def _timm_from_checkpoint(path: Path, arch: Optional[str], pretrained: bool, **kwargs) -> nn.Module:
@@ -61,28 +119,38 @@ def _timm_from_checkpoint(path: Path, arch: Optional[str], pretrained: bool, **k
     if not timm.is_model(arch):
         raise ModelLoadError(_unknown_message(arch))
     try:
-        shapes = _checkpoint_keys(path)
+        state, which = read_checkpoint(path)
+    except ModelLoadError:
+        raise
     except Exception as e:  # noqa: BLE001 - any read failure is reported with the file name
         raise ModelLoadError(f"cannot read checkpoint {path}: {error_line(e)} (a safetensors file or a "
                              "tensors-only torch checkpoint is expected)") from None
-    head = shapes.get("head.weight")
-    if head is not None and "num_classes" not in kwargs:
-        kwargs["num_classes"] = head[0]
-    model = timm.create_model(arch, pretrained=False, **kwargs)
-    if not pretrained:
-        return model
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    kwargs = {**_arch_args(arch, shapes), **kwargs}
+    try:
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+    except Exception as e:  # noqa: BLE001 - e.g. an architecture without register tokens
+        raise ModelLoadError(f"{path} does not fit --arch {arch} ({', '.join(f'{k}={v}' for k, v in kwargs.items())} "
+                             f"from its tensors: {error_line(e)}): pass the architecture it was trained as (timm name) "
+                             "with --arch") from None
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in own if k not in shapes]
     bad = [k for k in own if k in shapes and shapes[k] != own[k]]
-    if missing or bad:
+    extra = [k for k in shapes if k not in own]
+    if missing or bad or extra:
         what = (f"{len(bad)} tensors with another shape (e.g. {bad[0]}: {shapes[bad[0]]} in the file, {own[bad[0]]} "
-                f"in {arch})" if bad else f"{len(missing)} tensors of {arch} are missing (e.g. {missing[0]})")
+                f"in {arch})" if bad else f"{len(missing)} tensors of {arch} are missing (e.g. {missing[0]})"
+                if missing else f"{len(extra)} tensors {arch} does not have (e.g. {extra[0]})")
         raise ModelLoadError(f"{path} does not fit --arch {arch}: {what}: pass the architecture it was trained as "
                              "(timm name) with --arch")
-    try:
-        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-    except Exception as e:  # noqa: BLE001 - timm's loader reports in many types
-        raise ModelLoadError(f"cannot load checkpoint {path} into {arch}: {error_line(e)}") from None
+    if not pretrained:
+        return model
+    model.load_state_dict(state, strict=True)                # the file's own head: never timm's num_classes filter
+    model.pretrained_cfg = {**model.pretrained_cfg, "file": str(path)}
+    model.default_cfg = model.pretrained_cfg
+    classes = f"{model.num_classes} classes" if getattr(model, "num_classes", 0) else "no classifier head"
+    print(f"teacher: {which} of {path.name} ({classes})")
+    return model
 
 
 def _hf_from_dir(path: Path, pretrained: bool, img_size: Optional[int]) -> nn.Module:
@@ -93,9 +161,34 @@ def _hf_from_dir(path: Path, pretrained: bool, img_size: Optional[int]) -> nn.Mo
     except Exception as e:  # noqa: BLE001 - transformers reports bad files in many types
         text = str(e)
         if "safetensors" in text.lower() or "deserializ" in text.lower() or "header" in text.lower():
-            raise ModelLoadError(f"{path / 'model.safetensors'} cannot be read (truncated or damaged: "
-                                 f"{error_line(e)}): copy the model directory again") from None
+            file, problem = _unreadable_safetensors(path) or (path / "model.safetensors", e)
+            raise ModelLoadError(f"{file} cannot be read (truncated or damaged: {error_line(problem)}): "
+                                 "copy the model directory again") from None
+        _refuse_pickle(path, e)
         raise ModelLoadError(f"cannot load the Hugging Face model in {path}: {error_line(e)}") from None
+
+
+def _refuse_pickle(path: Path, e: BaseException) -> None:
+    """A model folder whose weights are a pickle that ``weights_only`` loading refused (transformers' or timm's
+    error, cut after torch's advice to unpickle it): the one-line :func:`pickle_refusal` naming the file."""
+    from castle_convert.export.load import PICKLE_NAMES
+    chain = f"{e} {e.__cause__ or ''}".lower()
+    if "weights only load failed" in chain or "weights_only=true blocked" in chain:
+        file = next((path / n for n in PICKLE_NAMES if (path / n).is_file()), path)
+        raise ModelLoadError(pickle_refusal(file, e.__cause__ or e, path / "model.safetensors")) from None
+
+
+def _unreadable_safetensors(path: Path) -> Optional[tuple[Path, Exception]]:
+    """The first ``*.safetensors`` file (a shard of a sharded model, or model.safetensors) of ``path`` whose
+    header safetensors refuses (truncated: "file not fully covered"), with the error; None if all open."""
+    from safetensors import safe_open
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+            return file, e
+    return None
 
 
 def _hf_from_dir_unchecked(path: Path, pretrained: bool, img_size: Optional[int]) -> nn.Module:
@@ -108,7 +201,13 @@ def _hf_from_dir_unchecked(path: Path, pretrained: bool, img_size: Optional[int]
     if not pretrained:
         model = auto.from_config(config)
     else:
-        model = auto.from_pretrained(path, config=config, ignore_mismatched_sizes=img_size is not None)
+        model, info = auto.from_pretrained(path, config=config, ignore_mismatched_sizes=img_size is not None,
+                                           output_loading_info=True)
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:                 # transformers initialises them randomly and only logs a table
+            raise ModelLoadError(f"{path} lacks {len(missing)} weights of {type(model).__name__} (e.g. {missing[0]}): "
+                                 "they would start random; copy the complete model directory again (or save it "
+                                 "with save_pretrained)")
     processor = path / "preprocessor_config.json"
     if processor.exists():                      # mean/std/size for the data pipeline (data.data_config)
         model.castle_image_processor = json.loads(processor.read_text())
@@ -124,6 +223,7 @@ def _timm_from_dir(path: Path, pretrained: bool, **kwargs) -> nn.Module:
     try:
         return timm.create_model(f"local-dir:{path}", pretrained=pretrained, **kwargs)
     except Exception as e:  # noqa: BLE001 - timm reports unknown architectures / bad files in many types
+        _refuse_pickle(path, e)
         raise ModelLoadError(f"cannot load the timm model folder {path}: {error_line(e)} (config.json names "
                              "the architecture; model.safetensors holds its weights)") from None
 

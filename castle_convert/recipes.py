@@ -106,6 +106,17 @@ class CastlingSection:
                               gamma_init=self.gamma_init, aux=self.aux, gate=1.0, threshold=0.0)
 
 
+def parse_resolutions(text: str) -> list[int]:
+    """'224,448,518' -> [224, 448, 518] (the fidelity block's and `castle-convert eval`'s resolutions)."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"--resolutions {text!r}: give positive pixel sizes separated by commas, e.g. 224,448,518")
+    return values
+
+
 @dataclass
 class FidelitySection:
     """The fidelity block at the end of the main job (castle_convert/fidelity.py)."""
@@ -117,7 +128,6 @@ class FidelitySection:
     latency: bool = True                # batch-1 latency of teacher and student beside the cosines
 
     def resolution_list(self) -> list[int]:
-        from castle_convert.fidelity import parse_resolutions
         try:
             return parse_resolutions(self.resolutions)
         except ValueError as e:
@@ -308,16 +318,46 @@ def available() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-def _read(name_or_path: str, _seen: tuple = ()) -> tuple[str, dict]:
-    path = Path(name_or_path)
+RECIPE_SUFFIXES = (".yaml", ".yml")
+MAX_RECIPE_BYTES = 1 << 20             # a recipe is a few hundred bytes; nothing bigger is read
+
+
+def _recipe_file(name_or_path: str, used_as: str) -> Path:
+    """The YAML file a recipe name (``recipes/NAME.yaml``) or path names: a regular ``.yaml``/``.yml`` file of at
+    most :data:`MAX_RECIPE_BYTES` (not ``/etc/shadow`` or ``/dev/zero`` named in ``base:``). Errors quote none of
+    the file's content."""
+    import stat
+    path = Path(name_or_path).expanduser()
     if not path.suffix and not path.exists():
         path = RECIPES_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise RecipeError(f"no recipe '{name_or_path}': give a YAML file path or one of {available()}")
+    if not path.exists():
+        raise RecipeError(f"no recipe '{name_or_path}'{used_as}: give a YAML file path or one of {available()}")
+    if path.suffix.lower() not in RECIPE_SUFFIXES or path.resolve().suffix.lower() not in RECIPE_SUFFIXES:
+        raise RecipeError(f"'{name_or_path}'{used_as} is not a YAML recipe: give a .yaml/.yml file or one of "
+                          f"{available()}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        info = path.stat()
+    except OSError as e:
+        raise RecipeError(f"recipe {path}{used_as} cannot be read ({e.strerror or type(e).__name__})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise RecipeError(f"recipe {path}{used_as} is not a regular file: give a .yaml/.yml file")
+    if info.st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {path}{used_as} is {info.st_size} bytes, more than a recipe can be "
+                          f"({MAX_RECIPE_BYTES} bytes): give a recipe file")
+    return path
+
+
+def _read(name_or_path: str, _seen: tuple = (), used_as: str = "") -> tuple[str, dict]:
+    path = _recipe_file(name_or_path, used_as)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe {path}{used_as} is more than {MAX_RECIPE_BYTES} bytes: give a recipe file")
+        data = yaml.safe_load(raw.decode("utf-8")) or {}
     except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"recipe {path} cannot be read ({type(e).__name__}: {e})") from None
+        raise RecipeError(f"recipe {path}{used_as} cannot be read ({type(e).__name__}"
+                          f"{': ' + e.strerror if isinstance(e, OSError) and e.strerror else ''})") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -329,7 +369,7 @@ def _read(name_or_path: str, _seen: tuple = ()) -> tuple[str, dict]:
     if base:
         if str(base) in _seen:
             raise RecipeError(f"recipe {path}: 'base: {base}' makes a cycle ({' -> '.join(map(str, _seen + (base,)))})")
-        _, parent = _read(str(base), _seen + (str(base),))
+        _, parent = _read(str(base), _seen + (str(base),), used_as=f" (base: of recipe {path})")
         data = _deep_merge(parent, data)
     data.setdefault("name", path.stem)
     return path.stem, data

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 import warnings
@@ -18,9 +19,11 @@ from torch import nn
 from castle_convert.api import convert
 from castle_convert.convert import inspect
 from castle_convert.data import DataError, build_data
+from castle_convert.distill.checkpoint import check_resume, resumable
 from castle_convert.distill.evaluate import head_classes
 from castle_convert.distill.loop import DistillResult, ResumeError, distill, process_state
-from castle_convert.export.save import check_output_dir, report_versions, save_pretrained
+from castle_convert.export.save import (ExportError, check_output_dir, check_writable, output_lock,
+                                         report_versions, save_pretrained)
 from castle_convert.models import load_model
 from castle_convert.recipes import Recipe
 
@@ -62,13 +65,21 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
                         "(train/ and val/ image folders), --data hf:NAME or --data fashion-mnist")
     output = Path(output) if output else default_output(model_spec, recipe)
     if not output.name or output.name in (".", ".."):
-        from castle_convert.export.save import ExportError
         raise ExportError(f"--output {str(output)!r} names no new directory: give one, e.g. --output runs/my-model")
-    work_dir = output.with_name(output.name + ".run")
+    check_writable(output)
     state = process_state()
+    # One run (or save) at a time per output: a second one is told which process holds it, before any work.
+    with output_lock(output) if state.is_main_process else contextlib.nullcontext():
+        return _run(model_spec, recipe, data_spec=data_spec, output=output, arch=arch, resume=resume,
+                    overwrite=overwrite, progress=progress, on_step=on_step, state=state)
+
+
+def _run(model_spec: str, recipe: Recipe, *, data_spec: str, output: Path, arch: Optional[str], resume: bool,
+         overwrite: bool, progress: bool, on_step, state) -> RunResult:
+    work_dir = output.with_name(output.name + ".run")
     if not resume:
         check_output_dir(output, overwrite)                     # before any work
-        if (work_dir / "checkpoint").exists():
+        if resumable(work_dir):                                 # a checkpoint, a finished or started stage 1
             if not overwrite:
                 raise ResumeError(f"an interrupted run left a checkpoint in {work_dir}: pass --resume to "
                                   "continue it, or --overwrite to start over")
@@ -76,7 +87,6 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
                 shutil.rmtree(work_dir)
         state.wait_for_everyone()
     else:
-        from castle_convert.distill.checkpoint import check_resume
         check_resume(work_dir, recipe.to_dict())               # the run's recipe, before any work
     t0 = time.time()
     with state.main_process_first():                            # a built-in teacher trains once
@@ -122,10 +132,15 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
     if state.is_main_process:
         report["latency"] = _latency(teacher, result.student, int(size[0]))
         report["fidelity"] = _fidelity(teacher, result.student, recipe, data_spec, progress)
-        save_pretrained(result.student, output, recipe=recipe.to_yaml(), report=report,
-                        source=_source(model_spec, arch), labels=data.classes if head_classes(teacher) else None,
-                        extra_files={"logs": work_dir / "tensorboard"}, overwrite=overwrite or resume,
-                        resolution=int(size[0]) if d.resolution else None)
+        try:
+            save_pretrained(result.student, output, recipe=recipe.to_yaml(), report=report,
+                            source=_source(model_spec, arch), labels=data.classes if head_classes(teacher) else None,
+                            extra_files={"logs": work_dir / "tensorboard"}, overwrite=overwrite or resume,
+                            resolution=int(size[0]) if d.resolution else None)
+        except ExportError as e:                # e.g. disk full: the run's checkpoints stay for --resume
+            kept = f"; the run's last checkpoint is kept in {work_dir}: continue with --resume" \
+                if resumable(work_dir) else ""
+            raise ExportError(f"{e}{kept}") from None
         shutil.rmtree(work_dir, ignore_errors=True)            # checkpoints are done with
     state.wait_for_everyone()
     return RunResult(output=output, report=report, distill=result)

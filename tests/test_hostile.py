@@ -215,7 +215,7 @@ CASES = [
     Case("model-arch-mismatch", lambda w, t: _distill(w, t, "--arch", "deit_tiny", model=_mismatch_ckpt(t)),
          r"vit\.safetensors.*does not fit.*deit_tiny_patch16_224", output="out"),
     Case("model-pickle-checkpoint", lambda w, t: _distill(w, t, "--arch", "deit_tiny", model=_pickle_ckpt(t)),
-         r"cannot read checkpoint .*evil\.pth.*tensors-only", output="out"),
+         r"evil\.pth is a pickle holding Python objects.*never unpickles", output="out"),
     Case("model-checkpoint-no-arch", lambda w, t: _distill(w, t, model=w["ckpt"]), r"--arch", output="out"),
     Case("model-checkpoint-garbage", lambda w, t: _distill(w, t, "--arch", "deit_tiny", model=_garbage_ckpt(t)),
          r"cannot read checkpoint .*garbage\.pth", output="out"),
@@ -385,6 +385,12 @@ def _assert_nothing_complete(path: Path) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_cli_bad_input_is_one_line(case: Case, world, tmp_path):
+    assert_one_line_error(case, world, tmp_path)
+
+
+def assert_one_line_error(case: Case, world, tmp_path) -> None:
+    """Run ``case`` through the CLI: its exit code, one ``Error:`` line matching its pattern, no traceback,
+    no pickle executed, nothing complete-looking at its --output."""
     args = case.args(world, tmp_path)
     r = CliRunner().invoke(main, [str(a) for a in args])
     assert r.exception is None or isinstance(r.exception, SystemExit), \
@@ -593,9 +599,12 @@ def test_kill_during_final_save_leaves_no_litter_for_the_next_run(world, tmp_pat
     live.mkdir()
     _run(world, out)
     assert not dead.exists() and not (tmp_path / ".out.old").exists() and live.exists()
-    (tmp_path / "file_out").write_text("a file in the way")
-    cc.save_pretrained(cc.load(out), tmp_path / "file_out", overwrite=True)
-    assert (tmp_path / "file_out" / "model.safetensors").is_file() and not (tmp_path / ".file_out.old").exists()
+    cc.save_pretrained(cc.load(out), out, overwrite=True)                  # its own output: replaced
+    assert (out / "model.safetensors").is_file() and not (tmp_path / ".out.old").exists()
+    (tmp_path / "file_out").write_text("a file in the way")                # not castle-convert's: never replaced
+    with pytest.raises(FileExistsError, match="file_out is a file"):
+        cc.save_pretrained(cc.load(out), tmp_path / "file_out", overwrite=True)
+    assert (tmp_path / "file_out").read_text() == "a file in the way"
 
 
 def test_sigkill_then_resume_in_a_fresh_process(world, tmp_path):

@@ -170,9 +170,19 @@ def fused_linear(parts: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
+def cast_inputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``images`` in the floating dtype of ``model``'s parameters: an fp16/bf16 model takes fp16/bf16 pixels (timm
+    does not cast them itself; under autocast an fp32 model's inputs stay as they are)."""
+    p = next(model.parameters(), None)
+    if p is not None and p.is_floating_point() and images.is_floating_point() and images.dtype != p.dtype:
+        return images.to(p.dtype)
+    return images
+
+
 def forward(model: nn.Module, images: torch.Tensor):
     """Run ``model`` on an image batch with its family's calling convention."""
     adapter = adapter_for(model)
+    images = cast_inputs(model, images)
     return adapter.forward(model, images) if adapter is not None else model(images)
 
 

@@ -27,11 +27,12 @@ class PatchGridDWConv(nn.Module):
     key-padding ``token_mask`` (B, N): each image is convolved over its own grid, padding never read.
     """
 
-    def __init__(self, channels: int, kernel_size: int, num_prefix_tokens: int):
+    def __init__(self, channels: int, kernel_size: int, num_prefix_tokens: int,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.num_prefix_tokens = num_prefix_tokens
         self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2,
-                              groups=channels, bias=False)
+                              groups=channels, bias=False, device=device, dtype=dtype)
         nn.init.zeros_(self.conv.weight)
         # The conv runs channels-last (the token layout); its weight gradient comes back in that
         # layout, so keep the weight in it too (DDP's gradient buckets follow the weight's strides).
@@ -54,11 +55,12 @@ class TokenDWConv(nn.Module):
     it treats prefix tokens as ordinary sequence positions (padding tokens are zeroed first).
     """
 
-    def __init__(self, num_heads: int, kernel_size: int):
+    def __init__(self, num_heads: int, kernel_size: int, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.conv = nn.Conv2d(num_heads, num_heads, (kernel_size, 1), padding=(kernel_size // 2, 0),
-                              groups=num_heads, bias=False)
+                              groups=num_heads, bias=False, device=device, dtype=dtype)
         nn.init.zeros_(self.conv.weight)
 
     def forward(self, v: torch.Tensor, grid: Optional[Tuple[int, int]] = None, token_mask: Optional[torch.Tensor] = None,
@@ -76,10 +78,13 @@ def dw_macs(dw: Optional[nn.Module], num_tokens: int, grid: Tuple[int, int], cha
     return k[0] * num_tokens * channels                                # along the token sequence
 
 
-def build_dw(mode: str, kernel_size: int, channels: int, num_heads: int,
-             num_prefix_tokens: int) -> Optional[nn.Module]:
+def build_dw(mode: str, kernel_size: int, channels: int, num_heads: int, num_prefix_tokens: int,
+             like: Optional[torch.Tensor] = None) -> Optional[nn.Module]:
+    """The DW branch of ``mode``, on the device and in the dtype of ``like`` (the source's ``qkv`` weight: an
+    fp16/bf16 model gets an fp16/bf16 conv)."""
+    where = {"device": like.device, "dtype": like.dtype} if like is not None else {}
     if mode == "2d":
-        return PatchGridDWConv(channels, kernel_size, num_prefix_tokens)
+        return PatchGridDWConv(channels, kernel_size, num_prefix_tokens, **where)
     if mode == "1d":
-        return TokenDWConv(num_heads, kernel_size)
+        return TokenDWConv(num_heads, kernel_size, **where)
     return None

@@ -149,7 +149,8 @@ class SeparableAttention(CastlingTrainingForm, _SeparableParts):
             dim=spec.dim, num_heads=spec.num_heads, head_dim=spec.head_dim, scale=spec.scale,
             num_prefix_tokens=spec.num_prefix_tokens, proj=spec.proj, out_norm=spec.out_norm,
             out_gate=spec.out_gate,
-            dw=build_dw(config.dw, config.dw_kernel, C, spec.num_heads, spec.num_prefix_tokens),
+            dw=build_dw(config.dw, config.dw_kernel, C, spec.num_heads, spec.num_prefix_tokens,
+                        like=spec.qkv.weight),
             context_gain=nn.Parameter(torch.ones(C, device=w.device, dtype=w.dtype)),
             relu_gain=nn.Parameter(torch.zeros(C, device=w.device, dtype=w.dtype)),
             proj_drop=spec.proj_drop, eps=config.eps)

@@ -19,12 +19,13 @@ any model or data is loaded. A tampered or truncated file is a one-line ``Resume
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -35,6 +36,10 @@ from castle_convert.recipes import flatten
 
 FORMAT = 1
 WEIGHTS, OPTIMIZER, STATE, RECIPE = "student.safetensors", "optimizer.safetensors", "state.json", "recipe.yaml"
+CHECKPOINT, CHECKPOINT_TMP = "checkpoint", "checkpoint.tmp"
+# Stage 1's record in the run directory: started.json when it begins (a kill during it: --resume redoes it), then
+# the student after it, the RNG states of every process (rng_<rank>.json) and stage1.json (written last: done).
+STAGE1_DIR, STAGE1_WEIGHTS, STAGE1_REPORT, STAGE1_STARTED = "stage1", "student.safetensors", "stage1.json", "started.json"
 # Recipe keys that only change logging / evaluation cadence / data-loading parallelism: free to differ.
 NOT_COMPARED = ("name", "model", "log_every", "save_every", "eval_every", "data.workers")
 # What Accelerate's save_state writes: an older castle-convert's checkpoint (never loaded: pickles).
@@ -44,6 +49,24 @@ _ACCELERATE_FILES = ("random_states_0.pkl", "optimizer.bin", "scheduler.bin", "c
 
 class ResumeError(RuntimeError):
     """--resume was asked for but there is nothing (usable) to resume."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, ...); the one that was there before is intact."""
+
+
+@contextlib.contextmanager
+def writing(target: Path, cleanup: list[Path], kept: str) -> Iterator[None]:
+    """Write a checkpoint: an OSError (e.g. ENOSPC) removes the partial ``cleanup`` paths and becomes a one-line
+    :class:`CheckpointWriteError` naming ``target`` and what is ``kept``."""
+    try:
+        yield
+    except OSError as e:
+        for p in cleanup:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"cannot write the checkpoint {target}: {e.strerror or type(e).__name__}"
+                                   f"{f' ({e.filename})' if e.filename else ''}: free space (or fix the folder), then "
+                                   f"run again with --resume; {kept}") from None
 
 
 def _start_over(work_dir: Path) -> str:
@@ -57,10 +80,38 @@ def recipe_differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]
             if k not in NOT_COMPARED and a.get(k) != b.get(k)}
 
 
+def latest_checkpoint(work_dir: Path) -> Optional[Path]:
+    """The stage-2 checkpoint to resume: ``checkpoint/``, or a complete ``checkpoint.tmp/`` when a kill came between
+    the two renames of :func:`save` (``checkpoint/`` already moved away, the newer one not yet in its place)."""
+    for name in (CHECKPOINT, CHECKPOINT_TMP):
+        if (work_dir / name / STATE).is_file():
+            return work_dir / name
+    return None
+
+
+def resumable(work_dir: Path) -> Optional[Path]:
+    """What an interrupted run left to resume in ``work_dir`` (a stage-2 checkpoint, a finished or started stage 1),
+    or None. A plain rerun refuses to start over it (it would be deleted): --resume or --overwrite."""
+    candidates = [latest_checkpoint(work_dir), work_dir / CHECKPOINT, work_dir / STAGE1_DIR / STAGE1_REPORT,
+                  work_dir / STAGE1_DIR / STAGE1_STARTED]
+    return next((p for p in candidates if p is not None and p.exists()), None)
+
+
+def promote(work_dir: Path, accelerator) -> None:
+    """Put a complete ``checkpoint.tmp/`` (see :func:`latest_checkpoint`) in place as ``checkpoint/`` (main process)."""
+    ckpt, tmp = work_dir / CHECKPOINT, work_dir / CHECKPOINT_TMP
+    if accelerator.is_main_process and not ckpt.exists() and latest_checkpoint(work_dir) == tmp:
+        tmp.rename(ckpt)
+        shutil.rmtree(work_dir / (CHECKPOINT + ".old"), ignore_errors=True)
+        accelerator.print(f"the checkpoint saved as the run was interrupted is complete: using it ({tmp.name})")
+    accelerator.wait_for_everyone()
+
+
 def saved_record(work_dir: Path) -> Optional[tuple[Path, dict]]:
-    """(file, its JSON) of what an interrupted run recorded: the stage-2 checkpoint, else stage 1."""
-    from castle_convert.distill.loop import STAGE1_DIR, STAGE1_REPORT
-    for file in (work_dir / "checkpoint" / STATE, work_dir / STAGE1_DIR / STAGE1_REPORT):
+    """(file, its JSON) of what an interrupted run recorded: the stage-2 checkpoint, else stage 1 (finished or
+    started)."""
+    ckpt = latest_checkpoint(work_dir) or work_dir / CHECKPOINT
+    for file in (ckpt / STATE, work_dir / STAGE1_DIR / STAGE1_REPORT, work_dir / STAGE1_DIR / STAGE1_STARTED):
         if file.is_file():
             try:
                 record = json.loads(file.read_text())
@@ -74,7 +125,7 @@ def saved_record(work_dir: Path) -> Optional[tuple[Path, dict]]:
 
 def check_resume(work_dir: Path, recipe_dict: dict) -> None:
     """Before any work: the interrupted run's checkpoint is in this format and used this recipe."""
-    ckpt = work_dir / "checkpoint"
+    ckpt = work_dir / CHECKPOINT
     if ckpt.is_dir() and not (ckpt / STATE).is_file():
         old = [n for n in _ACCELERATE_FILES if (ckpt / n).exists()]
         what = (f"was written by an older castle-convert in Accelerate's pickle format ({old[0]}), which is never "
@@ -111,6 +162,16 @@ def _rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return state
+
+
+def write_rng(folder: Path, rank: int) -> None:
+    """This process's Python / NumPy / torch (CUDA) RNG states as ``folder/rng_<rank>.json``."""
+    (folder / f"rng_{rank}.json").write_text(json.dumps(_rng_state()))
+
+
+def read_rng(folder: Path, rank: int) -> None:
+    """Restore what :func:`write_rng` wrote (the caller reports a missing or damaged file)."""
+    _set_rng_state(json.loads((folder / f"rng_{rank}.json").read_text()))
 
 
 def _set_rng_state(state: dict) -> None:
@@ -156,20 +217,23 @@ def save(ckpt_dir: Path, accelerator, *, model: nn.Module, optimizer, step: int,
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    (tmp / f"rng_{accelerator.process_index}.json").write_text(json.dumps(_rng_state()))
-    if accelerator.is_main_process:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
-        tensors, optim_json = _optimizer_state(optimizer)
-        save_file(tensors, str(tmp / OPTIMIZER))
-        scaler = getattr(accelerator, "scaler", None)
-        record = {"format": FORMAT, "step": int(step), "anneal_epoch": float(anneal_epoch), "optimizer": optim_json,
-                  "scaler": _jsonable(scaler.state_dict()) if scaler is not None else None,
-                  "recipe": recipe_dict, "run": run_info}
-        (tmp / RECIPE).write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
-        (tmp / STATE).write_text(json.dumps(record, indent=1))          # last: marks the folder complete
+    kept = (f"the previous checkpoint (step {_recorded_step(ckpt_dir)}) is intact in {ckpt_dir}"
+            if (ckpt_dir / STATE).is_file() else "no earlier checkpoint was written")
+    with writing(tmp, [tmp], kept):
+        if accelerator.is_main_process:
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        write_rng(tmp, accelerator.process_index)
+        if accelerator.is_main_process:
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
+            tensors, optim_json = _optimizer_state(optimizer)
+            save_file(tensors, str(tmp / OPTIMIZER))
+            scaler = getattr(accelerator, "scaler", None)
+            record = {"format": FORMAT, "step": int(step), "anneal_epoch": float(anneal_epoch),
+                      "optimizer": optim_json, "scaler": _jsonable(scaler.state_dict()) if scaler is not None else None,
+                      "recipe": recipe_dict, "run": run_info}
+            (tmp / RECIPE).write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
+            (tmp / STATE).write_text(json.dumps(record, indent=1))          # last: marks the folder complete
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         old = ckpt_dir.with_name(ckpt_dir.name + ".old")
@@ -179,6 +243,13 @@ def save(ckpt_dir: Path, accelerator, *, model: nn.Module, optimizer, step: int,
         tmp.rename(ckpt_dir)
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _recorded_step(ckpt_dir: Path) -> Any:
+    try:
+        return json.loads((ckpt_dir / STATE).read_text()).get("step", "?")
+    except (OSError, ValueError, AttributeError):
+        return "?"
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -227,8 +298,7 @@ def load(ckpt_dir: Path, accelerator, *, model: nn.Module, optimizer, run_info: 
         scaler = getattr(accelerator, "scaler", None)
         if scaler is not None and record.get("scaler"):
             scaler.load_state_dict(record["scaler"])
-        rng = ckpt_dir / f"rng_{accelerator.process_index}.json"
-        _set_rng_state(json.loads(rng.read_text()))
+        read_rng(ckpt_dir, accelerator.process_index)
         step, epoch = int(record["step"]), float(record["anneal_epoch"])
         if step < 0 or not math.isfinite(epoch):
             raise ValueError(f"step {step}, anneal epoch {epoch}")

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from castle_convert.adapters import cast_inputs
 from castle_convert.convert import primary_output
 
 
@@ -49,8 +50,8 @@ def evaluate(model: nn.Module, loader, accelerator, *, classify: bool = True,
             if max_batches is not None and i >= max_batches:
                 break
             with accelerator.autocast():
-                out = model(images)
-                ref = reference(images) if reference is not None else None
+                out = model(cast_inputs(model, images))
+                ref = reference(cast_inputs(reference, images)) if reference is not None else None
             if classify:
                 pred = primary_output(out).argmax(-1)
                 items = [pred, labels] + ([primary_output(ref).argmax(-1)] if ref is not None else [])

@@ -287,6 +287,7 @@ def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable
             bar.close()
         for h in hooks:
             h.remove()
+        optimizer.zero_grad(set_to_none=True)      # the last step's gradients must not reach a later optimizer
         for p in student.parameters():
             p.requires_grad_(saved_flags[id(p)])
         stack.close()

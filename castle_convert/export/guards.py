@@ -99,6 +99,8 @@ def save_pretrained(self: nn.Module, save_directory, *args: Any, **kwargs: Any) 
     try:
         check_output_dir(Path(save_directory), bool(kwargs.get("overwrite")))
     except OutputExistsError:
+        if kwargs.get("overwrite"):
+            raise
         raise OutputExistsError(f"{save_directory} exists and is not empty: castle-convert writes a complete "
                                 "directory atomically; pass overwrite=True to replace it, or choose another") from None
     return cc_save(self, save_directory, **kwargs)

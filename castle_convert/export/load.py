@@ -68,10 +68,10 @@ def weights_path(path: Union[str, Path]) -> Path:
         return file
     pickles = [n for n in PICKLE_NAMES if (path / n).exists()]
     if pickles:
+        from castle_convert.config import pickle_fix
         raise CheckpointError(
             f"{file} is missing and {path / pickles[0]} is a pickle file: castle-convert reads weights only from "
-            "safetensors and never unpickles them. Convert it where you trust it, e.g. "
-            "safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')")
+            f"safetensors and never unpickles them; {pickle_fix(path / pickles[0], file)}")
     raise CheckpointError(f"{file} is missing: {path} is not a complete castle-convert output directory")
 
 
@@ -120,7 +120,8 @@ def full_source(config: dict) -> dict:
     at the top level of config.json only; older directories also repeat them under ``source.config``)."""
     source = dict(config["source"])
     if source.get("library") == "transformers" and "config" not in source:
-        base = {k: v for k, v in config.items() if k not in _CASTLE_KEYS}
+        own = ("architecture",) if source.get("model_type") == "timm_wrapper" else ()   # TimmWrapper's own key
+        base = {k: v for k, v in config.items() if k not in _CASTLE_KEYS or k in own}
         source["config"] = {**base, "model_type": source.get("model_type"),
                             "architectures": list(source.get("architectures") or [])}
     return source

@@ -17,6 +17,7 @@ compared with the in-memory model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -24,7 +25,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -55,15 +56,102 @@ class ExportError(ValueError):
     """The model cannot be written as a publishable directory; the message says why and what to do."""
 
 
+class OutputBusyError(OutputExistsError):
+    """Another process (a run or a save) is writing the same output directory: it holds the output's lock."""
+
+
+_HELD_LOCKS: dict[str, list] = {}          # lock file -> [fd, depth] of the locks this process holds
+
+
+def _lock_file(path: Path) -> Path:
+    path = Path(path).absolute()
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(path: Path) -> Iterator[None]:
+    """Hold ``.NAME.lock`` next to the output ``path`` (``fcntl.flock``; the file holds the PID) while a run or a
+    save writes it. A second process gets an :class:`OutputBusyError` naming the holder's PID. Re-entrant in one
+    process (the run holds it, its final save takes it again); the OS releases it if the holder is killed, so a
+    lock file a killed run left behind is simply taken over. The parent folder is created if needed."""
+    try:
+        import fcntl
+    except ImportError:                     # no flock (Windows): writes are still atomic, runs are not serialised
+        yield
+        return
+    lock = _lock_file(path)
+    held = _HELD_LOCKS.get(str(lock))
+    if held is not None:
+        held[1] += 1
+        try:
+            yield
+        finally:
+            held[1] -= 1
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OutputBusyError(f"output {Path(path)} is being written by another castle-convert process (PID "
+                                  f"{holder}, lock {lock}): wait for it to finish, or choose another --output") from None
+        try:                                # the holder before us may have removed the file we opened: retry
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD_LOCKS[str(lock)] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _HELD_LOCKS[str(lock)]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)                 # while still holding it: a waiting process then retries on a new file
+        os.close(fd)
+
+
 def check_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output directory unless ``overwrite`` (checked before any work)."""
+    """Refuse a non-empty output directory unless ``overwrite``, and with ``overwrite`` anything but a directory
+    castle-convert wrote (:func:`written_by_castle_convert`): checked before any work."""
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+    occupied = path.is_symlink() or (path.exists() and (not path.is_dir() or any(path.iterdir())))
+    if occupied and not overwrite:
         raise OutputExistsError(f"output {path} exists and is not empty: choose another --output, or pass "
                                 "--overwrite to replace it")
+    if occupied and not written_by_castle_convert(path):
+        what = ("a symbolic link" if path.is_symlink() else "a file" if not path.is_dir() else
+                "a directory castle-convert did not write (no config.json with its castling/source fields)")
+        raise OutputExistsError(f"output {path} is {what}: --overwrite replaces only a castle-convert output "
+                                "directory, never other files; choose another --output (e.g. a new folder inside it)")
+    check_writable(path)
+
+
+def check_writable(path: Path) -> None:
+    """An :class:`ExportError` when the output ``path`` cannot be created (see :func:`write_problem`)."""
     problem = write_problem(path)
     if problem:
         raise ExportError(f"cannot write output {path}: {problem}: choose another --output")
+
+
+def written_by_castle_convert(path: Path) -> bool:
+    """Whether ``path`` is an output directory of castle-convert (save_pretrained / the CLI): a real directory whose
+    config.json is a JSON object with the ``castling`` and ``source`` sections it writes."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir() or not (path / CONFIG_NAME).is_file():
+        return False
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("castling"), dict) and isinstance(config.get("source"),
+                                                                                                dict)
 
 
 def write_problem(path: Path) -> Optional[str]:
@@ -321,10 +409,7 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
             the architecture's own: ``preprocessor_config.json`` and timm's ``input_size`` describe it,
             ``config.json`` records it as ``distilled_resolution``.
     """
-    from castle_convert.export.card import render_card
     from castle_convert.export.processor import image_processor_config
-    from safetensors.torch import save_file
-
     from castle_convert.export.source import features_net
 
     path = Path(path)
@@ -363,6 +448,26 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
     processor = image_processor_config(model, resolution)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror or e} ({e.filename or path.parent}): choose an "
+                          "--output in a writable directory") from None
+    with output_lock(path):
+        check_output_dir(path, overwrite)               # again, under the lock: another save may have finished
+        _write_directory(model, path, config=config, recipe_yaml=recipe_yaml, processor=processor,
+                         remote_code=remote_code, report=report, repo_id=repo_id, extra_files=extra_files,
+                         verify=verify)
+    return path
+
+
+def _write_directory(model: nn.Module, path: Path, *, config: dict, recipe_yaml: Optional[str],
+                     processor: Optional[dict], remote_code: bool, report: Optional[dict], repo_id: Optional[str],
+                     extra_files: Optional[dict[str, Path]], verify: bool) -> None:
+    """Write the directory into a temp folder next to ``path``, verify it, swap it in (the caller holds the lock).
+    An OSError (disk full, ...) is an :class:`ExportError` naming it; nothing is left behind."""
+    from castle_convert.export.card import render_card
+    from safetensors.torch import save_file
+
+    try:
         _remove_stale(path)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     except OSError as e:
@@ -400,10 +505,12 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
             _remove(old)
         else:
             tmp.rename(path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):              # e.g. ENOSPC: one line, nothing half-written
+            raise ExportError(f"cannot write {path}: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}: "
+                              "nothing was written; free space (or choose another output) and save again") from None
         raise
-    return path
 
 
 def _remove(p: Path) -> None:

@@ -336,11 +336,39 @@ def describe_source(model: nn.Module) -> dict:
 # timm.create_model arguments that load or download weights (never honoured from a checkpoint's config)
 _LOADER_ARGS = {"checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
                 "cache_dir"}
+# Anywhere in a source description (e.g. a transformers TimmWrapper config's model_args, which it passes to
+# timm.create_model) a loader argument with a value is refused; a TimmWrapper's own pretrained_cfg is only data.
+_LOADER_KEYS = _LOADER_ARGS - {"pretrained_cfg"}
+_REMOTE_NAMES = ("hf-hub:", "hf_hub:", "local-dir:", "timm/")     # timm model names that read other files
+
+
+def loader_arguments(source: Any, where: str = "source") -> list[str]:
+    """Paths (``source.config.model_args.checkpoint_path``) of every loader argument with a value in ``source``,
+    and of timm architecture names that would fetch or read files of their own (``hf-hub:``, ``local-dir:``)."""
+    found = []
+    if isinstance(source, dict):
+        for k, v in source.items():
+            here = f"{where}.{k}"
+            if (k in _LOADER_KEYS and v) or (k == "architecture" and isinstance(v, str) and v.startswith(_REMOTE_NAMES)):
+                found.append(here)
+            found += loader_arguments(v, here)
+    elif isinstance(source, list):
+        for i, v in enumerate(source):
+            found += loader_arguments(v, f"{where}[{i}]")
+    return found
 
 
 def build_source(source: dict, *, device: Any = "cpu") -> nn.Module:
-    """The (unconverted) base architecture ``source`` describes, randomly initialised, no download."""
+    """The (unconverted) base architecture ``source`` describes, randomly initialised, no download.
+
+    Nothing ``source`` names is ever loaded: a loader argument anywhere in it (``checkpoint_path``,
+    ``pretrained_cfg_overlay``, ... — e.g. in a transformers ``TimmWrapperModel``'s ``model_args``) is an error."""
     library = source.get("library")
+    named = loader_arguments(source)
+    if named:
+        raise ValueError(f"{', '.join(named[:3])} names weights to load or fetch: a castle-convert checkpoint's weights "
+                         "are its model.safetensors only (never a file or download named in its config); remove the "
+                         "key(s) from config.json / the weights' metadata")
     if library == "timm":
         import timm
         arch = source["architecture"]
