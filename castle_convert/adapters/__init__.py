@@ -67,6 +67,8 @@ class Scan:
     adapter: str
     candidates: list[Candidate] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+    # attentions that stay softmax by design (attention pooling heads, text towers): listed, never an error
+    left_softmax: list[Rejected] = field(default_factory=list)
     backbones: list[Backbone] = field(default_factory=list)
 
 
