@@ -31,7 +31,8 @@ def saved(tmp_path_factory):
     return out
 
 
-CASES = ["timm-deit-distilled", "hf-dinov2-registers", "timm-qknorm:separable", "hf-vit:separable",
+CASES = ["timm-deit-distilled", "hf-dinov2-registers", "timm-qknorm:separable", "hf-vit:separable", "hf-dinov3",
+         "hf-clip-vision", "hf-siglip-vision:separable", "hf-dinov3:hybrid",
          "timm-vit:hybrid", "hf-dinov2-registers:hybrid"]
 
 
