@@ -122,16 +122,17 @@ def supported_classes() -> list[str]:
     return [cls for adapter in _adapters() for cls in adapter.SUPPORTED]
 
 
-def attention_problem(module: nn.Module) -> Optional[str]:
-    """Why an attention-like module (or one inside it) is an unsupported variant, else None."""
+def attention_problem(module: nn.Module, rope_ok: bool = False) -> Optional[str]:
+    """Why an attention-like module (or one inside it) is an unsupported variant, else None (``rope_ok``: the
+    family passes its RoPE to the converted attention, so RoPE is not a problem)."""
     for sub in module.modules():
-        problem = _variant_problem(sub)
+        problem = _variant_problem(sub, rope_ok)
         if problem:
             return problem
     return None
 
 
-def _variant_problem(module: nn.Module) -> Optional[str]:
+def _variant_problem(module: nn.Module, rope_ok: bool = False) -> Optional[str]:
     cls = type(module).__name__
     attrs = {a for a in (set(vars(module)) | set(module._modules) | set(module._parameters)
                          | set(module._buffers)) if getattr(module, a, None) is not None}
@@ -142,7 +143,7 @@ def _variant_problem(module: nn.Module) -> Optional[str]:
         forward_args = set(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
         forward_args = set()
-    if "rope" in attrs or "rope" in forward_args or "rope" in cls.lower() or "rotary" in cls.lower():
+    if not rope_ok and ("rope" in attrs or "rope" in forward_args or "rope" in cls.lower() or "rotary" in cls.lower()):
         return "rotary position embedding (RoPE) applied inside attention"
     if {"proj_l", "proj_w"} <= attrs:
         return "talking-heads attention (mixes the N×N attention maps across heads)"

@@ -84,7 +84,7 @@ class CastlingModule(nn.Module):
     is_training_form: bool = False
     kind_label: str = "linear"                   # for messages, e.g. "linear-angular"
 
-    rope_half: bool = False
+    rope_half = False                            # RoPE layout: rotate halves (True) or interleaved pairs
 
     def _rope(self, q: torch.Tensor, k: torch.Tensor, rope: Optional[torch.Tensor]):
         """q, k (B, h, N, d) rotated by this call's RoPE (patch tokens only), or as they are without one."""
@@ -279,7 +279,7 @@ class CastlingTrainingForm(CastlingModule):
 
 def _key_mask(token_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """A key-padding mask (B, N) as SDPA's boolean ``attn_mask`` (B, 1, 1, N), True = attend."""
-    return None if token_mask is None else token_mask.bool()[:, None, None, :]
+    return None if token_mask is None else token_mask.to(torch.bool)[:, None, None, :]
 
 
 def masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -248,7 +248,7 @@ def separable_context(scores: torch.Tensor, v: torch.Tensor, context_gain: torch
     """
     s = scores.float()                                                 # (B, h, N)
     if token_mask is not None:
-        s = s.masked_fill(~token_mask.bool().unsqueeze(1), torch.finfo(torch.float32).min)
+        s = s.masked_fill(~token_mask.to(torch.bool).unsqueeze(1), -3.4028234663852886e38)   # fp32 min: no NaN
     s = s.softmax(dim=-1).to(v.dtype).unsqueeze(-2)                    # (B, h, 1, N)
     c = s @ v                                                          # (B, h, 1, d)
     return c * (context_gain.unsqueeze(1) + relu_gain.unsqueeze(1) * F.relu(v))  # (B, h, N, d)

@@ -69,8 +69,9 @@ def _first(out) -> torch.Tensor:
 
 
 # keyword arguments of a teacher attention's call that the student's layer needs too: the call's RoPE
-# (transformers DINOv3: ``position_embeddings=(cos, sin)``, (M, d) each, the same for every image of the batch)
-CALL_KWARGS = ("position_embeddings",)
+# (transformers DINOv3: ``position_embeddings=(cos, sin)``, (M, d) each; timm Eva: ``rope`` = [sin | cos],
+# (M, 2d) or (heads, M, 2d)), the same for every image of the batch
+CALL_KWARGS = ("position_embeddings", "rope")
 
 
 class _Capture:
