@@ -201,11 +201,18 @@ def count_macs(model: nn.Module, inputs: torch.Tensor) -> int:
 
     was_training = model.training
     model.eval()
+    # torch's module tracker (inside FlopCounterMode) asserts on a parameter that a module takes as its input
+    # (timm's AttentionPoolLatent passes its latent queries): count with gradients off, as no_grad means anyway
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in grads:
+        p.requires_grad_(False)
     try:
         with FlopCounterMode(display=False) as counter:
             forward(model, inputs)
     finally:
         model.train(was_training)
+        for p, flag in grads:
+            p.requires_grad_(flag)
     return counter.get_total_flops() // 2
 
 
