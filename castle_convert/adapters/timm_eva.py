@@ -8,6 +8,9 @@ mixed RoPE, which the model indexes per block), interleaved pairs or halves (``r
 carries the same pieces; the converted attention rotates q, k exactly so before its angular kernel
 (rotations keep norms: K̂ᵀV stays one d×d sum) and before its softmax branch (gate 1 = the teacher).
 
+EvaAttention's fixed zero ``k_bias`` becomes the middle third of the fused projection's bias: zero at the
+start (the teacher exactly), trainable afterwards — softmax ignores a key bias, the angular kernel does not.
+
 Grouped-query ``AttentionRope`` (fewer key/value heads) is refused by the shared variant check.
 The RoPE reaches the converted attention the way timm passes it (``blk(x, rope=...)`` →
 ``attn(x, rope=...)``); the patch grid through :mod:`castle_convert.adapters.timm_grid`'s Eva classes.
