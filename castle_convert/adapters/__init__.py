@@ -138,7 +138,8 @@ def _variant_problem(module: nn.Module, rope_ok: bool = False) -> Optional[str]:
                          | set(module._buffers)) if getattr(module, a, None) is not None}
     if attrs & {"relative_position_bias_table", "relative_position_index", "rel_pos",
                 "rel_pos_h", "rel_pos_w"} or "relpos" in cls.lower():
-        return "relative position bias (the bias needs the N×N attention matrix)"
+        return ("relative position bias (added to the N×N logits the linear form never forms; dropping it left "
+                "stage 1 8-25% worse on tiny BEiT, benchmarks/relpos_stage1.py)")
     try:
         forward_args = set(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
