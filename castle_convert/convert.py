@@ -438,6 +438,7 @@ class InspectReport:
     converted: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
     kept: list[dict] = field(default_factory=list)        # hybrid: layers that stay softmax
+    left_softmax: list[dict] = field(default_factory=list)  # pooling heads / text towers: softmax by design
     layer_macs: list[dict] = field(default_factory=list)  # per attention layer: token-mixing MACs either way
     params_before: int = 0
     params_after: int = 0
@@ -460,6 +461,9 @@ class InspectReport:
         if self.kept:
             lines.append(f"softmax:    {len(self.kept)} attention modules kept (keep_softmax)")
             lines += [f"  = {c['name']:<32} {c['class']}" for c in self.kept]
+        if self.left_softmax:
+            lines.append(f"left as softmax: {len(self.left_softmax)} attention modules")
+            lines += [f"  = {c['name']:<32} {c['class']}: {c['reason']}" for c in self.left_softmax]
         if self.error:
             lines.append(f"cannot convert: {self.error}")
             return "\n".join(lines)
@@ -516,6 +520,8 @@ def inspect(model: nn.Module, config: Union[CastlingConfig, Mapping, None] = Non
                                          prefix_tokens=spec.num_prefix_tokens))
         report.rejected = [dict(name=r.name, reason=r.reason, **{"class": type(r.module).__name__})
                            for r in scan.rejected]
+        report.left_softmax = [dict(name=r.name, reason=r.reason, **{"class": type(r.module).__name__})
+                               for r in scan.left_softmax]
         if scan.backbones:
             report.tokens = scan.backbones[0].tokens(x.shape[-2], x.shape[-1])
     report.params_before = sum(p.numel() for p in meta.parameters())

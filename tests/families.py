@@ -19,16 +19,20 @@ class Family:
     patch: int
     prefix_tokens: int
     hf: bool = False
+    rope: bool = False        # RoPE inside attention: no absolute position embedding to interpolate
+    pool: int = 0             # latent queries of an attention-pooling head that stays softmax (SigLIP's MAP head)
 
     def __call__(self, model: nn.Module, x: torch.Tensor):
         """Forward with the family's own convention; HF interpolates position embeddings."""
         if self.hf:
-            return model(x, interpolate_pos_encoding=True)
+            return model(x) if self.rope else model(x, interpolate_pos_encoding=True)
         return model(x)
 
     def features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """All token features (B, N, C): every layer's every token reaches them."""
         if self.hf:
+            if self.rope:                     # DINOv3's base_model_prefix names its encoder
+                return model(x).last_hidden_state
             return model.base_model(x, interpolate_pos_encoding=True).last_hidden_state
         return model.forward_features(x)
 
@@ -59,10 +63,18 @@ FAMILIES = [
     Family("timm-reg4-dinov2", _timm("vit_small_patch14_reg4_dinov2", img_size=28, patch_size=7,
                                      num_classes=0), 28, 7, 5),
     Family("timm-qknorm", _timm("vit_tiny_patch16_224", qk_norm=True, num_classes=10), 32, 8, 1),
+    Family("timm-eva02", _timm("eva02_tiny_patch14_224", num_classes=10), 32, 8, 1, rope=True),
+    Family("timm-rope-mixed", _timm("vit_base_patch16_rope_mixed_224", num_classes=10), 32, 8, 1, rope=True),
+    Family("timm-dinov3", _timm("vit_small_patch16_dinov3", num_classes=0), 32, 8, 5, rope=True),
     Family("hf-vit", _hf("ViTForImageClassification", "ViTConfig", intermediate_size=64, num_labels=10),
            32, 8, 1, hf=True),
     Family("hf-deit", _hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", intermediate_size=64,
                           num_labels=10), 32, 8, 2, hf=True),
     Family("hf-dinov2-registers", _hf("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", mlp_ratio=2,
                                       num_register_tokens=2), 32, 8, 3, hf=True),
+    Family("hf-clip-vision", _hf("CLIPVisionModel", "CLIPVisionConfig", intermediate_size=64), 32, 8, 1, hf=True),
+    Family("hf-siglip-vision", _hf("SiglipVisionModel", "SiglipVisionConfig", intermediate_size=64), 32, 8, 0,
+           hf=True, pool=1),
+    Family("hf-dinov3", _hf("DINOv3ViTModel", "DINOv3ViTConfig", intermediate_size=64, num_register_tokens=2,
+                            layerscale_value=0.5), 32, 8, 3, hf=True, rope=True),
 ]

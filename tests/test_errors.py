@@ -34,7 +34,7 @@ def test_model_without_attention_names_model_and_supported_classes():
 
 @pytest.mark.parametrize("name, kwargs, what", [
     ("test_vit_relpos", {}, "relative position bias"),
-    ("eva02_tiny_patch14_224", dict(TINY, patch_size=8), "RoPE"),
+    ("vit_5b_patch16_sapiens2", dict(TINY, num_heads=4, num_kv_heads=[2]), "grouped-query attention"),
     ("cait_xxs24_224", TINY, "talking-heads"),
     ("beit_base_patch16_224", TINY, "relative position bias"),
 ])

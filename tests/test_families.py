@@ -128,9 +128,13 @@ def test_inference_form_is_clean(family, kind):
     with rec, torch.no_grad():
         family(final, x)
     assert not [op for op in rec.ops if "scaled_dot_product" in op], rec.ops
+    heads = next(m for m in final.modules() if isinstance(m, CastlingModule)).num_heads
     softmaxes = [shape for op, shape in rec.op_shapes if "softmax" in op]
+    if family.pool:                                 # the attention-pooling head stays softmax: (heads, queries, N)
+        pooled = [s for s in softmaxes if s == (heads, family.pool, n_tokens)]
+        assert len(pooled) == 1, softmaxes
+        softmaxes.remove(pooled[0])
     if kind in SOFTMAX_OVER_SCORES:                 # one softmax over N context scores per layer
-        heads = next(m for m in final.modules() if isinstance(m, CastlingModule)).num_heads
         assert softmaxes == [(1, heads, n_tokens)] * 2, softmaxes
     else:
         assert not softmaxes, rec.ops

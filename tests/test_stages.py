@@ -21,7 +21,9 @@ def _forms(model):
     return training_forms(model)
 
 
-STAGE1_FAMILIES = [f for f in FAMILIES if f.id in ("timm-vit", "timm-reg4-dinov2", "hf-vit", "hf-dinov2-registers")]
+STAGE1_FAMILIES = [f for f in FAMILIES if f.id in ("timm-vit", "timm-reg4-dinov2", "hf-vit", "hf-dinov2-registers",
+                                                   "hf-clip-vision", "hf-siglip-vision", "hf-dinov3",
+                                                   "timm-eva02", "timm-rope-mixed", "timm-dinov3")]
 
 
 def _sharpen(model, factor: float = 100.0):
@@ -41,16 +43,26 @@ def _images(f, n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 3, f.size, f.size, generator=torch.Generator().manual_seed(seed))
 
 
+# SigLIP's xavier-initialised projections start the tiny model's logits smaller: 40 steps need a larger step
+STAGE1_LR = {"hf-siglip-vision": 1e-2}
+# measured: separable's one position-free context vector per head cannot follow RoPE attention (DINOv3):
+# 0.707 -> 0.719 after 40 steps (0.719 after 200); strict, so a kind that learns it shows up here
+STAGE1_XFAIL = {("hf-dinov3", "separable")}
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("family", STAGE1_FAMILIES, ids=lambda f: f.id)
-def test_stage1_lowers_every_layers_error(family, kind):
+def test_stage1_lowers_every_layers_error(family, kind, request):
+    if (family.id, kind) in STAGE1_XFAIL:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="separable's context vector is position-free; "
+                                                                  "RoPE attention is not"))
     teacher = _sharpen(family.build())
     student = cc.convert(teacher, kind=kind)
     before_teacher = copy.deepcopy(teacher.state_dict())
     batches = [_images(family, 8, s) for s in range(8)]
     held_out = [_images(family, 8, 99)]
-    result = attention_transfer(teacher, student, batches, steps=40, lr=3e-3, train="qk", eval_batches=held_out,
-                                progress=False)
+    result = attention_transfer(teacher, student, batches, steps=40, lr=STAGE1_LR.get(family.id, 3e-3), train="qk",
+                                eval_batches=held_out, progress=False)
     assert set(result.errors) == set(student.castling_converted)
     # separable keeps one context vector per head: on peaked attention over noise images it can only
     # gain a little; linear-angular must gain clearly
@@ -128,7 +140,7 @@ def test_keep_softmax_parse_and_validate():
     assert load_recipe("toy", ["castling.keep_softmax=[0, 1]"]).castling.keep_softmax == "0,1"
 
 
-@pytest.mark.parametrize("family", [FAMILIES[0], FAMILIES[5]], ids=lambda f: f.id)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.id in ("timm-vit", "hf-vit")], ids=lambda f: f.id)
 def test_hybrid_convert_inspect_restore(family):
     teacher = family.build()
     names = [n for n, _ in cc.convert(teacher).named_modules() if n in cc.convert(teacher).castling_converted]

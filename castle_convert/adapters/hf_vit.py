@@ -1,8 +1,11 @@
-"""Hugging Face transformers ViT, DeiT and DINOv2 (with or without registers).
+"""Hugging Face transformers vision towers: ViT, DeiT and DINOv2 (with or without registers) here; CLIP /
+SigLIP (:mod:`~castle_convert.adapters.hf_clip`) and DINOv3 (:mod:`~castle_convert.adapters.hf_dinov3`)
+through their family modules, which say where the tower is, its prefix tokens, patch size, RoPE layout and
+which attentions stay softmax (pooling heads, text towers). This module is the machinery they share.
 
 Written against module structure, not classes, so both attention layouts convert:
   * before transformers 5.9: ``XAttention(attention=XSelfAttention(query, key, value), output=XSelfOutput(dense))``
-  * from 5.9 on:             ``XAttention(q_proj, k_proj, v_proj, o_proj)``
+  * from 5.9 on:             ``XAttention(q_proj, k_proj, v_proj, o_proj)`` (CLIP/SigLIP: ``out_proj``)
 The whole ``XAttention`` is replaced by a shim that keeps the family's call/return convention.
 
 The patch grid of each call reaches the shims through the keyword arguments transformers passes
@@ -30,9 +33,23 @@ from castle_convert.attention.base import CastlingModule, SoftmaxAttentionSpec
 from castle_convert.attention.functional import patch_grid
 
 NAME = "transformers"
-MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers")
+VIT_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers")
+
+
+def _family_modules():
+    from castle_convert.adapters import hf_clip, hf_dinov3
+    return (hf_clip, hf_dinov3)
+
+
+MODEL_TYPES = VIT_TYPES + tuple(t for f in _family_modules() for t in f.MODEL_TYPES)
 SUPPORTED = [f"transformers {t} self-attention ({'/'.join(['query,key,value', 'q_proj,k_proj,v_proj'])})"
              for t in MODEL_TYPES]
+
+
+def _family(model: nn.Module):
+    """The family module of ``model``'s model_type (None: ViT/DeiT/DINOv2, handled here)."""
+    mt = getattr(getattr(model, "config", None), "model_type", "?")
+    return next((f for f in _family_modules() if mt in f.MODEL_TYPES), None)
 
 
 class HFAttentionShim(nn.Module):
@@ -48,11 +65,16 @@ class HFAttentionShim(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 head_mask: Optional[torch.Tensor] = None, output_attentions: bool = False,
-                grid: Optional[Tuple[int, int]] = None, **kwargs: Any):
+                grid: Optional[Tuple[int, int]] = None,
+                position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, **kwargs: Any):
         if head_mask is not None or (attention_mask is not None and not _is_noop_mask(attention_mask)):
             raise NotImplementedError(
                 "linear attention cannot apply an attention_mask/head_mask that hides tokens")
-        out = self.attn(hidden_states, grid=grid)                        # (B, N, dim)
+        rope = None
+        if position_embeddings is not None:                              # RoPE (DINOv3): (cos, sin), (M, d) each
+            cos, sin = position_embeddings
+            rope = torch.cat([sin, cos], dim=-1)                         # (M, 2d), [sin | cos]
+        out = self.attn(hidden_states, grid=grid, rope=rope)             # (B, N, dim)
         return (out, None) if self.returns_tuple else out
 
 
@@ -74,8 +96,18 @@ def applies(model: nn.Module) -> bool:
     return config is not None and type(model).__module__.startswith("transformers.")
 
 
+def _out_proj(m: nn.Module) -> Optional[nn.Linear]:
+    for n in ("o_proj", "out_proj"):
+        if isinstance(getattr(m, n, None), nn.Linear):
+            return getattr(m, n)
+    return None
+
+
 def _layout(m: nn.Module) -> Optional[str]:
-    if all(isinstance(getattr(m, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+    if isinstance(m, nn.MultiheadAttention):
+        return None
+    if all(isinstance(getattr(m, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj")) and \
+            _out_proj(m) is not None:
         return "qkvo"
     sa, out = getattr(m, "attention", None), getattr(m, "output", None)
     if sa is not None and out is not None and isinstance(getattr(out, "dense", None), nn.Linear) and all(
@@ -92,24 +124,30 @@ def _num_prefix_tokens(embeddings: nn.Module) -> int:
 
 
 def _returns_tuple(attn: nn.Module, dim: int, n_tokens: int) -> bool:
-    """Probe the original module once on a tiny input to learn its return convention."""
+    """Probe the original module once on a tiny input to learn its return convention (an attention that
+    needs more than hidden states, e.g. DINOv3's RoPE, is read from its return annotation)."""
     p = next(attn.parameters())
     was_training = attn.training
     attn.eval()
-    with torch.no_grad():
-        out = attn(torch.zeros(1, n_tokens, dim, device=p.device, dtype=p.dtype))
-    attn.train(was_training)
-    return isinstance(out, tuple)
+    try:
+        with torch.no_grad():
+            out = attn(torch.zeros(1, n_tokens, dim, device=p.device, dtype=p.dtype))
+        return isinstance(out, tuple)
+    except (TypeError, ValueError):
+        return "tuple" in str(inspect.signature(type(attn).forward).return_annotation).lower()
+    finally:
+        attn.train(was_training)
 
 
-def _spec_builder(attn: nn.Module, layout: str, config, num_prefix_tokens: int):
+def _spec_builder(attn: nn.Module, layout: str, config, num_prefix_tokens: int, rope_half: bool = False):
     def build() -> SoftmaxAttentionSpec:
         if layout == "qkvo":
-            q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-            heads = attn.num_attention_heads
+            q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, _out_proj(attn)
+            heads = getattr(attn, "num_attention_heads", getattr(attn, "num_heads", None))
             head_dim = getattr(attn, "head_dim", q.out_features // heads)
-            scale = float(getattr(attn, "scaling", head_dim ** -0.5))
-            attn_drop, proj_drop = float(getattr(attn, "attention_dropout", 0.0)), 0.0
+            scale = float(getattr(attn, "scaling", getattr(attn, "scale", head_dim ** -0.5)))
+            drop = getattr(attn, "attention_dropout", getattr(attn, "dropout", 0.0))
+            attn_drop, proj_drop = float(drop if isinstance(drop, (int, float)) else 0.0), 0.0
         else:
             sa = attn.attention
             q, k, v, o = sa.query, sa.key, sa.value, attn.output.dense
@@ -124,17 +162,26 @@ def _spec_builder(attn: nn.Module, layout: str, config, num_prefix_tokens: int):
         return SoftmaxAttentionSpec(
             dim=q.in_features, num_heads=int(heads), head_dim=int(head_dim), scale=scale,
             qkv=fused_linear([q, k, v]), proj=o, num_prefix_tokens=num_prefix_tokens,
-            q_norm=nn.Identity(), k_norm=nn.Identity(), out_norm=nn.Identity(),
+            q_norm=nn.Identity(), k_norm=nn.Identity(), out_norm=nn.Identity(), rope_half=rope_half,
             attn_drop=attn_drop, proj_drop=proj_drop)
     return build
 
 
 def _backbone(model: nn.Module) -> tuple[Optional[Backbone], nn.Module]:
-    """(the ViT backbone of a supported model type or None, the base model)."""
+    """(the ViT backbone of a supported model type or None, its tower: the module whose forward takes
+    ``pixel_values`` and hands its keyword arguments down to every attention)."""
     config = model.config
+    family = _family(model)
+    if family is not None:
+        found = family.tower(model)
+        if found is None:
+            return None, model
+        name, tower = found
+        return Backbone(name=name, patch_embed=tower.embeddings, patch_size=family.patch_size(tower),
+                        num_prefix_tokens=family.num_prefix_tokens(tower)), tower
     base = getattr(model, "base_model", model)
     embeddings = getattr(base, "embeddings", None)
-    if getattr(config, "model_type", "?") not in MODEL_TYPES or embeddings is None or \
+    if getattr(config, "model_type", "?") not in VIT_TYPES or embeddings is None or \
             not hasattr(embeddings, "patch_embeddings"):
         return None, base
     base_name = "" if base is model else next(n for n, m in model.named_modules() if m is base)
@@ -149,10 +196,12 @@ def scan(model: nn.Module) -> Scan:
     result = Scan(adapter=NAME)
     config = model.config
     model_type = getattr(config, "model_type", "?")
+    family = _family(model)
     owned: set[int] = set()
     backbone, base = _backbone(model)
     if backbone is not None:
         base_name, n_prefix = backbone.name, backbone.num_prefix_tokens
+        rope_half = bool(getattr(family, "ROPE_HALF", False))
         result.backbones.append(backbone)
         for name, m in base.named_modules(prefix=base_name):
             layout = _layout(m)
@@ -167,8 +216,12 @@ def scan(model: nn.Module) -> Scan:
             returns_tuple = _returns_tuple(m, dim, n_prefix + 4)
             result.candidates.append(Candidate(
                 name=name, module=m, backbone=base_name,
-                build_spec=_spec_builder(m, layout, config, n_prefix),
+                build_spec=_spec_builder(m, layout, getattr(base, "config", config), n_prefix, rope_half),
                 wrap=lambda inner, rt=returns_tuple: HFAttentionShim(inner, rt)))
+    if family is not None:
+        for name, m, why in family.left_softmax(model, backbone.name if backbone else ""):
+            result.left_softmax.append(Rejected(name=name, module=m, reason=why))
+            owned.update(id(x) for x in m.modules())
     for name, m in model.named_modules():
         if id(m) in owned or not looks_like_attention(m):
             continue
@@ -186,7 +239,11 @@ def scan(model: nn.Module) -> Scan:
 def forward(model: nn.Module, images: torch.Tensor):
     """Call the model on images of any size (position embeddings interpolated when needed)."""
     _, h, w = input_size(model)
-    return model(images, interpolate_pos_encoding=tuple(images.shape[-2:]) != (h, w))
+    interpolate = tuple(images.shape[-2:]) != (h, w)
+    family = _family(model)
+    if family is not None:
+        return family.forward(model, images, interpolate)
+    return model(images, interpolate_pos_encoding=interpolate)
 
 
 def _grid_kwarg(patch_size: Tuple[int, int], module: nn.Module, args: tuple, kwargs: dict):
@@ -224,7 +281,7 @@ def pass_grid(model: nn.Module) -> None:
         return
     base.register_forward_pre_hook(functools.partial(_grid_kwarg, backbone.patch_size), with_kwargs=True)
     encoder = getattr(base, "encoder", None)
-    if isinstance(encoder, nn.Module) and _takes_kwargs(encoder):
+    if isinstance(encoder, nn.Module) and _takes_kwargs(encoder) and hasattr(base, "embeddings"):
         base.embeddings.register_forward_hook(functools.partial(_grid_on_embeddings, backbone.patch_size),
                                               with_kwargs=True)
         encoder.register_forward_pre_hook(_grid_from_embeddings, with_kwargs=True)
@@ -233,6 +290,7 @@ def pass_grid(model: nn.Module) -> None:
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
     cfg = model.config
+    cfg = getattr(cfg, "vision_config", None) or cfg            # dual encoders (CLIPModel, SiglipModel)
     size = getattr(cfg, "image_size", 224)
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return int(getattr(cfg, "num_channels", 3)), int(h), int(w)

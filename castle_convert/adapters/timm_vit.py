@@ -1,6 +1,10 @@
 """timm Vision Transformers: vit_*, deit_* (incl. distilled), deit3_*, register-token and
 DINOv2-style models, qk_norm models — every ``timm.layers.attention.Attention`` inside a
-backbone that has ``patch_embed``, ``blocks`` and ``num_prefix_tokens``."""
+backbone that has ``patch_embed``, ``blocks`` and ``num_prefix_tokens`` — and, through
+:mod:`castle_convert.adapters.timm_eva`, the Eva RoPE attentions.
+
+Attention pooling (``timm.layers.AttentionPoolLatent``: a few latent queries over the N tokens, already
+O(N)) stays softmax: listed by ``inspect``, never an error."""
 
 from __future__ import annotations
 
@@ -11,8 +15,16 @@ from castle_convert.adapters import (Backbone, Candidate, Rejected, Scan, attent
                                      looks_like_attention)
 from castle_convert.attention.base import SoftmaxAttentionSpec
 
+from castle_convert.adapters import timm_eva
+
 NAME = "timm"
-SUPPORTED = ["timm.layers.attention.Attention (vit_*, deit_*, deit3_*, *_reg*, *_dinov2, qk_norm)"]
+SUPPORTED = ["timm.layers.attention.Attention (vit_*, deit_*, deit3_*, *_reg*, *_dinov2, qk_norm)"] + timm_eva.SUPPORTED
+POOLING = "attention pooling (latent queries over the N tokens, already O(N)): stays softmax"
+
+
+def _pool_cls():
+    from timm.layers import AttentionPoolLatent
+    return AttentionPoolLatent
 
 
 def _attention_cls():
@@ -43,8 +55,13 @@ def _spec_builder(attn: nn.Module, num_prefix_tokens: int):
 
 def scan(model: nn.Module) -> Scan:
     Attention = _attention_cls()
+    eva = timm_eva.attention_classes()
     result = Scan(adapter=NAME)
     owned: set[int] = set()
+    for name, m in model.named_modules():
+        if isinstance(m, _pool_cls()):
+            result.left_softmax.append(Rejected(name=name, module=m, reason=POOLING))
+            owned.update(id(x) for x in m.modules())
     for bname, backbone in _backbones(model):
         pe = backbone.patch_embed
         patch = tuple(getattr(pe, "patch_size", (0, 0)))
@@ -59,6 +76,15 @@ def scan(model: nn.Module) -> Scan:
                 result.candidates.append(Candidate(
                     name=name, module=m, backbone=bname,
                     build_spec=_spec_builder(m, int(backbone.num_prefix_tokens))))
+            elif type(m) in eva:
+                owned.add(id(m))
+                problem = attention_problem(m, rope_ok=True)
+                if problem:
+                    result.rejected.append(Rejected(name=name, module=m, reason=problem))
+                    continue
+                result.candidates.append(Candidate(
+                    name=name, module=m, backbone=bname,
+                    build_spec=timm_eva.spec_builder(m, int(backbone.num_prefix_tokens))))
     for name, m in model.named_modules():
         if id(m) in owned or not (type(m) is Attention or looks_like_attention(m)):
             continue

@@ -4,8 +4,20 @@ interface of training and inference forms.
 Nothing here knows about timm or transformers: adapters fill a :class:`SoftmaxAttentionSpec`.
 
 Per-call inputs travel with the call: every form's ``forward(x, attn_mask=None, is_causal=False,
-grid=None)`` takes the patch grid ``(rows, cols)`` of this call's image as an argument (the
-model's forward passes it down, see the adapters), never from state shared between calls.
+grid=None, rope=None, token_mask=None, grid_sizes=None)`` takes them as arguments (the model's
+forward passes them down, see the adapters), never from state shared between calls:
+
+* ``grid`` — the patch grid ``(rows, cols)`` of this call's images;
+* ``rope`` — the rotary position embedding of this call's patch tokens, ``[sin | cos]`` (…, M, 2d)
+  (:func:`~castle_convert.attention.functional.apply_rope`), applied to q and k after q_norm / k_norm
+  exactly as the source attention does, in the linear form as in the softmax branch;
+* ``token_mask`` — a key-padding mask (B, N), True/1 = a real token, False/0 = padding: padding
+  contributes nothing to any sum over tokens (K̂ᵀV, the separable context vector, the softmax
+  branch) and nothing to the DW term;
+* ``grid_sizes`` — (B, 2): each image's own (rows, cols) in a padded batch of differently sized
+  images (NaFlex), its patch tokens row-major after the prefix tokens.
+
+Any other mask (``attn_mask``: causal or arbitrary N×N) is a one-line error.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from castle_convert.attention.functional import merge_heads
+from castle_convert.attention.functional import apply_rope, merge_heads, token_counts
 
 
 @dataclass
@@ -39,6 +51,7 @@ class SoftmaxAttentionSpec:
     k_norm: nn.Module
     out_norm: nn.Module          # applied to the merged heads before proj (timm scale_norm)
     out_gate: Optional[nn.Linear] = None  # timm gated attention: x * sigmoid(out_gate(input))
+    rope_half: bool = False      # RoPE layout of the source: rotate halves (True) or interleaved pairs
     attn_drop: float = 0.0
     proj_drop: float = 0.0
 
@@ -71,18 +84,30 @@ class CastlingModule(nn.Module):
     is_training_form: bool = False
     kind_label: str = "linear"                   # for messages, e.g. "linear-angular"
 
-    def _qkv(self, x: torch.Tensor):
-        """q, k (through q_norm / k_norm), v: (B, h, N, d) from the fused ``qkv``; v_tokens (B, N, C) view."""
+    rope_half = False                            # RoPE layout: rotate halves (True) or interleaved pairs
+
+    def _rope(self, q: torch.Tensor, k: torch.Tensor, rope: Optional[torch.Tensor]):
+        """q, k (B, h, N, d) rotated by this call's RoPE (patch tokens only), or as they are without one."""
+        if rope is None:
+            return q, k
+        P = self.num_prefix_tokens
+        return apply_rope(q, rope, self.rope_half, P), apply_rope(k, rope, self.rope_half, P)
+
+    def _qkv(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None):
+        """q, k (through q_norm / k_norm, then RoPE), v: (B, h, N, d) from the fused ``qkv``; v_tokens (B, N, C) view."""
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)   # (B, N, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                      # each (B, h, N, d)
         v_tokens = qkv[:, :, 2].flatten(2)                                   # (B, N, C) view
-        return self.q_norm(q), self.k_norm(k), v, v_tokens
+        q, k = self._rope(self.q_norm(q), self.k_norm(k), rope)
+        return q, k, v, v_tokens
 
-    def _dw(self, v_tokens: torch.Tensor, grid: Optional[Tuple[int, int]]) -> Optional[torch.Tensor]:
+    def _dw(self, v_tokens: torch.Tensor, grid: Optional[Tuple[int, int]], token_mask: Optional[torch.Tensor] = None,
+            grid_sizes: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """DW(V) (B, N, C) or None: padding tokens are zeroed first; with ``grid_sizes`` over each image's own grid."""
         if self.dw is None:
             return None
-        return self.dw(v_tokens, grid)                                     # (B, N, C)
+        return self.dw(v_tokens, grid, token_mask, grid_sizes)             # (B, N, C)
 
     def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out_norm, the gated output (timm), the output projection: (B, N, C) -> (B, N, dim)."""
@@ -102,7 +127,7 @@ class CastlingModule(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, head_dim={self.head_dim}, "
-                f"prefix_tokens={self.num_prefix_tokens}")
+                f"prefix_tokens={self.num_prefix_tokens}" + (", rope_half=True" if self.rope_half else ""))
 
     def mixing_macs(self, num_tokens: int, grid: tuple[int, int]) -> int:
         """Analytic multiply-accumulates for one image of everything this module computes beyond
@@ -198,43 +223,53 @@ class CastlingTrainingForm(CastlingModule):
             return module(*args)
         return torch.func.functional_call(module, {p: getattr(self, b) for p, b in names.items()}, args)
 
-    def _teacher_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """The teacher's (masked) softmax attention of this layer, output projection included: (B, N, dim)."""
+    def _teacher_attention(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None,
+                           token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The teacher's (masked) softmax attention of this layer — its RoPE and key-padding mask too —
+        output projection included: (B, N, dim)."""
         B, N, _ = x.shape
         qkv = self._teacher("qkv", x).reshape(B, N, 3, self.num_heads, self.head_dim)   # (B, N, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                                   # each (B, h, N, d)
-        out = self._teacher("norm", merge_heads(self._aux(self._teacher("q_norm", q), self._teacher("k_norm", k), v)))
+        q, k = self._rope(self._teacher("q_norm", q), self._teacher("k_norm", k), rope)
+        out = self._teacher("norm", merge_heads(self._aux(q, k, v, token_mask)))
         if self.out_gate is not None:
             out = out * self._teacher("out_gate", x).sigmoid()
         return self.proj_drop(self._teacher("proj", out))                               # (B, N, dim)
 
-    def _blend(self, x: torch.Tensor, lin: torch.Tensor, aux: Optional[torch.Tensor], g: float) -> torch.Tensor:
+    def _blend(self, x: torch.Tensor, lin: torch.Tensor, aux: Optional[torch.Tensor], g: float,
+               rope: Optional[torch.Tensor] = None, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The blended training-form output ``g·AUX + (1 − g)·LIN`` (LIN: (B, N, C), merged heads): before
         the output projection with the student's own auxiliary branch ``aux`` (B, h, N, d), after it with
-        the teacher's (``aux`` unused)."""
+        the teacher's (``aux`` unused; it gets this call's ``rope`` and ``token_mask``)."""
         if g <= 0.0:
             return self._output(x, lin)
         if self.teacher_aux:
-            return g * self._teacher_attention(x) + (1.0 - g) * self._output(x, lin)
+            return g * self._teacher_attention(x, rope, token_mask) + (1.0 - g) * self._output(x, lin)
         return self._output(x, g * merge_heads(aux) + (1.0 - g) * lin)
 
     def _needs_student_aux(self, g: float) -> bool:
         return self._calib is not None or (g > 0.0 and not self.teacher_aux)
 
-    def _aux(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _aux(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The auxiliary masked-softmax branch (B, h, N, d); records ``last_mask_density``."""
         drop = self.attn_drop.p if self.training else 0.0
-        out, self.last_mask_density = masked_softmax_attention(q, k, v, self.scale, self.threshold, drop)
+        out, self.last_mask_density = masked_softmax_attention(q, k, v, self.scale, self.threshold, drop, token_mask)
         return out
 
     def _record_transfer(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lin: torch.Tensor,
-                         aux: Optional[torch.Tensor]) -> None:
+                         aux: Optional[torch.Tensor], token_mask: Optional[torch.Tensor] = None) -> None:
         """Attention transfer: ``last_transfer_loss`` = MSE between the linear branch ``lin``
-        (B, N, C) and the exact softmax attention of the same q, k, v (B, h, N, d)."""
+        (B, N, C) and the exact softmax attention of the same q, k, v (B, h, N, d), over real tokens."""
         with torch.no_grad():
             target = aux if (aux is not None and self.threshold <= 0.0) else \
-                F.scaled_dot_product_attention(q, k, v, scale=self.scale)      # (B, h, N, d)
-        self.last_transfer_loss = F.mse_loss(lin.float(), merge_heads(target).float())
+                F.scaled_dot_product_attention(q, k, v, scale=self.scale, attn_mask=_key_mask(token_mask))
+        err = (lin.float() - merge_heads(target).float()).pow(2)                 # (B, N, C)
+        if token_mask is None:
+            self.last_transfer_loss = err.mean()
+        else:
+            w = token_mask.to(err.dtype).unsqueeze(-1)                           # (B, N, 1)
+            self.last_transfer_loss = (err * w).sum() / (w.sum() * err.shape[-1]).clamp_min(1.0)
 
     @classmethod
     def config_problem(cls, config) -> Optional[tuple[str, str]]:
@@ -242,21 +277,36 @@ class CastlingTrainingForm(CastlingModule):
         return None
 
 
+def _key_mask(token_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A key-padding mask (B, N) as SDPA's boolean ``attn_mask`` (B, 1, 1, N), True = attend."""
+    return None if token_mask is None else token_mask.to(torch.bool)[:, None, None, :]
+
+
 def masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                             threshold: float, dropout_p: float = 0.0
+                             threshold: float, dropout_p: float = 0.0, token_mask: Optional[torch.Tensor] = None
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The auxiliary branch ``(M ⊙ softmax(QKᵀ·scale))·V`` of the training forms, and mask density.
 
-    ``M`` keeps the softmax entries ``≥ threshold / N`` (τ in units of uniform attention);
+    ``M`` keeps the softmax entries ``≥ threshold / N`` (τ in units of uniform attention; N counts
+    each image's real tokens under ``token_mask`` (B, N), whose padding keys get no attention);
     ``threshold = 0`` is the plain softmax attention (SDPA). q, k, v: (B, h, N, d).
     """
     N = q.shape[-2]
+    keys = _key_mask(token_mask)                                       # (B, 1, 1, N) or None
     if threshold <= 0.0:                                               # M = all ones
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, dropout_p=dropout_p, scale=scale)
         return out, torch.ones((), device=q.device)
-    attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)         # (B, h, N, N)
-    keep = attn >= (threshold / N)
-    density = keep.float().mean().detach()
+    logits = (q * scale) @ k.transpose(-2, -1)                         # (B, h, N, N)
+    if keys is not None:
+        logits = logits.masked_fill(~keys, float("-inf"))
+    attn = logits.softmax(dim=-1)                                      # (B, h, N, N)
+    if token_mask is None:
+        keep = attn >= (threshold / N)
+        density = keep.float().mean().detach()
+    else:
+        keep = attn >= (threshold / token_counts(token_mask, attn.dtype))
+        real = keys.expand_as(keep)
+        density = (keep & real).float().sum().detach() / real.float().sum().clamp_min(1.0)
     attn = attn * keep
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)

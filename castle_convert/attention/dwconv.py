@@ -9,7 +9,12 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from castle_convert.attention.functional import patch_grid_dw, resolve_grid, token_dw
+from castle_convert.attention.functional import padded_grid_dw, patch_grid_dw, resolve_grid, token_dw
+
+
+def _zero_padding(v: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """v (B, N, C) with the padding tokens of a key-padding mask (B, N) zeroed: they never enter the conv."""
+    return v if token_mask is None else v * token_mask.unsqueeze(-1).to(v.dtype)
 
 
 class PatchGridDWConv(nn.Module):
@@ -17,7 +22,9 @@ class PatchGridDWConv(nn.Module):
 
     Prefix tokens (class, distillation, registers) are not on the grid: their DW term is zero.
     The grid ``(rows, cols)`` is an argument of each call (the model's forward derives it from the
-    image), so non-square and changed input sizes work, and calls never share it.
+    image), so non-square and changed input sizes work, and calls never share it. A padded batch of
+    differently sized images passes each image's grid as ``grid_sizes`` (B, 2) instead, with its
+    key-padding ``token_mask`` (B, N): each image is convolved over its own grid, padding never read.
     """
 
     def __init__(self, channels: int, kernel_size: int, num_prefix_tokens: int,
@@ -33,16 +40,19 @@ class PatchGridDWConv(nn.Module):
         w = self.conv.weight
         self.conv.weight.data = torch.zeros_like(w).as_strided(w.shape, (kernel_size * kernel_size, 1, kernel_size, 1))
 
-    def forward(self, v: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    def forward(self, v: torch.Tensor, grid: Optional[Tuple[int, int]] = None, token_mask: Optional[torch.Tensor] = None,
+                grid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         P = self.num_prefix_tokens                                     # v: (B, N, C)
-        return patch_grid_dw(v, self.conv.weight, P, resolve_grid(v.shape[1] - P, grid))
+        if grid_sizes is not None:
+            return padded_grid_dw(v, self.conv.weight, P, grid_sizes, token_mask)
+        return patch_grid_dw(_zero_padding(v, token_mask), self.conv.weight, P, resolve_grid(v.shape[1] - P, grid))
 
 
 class TokenDWConv(nn.Module):
     """1-D conv along the token sequence, one filter per head shared over the head's channels.
 
     This is the layout of the reference code (``Conv2d(heads, heads, (k, 1), groups=heads)``);
-    it treats prefix tokens as ordinary sequence positions.
+    it treats prefix tokens as ordinary sequence positions (padding tokens are zeroed first).
     """
 
     def __init__(self, num_heads: int, kernel_size: int, device: torch.device | None = None,
@@ -53,8 +63,9 @@ class TokenDWConv(nn.Module):
                               groups=num_heads, bias=False, device=device, dtype=dtype)
         nn.init.zeros_(self.conv.weight)
 
-    def forward(self, v: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        return token_dw(v, self.conv.weight, self.num_heads)          # (B, N, C); the grid is not used
+    def forward(self, v: torch.Tensor, grid: Optional[Tuple[int, int]] = None, token_mask: Optional[torch.Tensor] = None,
+                grid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return token_dw(_zero_padding(v, token_mask), self.conv.weight, self.num_heads)   # (B, N, C); no grid
 
 
 def dw_macs(dw: Optional[nn.Module], num_tokens: int, grid: Tuple[int, int], channels: int) -> int:

@@ -12,6 +12,12 @@ Per head, with q, k, v from the pretrained projections (DESIGN.md §2)::
 
 ``normalize`` is an L2 norm per token per head. LA is computed on ``V/√N``: normalize() removes
 the factor, and it keeps K̂ᵀV inside the fp16 range at high token counts.
+
+RoPE: q and k are rotated (patch tokens) before anything else, as in the source attention; a
+rotation keeps norms, so q̂·k̂ is the cosine of the rotated vectors and K̂ᵀV stays one d×d sum
+(linear in N). The softmax branch uses the same rotated q, k: gate 1 is the teacher exactly.
+Key-padding masks: padding keys are dropped from K̂ᵀV and the global term's N_ref/N counts each
+image's real tokens, so a padded image gets the output it gets alone.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ class _LinearAngularParts(CastlingModule):
                     num_prefix_tokens: int, qkv: nn.Linear, proj: nn.Linear, q_norm: nn.Module,
                     k_norm: nn.Module, out_norm: nn.Module, out_gate: Optional[nn.Linear],
                     dw: Optional[nn.Module], gamma: nn.Parameter, proj_drop: float, eps: float,
-                    combine: str, ref_tokens: int = 0) -> None:
+                    combine: str, ref_tokens: int = 0, rope_half: bool = False) -> None:
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -52,6 +58,7 @@ class _LinearAngularParts(CastlingModule):
         self.eps = eps
         self.combine = combine
         self.ref_tokens = int(ref_tokens or 0)                             # global term × N_ref/N (0: plain sum)
+        self.rope_half = bool(rope_half)                                   # RoPE layout (when a call passes rope)
         self.qkv = qkv
         self.q_norm = q_norm
         self.k_norm = k_norm
@@ -78,12 +85,14 @@ class LinearAngularAttentionInference(_LinearAngularParts):
     """Inference form: ``proj(γ·normalize(LA) + DW)``. No softmax, no mask, nothing N×N."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """x: (B, N, dim); ``grid``: this image's patch grid (rows, cols), passed down by the model."""
+                grid: Optional[Tuple[int, int]] = None, rope: Optional[torch.Tensor] = None,
+                token_mask: Optional[torch.Tensor] = None, grid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, N, dim); ``grid``, ``rope``, ``token_mask``, ``grid_sizes``: this call's, passed down by the
+        model (see :mod:`castle_convert.attention.base`)."""
         self._check_mask(attn_mask, is_causal)
-        q, k, v, v_tokens = self._qkv(x)                                    # (B, h, N, d)
-        out = linear_angular_fused(q, k, v, self.gamma, self.eps, self._dw(v_tokens, grid),
-                                   self.ref_tokens)                         # (B, N, C)
+        q, k, v, v_tokens = self._qkv(x, rope)                              # (B, h, N, d)
+        out = linear_angular_fused(q, k, v, self.gamma, self.eps, self._dw(v_tokens, grid, token_mask, grid_sizes),
+                                   self.ref_tokens, token_mask)             # (B, N, C)
         return self._output(x, out)
 
 
@@ -102,7 +111,8 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
                         like=spec.qkv.weight),
             gamma=nn.Parameter(torch.ones(spec.num_heads, device=spec.qkv.weight.device,
                                           dtype=spec.qkv.weight.dtype)),
-            proj_drop=spec.proj_drop, eps=config.eps, combine=config.combine, ref_tokens=config.ref_tokens or 0)
+            proj_drop=spec.proj_drop, eps=config.eps, combine=config.combine, ref_tokens=config.ref_tokens or 0,
+            rope_half=spec.rope_half)
         self.attn_drop = nn.Dropout(spec.attn_drop)
         self.set_schedule(config.gate, config.threshold)
         self.last_mask_density: Optional[torch.Tensor] = None
@@ -125,32 +135,39 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
                 f"gate={self.aux_gate:g}, threshold={self.threshold:g}")
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+                grid: Optional[Tuple[int, int]] = None, rope: Optional[torch.Tensor] = None,
+                token_mask: Optional[torch.Tensor] = None, grid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_mask(attn_mask, is_causal)
         g = self.aux_gate
-        q, k, v, v_tokens = self._qkv(x)                                    # (B, h, N, d)
+        q, k, v, v_tokens = self._qkv(x, rope)                              # (B, h, N, d), q/k rotated
         calibrating = self._calib is not None
-        aux = self._aux(q, k, v) if self._needs_student_aux(g) else None   # (B, h, N, d) or None
+        aux = self._aux(q, k, v, token_mask) if self._needs_student_aux(g) else None   # (B, h, N, d) or None
         self._note_training(g)
         if calibrating:                      # record the teacher's output norms, pass its output on
-            self._calib[0] += aux.detach().float().norm(dim=-1).mean(dim=(0, 2))  # (h,)
+            norms = aux.detach().float().norm(dim=-1)                       # (B, h, N)
+            if token_mask is None:
+                self._calib[0] += norms.mean(dim=(0, 2))                    # (h,)
+            else:                                                           # real tokens only
+                w = token_mask.to(norms.dtype).unsqueeze(1)                 # (B, 1, N)
+                self._calib[0] += (norms * w).sum(dim=(0, 2)) / w.sum().clamp_min(1.0)
             self._calib[1] += 1
             return self._output(x, self._merge(aux))
-        dw = self._dw(v_tokens, grid)                                       # (B, N, C) or None
+        dw = self._dw(v_tokens, grid, token_mask, grid_sizes)               # (B, N, C) or None
         lin = None
         if self.combine == "blend" or self.compute_transfer:
-            lin = self._merge(self._gamma() * angular_linear(q, k, v, self.eps, ref_tokens=self.ref_tokens))
+            lin = self._merge(self._gamma() * angular_linear(q, k, v, self.eps, ref_tokens=self.ref_tokens,
+                                                             token_mask=token_mask))
             if dw is not None:
                 lin = lin + dw
         if self.compute_transfer:
-            self._record_transfer(q, k, v, lin, aux)
+            self._record_transfer(q, k, v, lin, aux, token_mask)
         if self.combine == "sum":
             extra = g * aux if (aux is not None and g > 0.0) else None
-            out = self._merge(self._gamma() * angular_linear(q, k, v, self.eps, extra, self.ref_tokens))
+            out = self._merge(self._gamma() * angular_linear(q, k, v, self.eps, extra, self.ref_tokens, token_mask))
             if dw is not None:
                 out = out + dw
             return self._output(x, out)
-        return self._blend(x, lin, aux, g)
+        return self._blend(x, lin, aux, g, rope, token_mask)
 
     # -- calibration of γ ----------------------------------------------------------------------
     def start_calibration(self) -> None:
@@ -171,5 +188,5 @@ class LinearAngularAttention(CastlingTrainingForm, _LinearAngularParts):
             num_prefix_tokens=self.num_prefix_tokens, qkv=self.qkv, proj=self.proj,
             q_norm=self.q_norm, k_norm=self.k_norm, out_norm=self.norm, out_gate=self.out_gate,
             dw=self.dw, gamma=self.gamma, proj_drop=self.proj_drop.p, eps=self.eps,
-            combine=self.combine, ref_tokens=self.ref_tokens)
+            combine=self.combine, ref_tokens=self.ref_tokens, rope_half=self.rope_half)
         return inf.train(self.training)

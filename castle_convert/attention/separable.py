@@ -43,6 +43,14 @@ How MobileViTv2's parts map onto the pretrained attention, and the initialisatio
 normalisation) has no counterpart here: this kind has no normalisation to add it into, and
 ``SEP + g·AUX`` would start at twice the teacher's output. It is rejected at config validation.
 
+RoPE: the separable branch is position-free by construction (one context vector per head, shared by
+every token), so its context scores use the keys *before* the rotation, ``⟨u_h, k_j⟩`` with ``u`` the
+mean un-rotated query: rotating the keys against one shared query would only add an arbitrary
+per-position preference. Position reaches the output through the DW term. The auxiliary softmax
+branch (and the attention-transfer target) uses the rotated q, k exactly as the source attention
+does, so gate 1 is still the teacher; the inference form needs no RoPE and keeps the folded
+projection. Key-padding masks: padding gets no weight in the context vector and never enters DW.
+
 Inference form: the query half of ``qkv`` is not needed any more. Without ``k_norm`` the context
 projection is folded into the input projection: one ``Linear(dim, C + heads)`` gives the values
 and the context logits (MobileViTv2's fused ``d → 1 + d`` projection), so the query and key rows
@@ -91,10 +99,10 @@ class _SeparableParts(CastlingModule):
     def _heads(self, p: torch.Tensor) -> torch.Tensor:
         return p.view(self.num_heads, self.head_dim)                       # (C,) -> (h, d)
 
-    def _sep(self, scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _sep(self, scores: torch.Tensor, v: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Merged separable output (B, N, C) from context logits (B, h, N) and values (B, h, N, d)."""
         return merge_heads(separable_context(scores, v, self._heads(self.context_gain),
-                                             self._heads(self.relu_gain)))
+                                             self._heads(self.relu_gain), token_mask))
 
     def mixing_macs(self, num_tokens: int, grid: Tuple[int, int]) -> int:
         h, d = self.num_heads, self.head_dim
@@ -114,8 +122,10 @@ class SeparableAttentionInference(_SeparableParts):
     """
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """x: (B, N, dim); ``grid``: this image's patch grid (rows, cols), passed down by the model."""
+                grid: Optional[Tuple[int, int]] = None, rope: Optional[torch.Tensor] = None,
+                token_mask: Optional[torch.Tensor] = None, grid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, N, dim); ``grid``, ``token_mask``, ``grid_sizes``: this call's (see
+        :mod:`castle_convert.attention.base`); ``rope`` is not used (the separable branch is position-free)."""
         self._check_mask(attn_mask, is_causal)
         B, N, _ = x.shape
         h, d = self.num_heads, self.head_dim
@@ -128,8 +138,8 @@ class SeparableAttentionInference(_SeparableParts):
         else:
             k = self.k_norm(y[..., C:].reshape(B, N, h, d).transpose(1, 2))  # (B, h, N, d)
             scores = context_scores(k, self._heads(self.context_query), self.scale)  # (B, h, N)
-        out = self._sep(scores, v)                                         # (B, N, C)
-        dw = self._dw(v_tokens, grid)
+        out = self._sep(scores, v, token_mask)                             # (B, N, C)
+        dw = self._dw(v_tokens, grid, token_mask, grid_sizes)
         if dw is not None:
             out = out + dw
         return self._output(x, out)
@@ -157,6 +167,7 @@ class SeparableAttention(CastlingTrainingForm, _SeparableParts):
         self.qkv = spec.qkv
         self.q_norm = spec.q_norm
         self.k_norm = spec.k_norm
+        self.rope_half = bool(spec.rope_half)           # RoPE layout of the softmax branch (when a call passes rope)
         self.context_query = nn.Parameter(self._query_from_bias())            # (C,)  u
         self.attn_drop = nn.Dropout(spec.attn_drop)
         self.set_schedule(config.gate, config.threshold)
@@ -197,29 +208,36 @@ class SeparableAttention(CastlingTrainingForm, _SeparableParts):
         return q.reshape(C).to(w.dtype).clone()
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+                grid: Optional[Tuple[int, int]] = None, rope: Optional[torch.Tensor] = None,
+                token_mask: Optional[torch.Tensor] = None, grid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_mask(attn_mask, is_causal)
         g = self.aux_gate
-        q, k, v, v_tokens = self._qkv(x)                                    # (B, h, N, d)
+        q, k, v, v_tokens = self._qkv(x)                                    # (B, h, N, d), not rotated
+        qr, kr = self._rope(q, k, rope)                                     # rotated: the softmax branch's
         calibrating = self._calib is not None
-        aux = self._aux(q, k, v) if self._needs_student_aux(g) else None   # (B, h, N, d) or None
+        aux = self._aux(qr, kr, v, token_mask) if self._needs_student_aux(g) else None   # (B, h, N, d) or None
         self._note_training(g)
-        if calibrating:                     # record the mean query, pass the teacher's output on
-            self._calib[0] += q.detach().float().sum(dim=(0, 2))           # (h, d)
-            self._calib[1] += q.shape[0] * q.shape[2]
+        if calibrating:                     # record the mean (un-rotated) query, pass the teacher's output on
+            if token_mask is None:
+                self._calib[0] += q.detach().float().sum(dim=(0, 2))       # (h, d)
+                self._calib[1] += q.shape[0] * q.shape[2]
+            else:                                                           # real tokens only
+                w = token_mask.to(torch.float32)[:, None, :, None]          # (B, 1, N, 1)
+                self._calib[0] += (q.detach().float() * w).sum(dim=(0, 2))
+                self._calib[1] += float(w.sum())
             return self._output(x, merge_heads(aux))
         scores = context_scores(k, self._heads(self.context_query), self.scale)  # (B, h, N)
-        lin = self._sep(scores, v)                                          # (B, N, C)
-        dw = self._dw(v_tokens, grid)
+        lin = self._sep(scores, v, token_mask)                              # (B, N, C)
+        dw = self._dw(v_tokens, grid, token_mask, grid_sizes)
         if dw is not None:
             lin = lin + dw
         if self.compute_transfer:
-            self._record_transfer(q, k, v, lin, aux)
+            self._record_transfer(qr, kr, v, lin, aux, token_mask)
         elif aux is None and self._q_norm_trains():
             # The separable branch does not read the queries: keep q_norm's parameters in the
             # graph (zero gradient) so DistributedDataParallel sees every parameter used.
             lin = lin + 0.0 * q[..., :1, :1].sum()
-        return self._blend(x, lin, aux, g)
+        return self._blend(x, lin, aux, g, rope, token_mask)
 
     def _q_norm_trains(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.q_norm.parameters())

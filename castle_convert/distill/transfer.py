@@ -68,12 +68,20 @@ def _first(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+# keyword arguments of a teacher attention's call that the student's layer needs too: the call's RoPE
+# (transformers DINOv3: ``position_embeddings=(cos, sin)``, (M, d) each; timm Eva: ``rope`` = [sin | cos],
+# (M, 2d) or (heads, M, 2d)), the same for every image of the batch
+CALL_KWARGS = ("position_embeddings", "rope")
+
+
 class _Capture:
-    """Forward hooks on the teacher's attentions: their input hidden states and their output."""
+    """Forward hooks on the teacher's attentions: their input hidden states, their output, and the call's
+    :data:`CALL_KWARGS`."""
 
     def __init__(self, teacher: nn.Module, paths: list[str]):
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
+        self.call_kwargs: dict[str, dict] = {}
         self.handles = [teacher.get_submodule(p).register_forward_hook(self._hook(p), with_kwargs=True)
                         for p in paths]
 
@@ -82,6 +90,7 @@ class _Capture:
             x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
             self.inputs[path] = x.detach()
             self.outputs[path] = _first(out).detach()
+            self.call_kwargs[path] = {k: kwargs[k] for k in CALL_KWARGS if kwargs.get(k) is not None}
         return hook
 
     def remove(self) -> None:
@@ -155,28 +164,31 @@ def layer_errors(student: nn.Module, teacher: nn.Module, batches: Iterable[torch
 
 
 def _layer_outputs(student, teacher, paths, images) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    inputs, outputs = _teacher_states(teacher, paths, images)
+    inputs, outputs, call_kwargs = _teacher_states(teacher, paths, images)
     grid = adapters.image_grid(student, images.shape[-2], images.shape[-1])      # these images' patch grid
-    for path, out in _student_outputs(student, paths, inputs, grid):
+    for path, out in _student_outputs(student, paths, inputs, grid, call_kwargs):
         yield path, out, outputs[path]
 
 
-def _teacher_states(teacher, paths, images) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The teacher's input hidden states (B, N, C) and attention outputs (B, N, C) at every path, one forward."""
+def _teacher_states(teacher, paths, images) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """The teacher's input hidden states (B, N, C), attention outputs (B, N, C) and call keyword arguments
+    (:data:`CALL_KWARGS`) at every path, one forward."""
     capture = _Capture(teacher, paths)
     try:
         with torch.no_grad():
             adapters.forward(teacher, images)
     finally:
         capture.remove()
-    return capture.inputs, capture.outputs
+    return capture.inputs, capture.outputs, capture.call_kwargs
 
 
-def _student_outputs(student, paths, inputs: dict[str, torch.Tensor], grid: tuple[int, int]
-                     ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each converted layer of ``student`` on the teacher's hidden states ``inputs[path]`` (patch grid ``grid``)."""
+def _student_outputs(student, paths, inputs: dict[str, torch.Tensor], grid: tuple[int, int],
+                     call_kwargs: Optional[dict] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each converted layer of ``student`` on the teacher's hidden states ``inputs[path]`` (patch grid ``grid``,
+    the teacher call's RoPE in ``call_kwargs[path]``)."""
     for path in paths:
-        yield path, _first(student.get_submodule(path)(inputs[path], grid=grid))
+        extra = (call_kwargs or {}).get(path, {})
+        yield path, _first(student.get_submodule(path)(inputs[path], grid=grid, **extra))
 
 
 def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable[torch.Tensor], *, steps: int,
@@ -248,17 +260,18 @@ def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable
         for step in range(steps):
             if not chunk:                # the teacher's forward on the next `reuse` batches, then reuse² steps
                 images = torch.cat([first if (step == 0 and i == 0) else next(source) for i in range(reuse)])
-                inputs, outputs = _teacher_states(teacher, paths, images)
+                inputs, outputs, call_kwargs = _teacher_states(teacher, paths, images)
                 result.images += images.shape[0] * (accelerator.num_processes if accelerator else 1)
                 n, b = images.shape[0], images.shape[0] // reuse
                 order = torch.cat([torch.randperm(n, generator=shuffle) for _ in range(reuse)]) if reuse > 1 \
                     else torch.arange(n)
                 grid = adapters.image_grid(student, images.shape[-2], images.shape[-1])
-                chunk = [(inputs, outputs, grid, order[i:i + b].to(device)) for i in range(0, len(order) - b + 1, b)]
-            inputs, outputs, grid, idx = chunk.pop(0)
+                chunk = [(inputs, outputs, call_kwargs, grid, order[i:i + b].to(device))
+                         for i in range(0, len(order) - b + 1, b)]
+            inputs, outputs, call_kwargs, grid, idx = chunk.pop(0)
             sub = {p: inputs[p][idx] for p in paths} if reuse > 1 else inputs
             losses = []
-            for path, s in _student_outputs(student, paths, sub, grid):
+            for path, s in _student_outputs(student, paths, sub, grid, call_kwargs):
                 t = outputs[path][idx] if reuse > 1 else outputs[path]
                 losses.append((s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12))
             loss = torch.stack(losses).sum()

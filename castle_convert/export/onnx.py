@@ -108,8 +108,9 @@ def _register_symbolics(opset: int) -> None:
 
 
 def _dynamic_export(wrapped: nn.Module, x1: torch.Tensor, output: Path, out_name: str, opset: int,
-                    patch: int) -> None:
-    """``torch.onnx.export(dynamo=True)`` with batch, height and width dynamic (height/width multiples of ``patch``)."""
+                    patch: int, size: bool = True) -> None:
+    """``torch.onnx.export(dynamo=True)`` with batch, height and width dynamic (height/width multiples of ``patch``;
+    ``size=False``: the batch only)."""
     try:
         import onnxscript  # noqa: F401 - the dynamo exporter's op library
     except ImportError as e:
@@ -117,7 +118,7 @@ def _dynamic_export(wrapped: nn.Module, x1: torch.Tensor, output: Path, out_name
                               "pip install onnxscript") from e
     Dim = torch.export.Dim
     shapes = ({0: Dim("batch", min=1, max=1024), 2: patch * Dim("rows", min=1, max=1024),
-               3: patch * Dim("cols", min=1, max=1024)},)
+               3: patch * Dim("cols", min=1, max=1024)} if size else {0: Dim("batch", min=1, max=1024)},)
     torch.onnx.export(wrapped, (x1,), str(output), input_names=["pixel_values"], output_names=[out_name],
                       dynamic_shapes=shapes, opset_version=max(opset, 18), dynamo=True, verbose=False)
 
@@ -169,6 +170,12 @@ def export_onnx(directory: Union[str, Path], output: Union[str, Path], *, opset:
             if dynamic_size:        # traced at batch 2 and a non-native, non-square size: nothing specialises
                 xt = torch.randn(2, c, h + patch, w + 2 * patch, generator=gen)
                 _dynamic_export(wrapped, xt, output, out_name, opset, patch)
+                opset = max(opset, 18)
+            elif getattr(model, "rope", None) is not None:
+                # timm Eva builds its RoPE inside the forward; the TorchScript-based exporter bakes the traced
+                # batch into it (timm's own model does not export that way at all): torch.export, batch dynamic
+                _dynamic_export(wrapped, torch.randn(2, c, h, w, generator=gen), output, out_name, opset, patch,
+                                size=False)
                 opset = max(opset, 18)
             else:
                 with _static_position_embeddings(model):

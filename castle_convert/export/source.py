@@ -104,6 +104,10 @@ def timm_model_args(model: nn.Module) -> dict:
     args = {k: v for k, v in dict(getattr(model, "_model_args", None) or {}).items() if k not in _TRAIN_ONLY}
     if not hasattr(model, "patch_embed") or not hasattr(model, "blocks"):
         return _jsonable(args)
+    if timm_class_name(model) not in ("VisionTransformer", "VisionTransformerDistilled"):
+        # another timm class (Eva): the arguments it was created with rebuild it; only the head may have changed
+        args["num_classes"] = int(getattr(model, "num_classes", args.get("num_classes", 0)) or 0)
+        return _jsonable(args)
     pe, blk, attn = _timm_vit_parts(model)
     ls = getattr(blk, "ls1", None)
     derived = dict(
@@ -158,11 +162,12 @@ def timm_vit_spec(model: nn.Module) -> dict:
     from castle_convert.attention import LinearAngularAttentionInference, SeparableAttentionInference
 
     def no(reason: str) -> RemoteCodeUnsupported:
-        return RemoteCodeUnsupported(f"{type(model).__name__} ({timm_architecture(model)}): {reason}")
+        return RemoteCodeUnsupported(f"{timm_class_name(model)} ({timm_architecture(model)}): {reason}")
 
     pe, blk0, _ = _timm_vit_parts(model)
     if timm_class_name(model) not in ("VisionTransformer", "VisionTransformerDistilled"):
-        raise no(f"model class {type(model).__name__} is not VisionTransformer / VisionTransformerDistilled")
+        raise no(f"model class {timm_class_name(model)} is not VisionTransformer / VisionTransformerDistilled "
+                 "(modeling_castling.py reimplements only those)")
     if type(pe) is not PatchEmbed or not isinstance(pe.proj, nn.Conv2d) or tuple(pe.proj.kernel_size) != tuple(
             pe.patch_size) or tuple(pe.proj.stride) != tuple(pe.patch_size):
         raise no(f"patch embedding {type(pe).__name__} is not timm's plain PatchEmbed")

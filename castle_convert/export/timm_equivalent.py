@@ -39,6 +39,9 @@ _NO_EQUIVALENT = {
                                   "and distillation heads",
     "Dinov2ForImageClassification": "its head reads the class token and the mean patch token together",
     "Dinov2WithRegistersForImageClassification": "its head reads the class token and the mean patch token together",
+    "CLIPVisionModel": "the weight mapping onto timm's vit_*_clip_* (pre-norm, quick-GELU) is not written yet",
+    "SiglipVisionModel": "the weight mapping onto timm's vit_*_siglip_* (attention-pool head) is not written yet",
+    "DINOv3ViTModel": "timm's vit_*_dinov3 is an Eva model, whose castle_ route is not written yet",
 }
 
 

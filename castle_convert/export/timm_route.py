@@ -28,7 +28,7 @@ from typing import Any, Optional
 from castle_convert.export.source import (_NO_WEIGHTS, CFG_KEY, PREFIX, TRANSFORMERS_ENTRY,  # noqa: F401
                                           castle_config, converted_pretrained_cfg)
 
-PATTERNS = ("vit_*", "deit*", "test_vit*")
+from castle_convert.export.timm_archs import PATTERNS, convertible  # noqa: E402
 default_cfgs: dict[str, dict] = {}           # read by timm's register_model
 _registered = False
 _FEATURE_ARGS = ("out_indices", "feature_cls")      # what timm's ViT features_only takes
@@ -274,8 +274,9 @@ def _no_timm(where: Any, reason: str):
 
 
 def register() -> int:
-    """Register ``castle_<arch>`` for every timm ViT/DeiT architecture (and :data:`TRANSFORMERS_ENTRY`);
-    returns how many were added."""
+    """Register ``castle_<arch>`` for every timm ViT/DeiT/Eva architecture that converts (the stored
+    classification of :mod:`castle_convert.export.timm_archs`) and :data:`TRANSFORMERS_ENTRY`; returns how
+    many were added."""
     global _registered
     import timm
     from timm.models import get_pretrained_cfg
@@ -287,9 +288,10 @@ def register() -> int:
         fn = globals()[TRANSFORMERS_ENTRY] = _named(transformers_source, TRANSFORMERS_ENTRY)
         register_model(fn)
         added += 1
+    converts = convertible()
     for arch in timm.list_models(list(PATTERNS)):
         name = PREFIX + arch
-        if is_model(name):
+        if is_model(name) or arch not in converts:
             continue
         base = get_pretrained_cfg(arch)
         cfg = {k: v for k, v in (base.to_dict() if base is not None else {}).items() if k not in _NO_WEIGHTS}

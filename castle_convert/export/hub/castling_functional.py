@@ -4,6 +4,6 @@ Published directories get a verbatim copy of ``castle_convert/attention/function
 this name instead of this file (see ``castle_convert.export.hub.HUB_FILES``).
 """
 
-from castle_convert.attention.functional import (angular_linear, context_scores,  # noqa: F401
+from castle_convert.attention.functional import (angular_linear, apply_rope, context_scores,  # noqa: F401
                                                  linear_angular_fused, merge_heads, patch_grid,
                                                  patch_grid_dw, resolve_grid, separable_context, token_dw)

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
-from .castling_functional import (context_scores, linear_angular_fused, merge_heads, patch_grid, patch_grid_dw,
+from .castling_functional import (apply_rope, context_scores, linear_angular_fused, merge_heads, patch_grid, patch_grid_dw,
                                   resolve_grid, separable_context, token_dw)
 from .configuration_castling import CastlingViTConfig
 
@@ -107,16 +107,22 @@ class CastlingAttention(_CastlingAttentionBase):
         self.q_norm = nn.LayerNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
         self.k_norm = nn.LayerNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
         self.gamma = nn.Parameter(torch.ones(num_heads))                     # (h,)
+        self.rope_half = bool(castling.get("rope_half", False))
         self._init_shared(dim, num_heads, head_dim, num_prefix_tokens, castling, proj_bias, dim_out,
                           out_norm_eps, gated, gate_bias)
 
-    def forward(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """x: (B, N, dim); grid: the call's patch grid (rows, cols), passed down by the model's forward."""
+    def forward(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None,
+                rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, N, dim); grid: the call's patch grid (rows, cols), passed down by the model's forward;
+        rope: the call's rotary embedding [sin | cos] (M, 2d) of the patch tokens, or None."""
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)          # (B, N, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                            # each (B, h, N, d)
         v_tokens = qkv[:, :, 2].flatten(2)                                         # (B, N, C)
         q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:                                                       # rotate q, k (patch tokens)
+            P = self.num_prefix_tokens
+            q, k = apply_rope(q, rope, self.rope_half, P), apply_rope(k, rope, self.rope_half, P)
         out = linear_angular_fused(q, k, v, self.gamma, self.eps, self._dw_term(v_tokens, grid),
                                    self.ref_tokens)                                # (B, N, C)
         return self._output(x, out)
@@ -143,8 +149,10 @@ class CastlingSeparableAttention(_CastlingAttentionBase):
         self._init_shared(dim, num_heads, head_dim, num_prefix_tokens, castling, proj_bias, dim_out,
                           out_norm_eps, gated, gate_bias)
 
-    def forward(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """x: (B, N, dim); grid: the call's patch grid (rows, cols), passed down by the model's forward."""
+    def forward(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None,
+                rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, N, dim); grid: the call's patch grid (rows, cols), passed down by the model's forward; rope is
+        not used (the separable branch is position-free)."""
         B, N, _ = x.shape
         h, d = self.num_heads, self.head_dim
         C = h * d
@@ -171,18 +179,24 @@ class SoftmaxAttention(nn.Module):
                  qk_norm_eps: Optional[float] = None, out_norm_eps: Optional[float] = None, **_):
         super().__init__()
         C = num_heads * head_dim
-        self.num_heads, self.head_dim = num_heads, head_dim
+        self.num_heads, self.head_dim, self.num_prefix_tokens = num_heads, head_dim, num_prefix_tokens
+        self.rope_half = bool((castling or {}).get("rope_half", False))
         self.qkv = nn.Linear(dim, 3 * C, bias=qkv_bias)
         self.q_norm = nn.LayerNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
         self.k_norm = nn.LayerNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
         self.norm = nn.LayerNorm(C, eps=out_norm_eps) if out_norm_eps is not None else nn.Identity()
         self.proj = nn.Linear(C, dim, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None,
+                rope: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                                    # each (B, h, N, d)
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)    # (B, h, N, d)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q = apply_rope(q, rope, self.rope_half, self.num_prefix_tokens)
+            k = apply_rope(k, rope, self.rope_half, self.num_prefix_tokens)
+        out = F.scaled_dot_product_attention(q, k, v)                              # (B, h, N, d)
         return self.proj(self.norm(out.transpose(1, 2).reshape(B, N, -1)))         # (B, N, dim)
 
 
@@ -466,8 +480,13 @@ class CastlingHFAttention(nn.Module):
         self.attn = attn
         self.returns_tuple = returns_tuple
 
-    def forward(self, hidden_states: torch.Tensor, *args, grid: Optional[Tuple[int, int]] = None, **kwargs):
-        out = self.attn(hidden_states, grid)                                       # (B, N, dim)
+    def forward(self, hidden_states: torch.Tensor, *args, grid: Optional[Tuple[int, int]] = None,
+                position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, **kwargs):
+        rope = None
+        if position_embeddings is not None:                                        # DINOv3: (cos, sin), (M, d)
+            cos, sin = position_embeddings
+            rope = torch.cat([sin, cos], dim=-1)                                   # (M, 2d), [sin | cos]
+        out = self.attn(hidden_states, grid, rope)                                 # (B, N, dim)
         return (out, None) if self.returns_tuple else out
 
 
@@ -505,7 +524,10 @@ def _grid_from_embeddings(module: nn.Module, args: tuple, kwargs: dict):
 
 
 def _hf_layout(m: nn.Module) -> Optional[str]:
-    if all(isinstance(getattr(m, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+    if isinstance(m, nn.MultiheadAttention):
+        return None
+    if all(isinstance(getattr(m, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj")) and any(
+            isinstance(getattr(m, n, None), nn.Linear) for n in ("o_proj", "out_proj")):
         return "qkvo"
     sa, out = getattr(m, "attention", None), getattr(m, "output", None)
     if sa is not None and out is not None and isinstance(getattr(out, "dense", None), nn.Linear) and all(
@@ -526,20 +548,37 @@ def _hf_returns_tuple(attn: nn.Module, dim: int, n_tokens: int) -> bool:
         return "tuple" in ann
 
 
+def _vision_tower(model: PreTrainedModel) -> nn.Module:
+    """The module whose forward takes ``pixel_values`` and passes its keyword arguments to every attention:
+    the base model (ViT/DeiT/DINOv2), the CLIP/SigLIP vision tower, the DINOv3 model."""
+    for m in model.modules():
+        emb = getattr(m, "embeddings", None)
+        if isinstance(getattr(emb, "patch_embedding", None), nn.Conv2d) and isinstance(getattr(m, "encoder", None),
+                                                                                       nn.Module):
+            return m                                                               # CLIP / SigLIP
+        if isinstance(getattr(emb, "patch_embeddings", None), nn.Conv2d) and hasattr(m, "rope_embeddings"):
+            return m                                                               # DINOv3
+    return getattr(model, model.base_model_prefix, model)
+
+
 def _castling_swap_hf(model: PreTrainedModel, config) -> None:
-    """Replace every self-attention of a transformers ViT/DeiT/DINOv2 with castling attention."""
+    """Replace every self-attention of a transformers ViT/DeiT/DINOv2/CLIP/SigLIP/DINOv3 vision tower with
+    castling attention (text towers and attention-pooling heads stay softmax)."""
     _check_castling(config.castling)
-    base = getattr(model, model.base_model_prefix, model)
+    base = _vision_tower(model)
     emb = base.embeddings
     n_prefix = int(getattr(emb, "cls_token", None) is not None) \
+        + int(getattr(emb, "class_embedding", None) is not None) \
         + int(getattr(emb, "distillation_token", None) is not None)
     reg = getattr(emb, "register_tokens", None)
     n_prefix += reg.shape[1] if reg is not None else 0
-    patch = getattr(emb.patch_embeddings, "patch_size", config.patch_size)
+    pe = getattr(emb, "patch_embeddings", None) or getattr(emb, "patch_embedding")
+    patch = pe.kernel_size if isinstance(pe, nn.Conv2d) else getattr(pe, "patch_size", config.patch_size)
     patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
     base.register_forward_pre_hook(_GridKwarg(patch), with_kwargs=True)
     encoder = getattr(base, "encoder", None)
-    if isinstance(encoder, nn.Module) and any(p.kind is p.VAR_KEYWORD
+    if isinstance(encoder, nn.Module) and isinstance(getattr(emb, "patch_embeddings", None), nn.Module) and any(
+            p.kind is p.VAR_KEYWORD
                                               for p in inspect.signature(encoder.forward).parameters.values()):
         emb.register_forward_hook(_GridOnEmbeddings(patch), with_kwargs=True)
         encoder.register_forward_pre_hook(_grid_from_embeddings, with_kwargs=True)
@@ -554,14 +593,20 @@ def _castling_swap_hf(model: PreTrainedModel, config) -> None:
     if not found:
         raise ValueError(f"no self-attention found in {type(model).__name__}: this transformers version has an "
                          "attention layout modeling_castling.py does not know")
-    dim = config.hidden_size
-    heads = config.num_attention_heads
+    vcfg = getattr(base, "config", config)
+    dim = vcfg.hidden_size
+    heads = vcfg.num_attention_heads
     for name in found:
         old = base.get_submodule(name)
         rt = _hf_returns_tuple(old, dim, n_prefix + 4)
         p = next(old.parameters())
+        sa = getattr(old, "attention", old)
+        qkv = [getattr(sa, n, None) or getattr(old, n2) for n, n2 in (("query", "q_proj"), ("key", "k_proj"),
+                                                                        ("value", "v_proj"))]
+        o = getattr(old, "o_proj", None) or getattr(old, "out_proj", None) or old.output.dense
         attn = make_attention(dim, heads, dim // heads, n_prefix, config.castling,
-                              qkv_bias=getattr(config, "qkv_bias", True), proj_bias=True)
+                              qkv_bias=any(x.bias is not None for x in qkv), proj_bias=o.bias is not None)
+        attn.rope_half = hasattr(base, "rope_embeddings")                          # DINOv3: rotate-half RoPE
         new = CastlingHFAttention(attn, rt).to(device=p.device, dtype=p.dtype)
         parent, _, child = name.rpartition(".")
         setattr(base.get_submodule(parent) if parent else base, child, new)
@@ -596,7 +641,8 @@ def _hf_class(name: str):
 
 HF_CLASSES = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
               "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification",
-              "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification")
+              "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification",
+              "CLIPVisionModel", "SiglipVisionModel", "DINOv3ViTModel")
 for _name in HF_CLASSES:
     if hasattr(transformers, _name):
         globals()[f"Castling{_name}"] = _hf_class(_name)
