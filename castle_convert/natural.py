@@ -152,9 +152,10 @@ def _crop_boxes(rng: np.random.Generator, size: tuple[int, int], n: int, min_sca
     return boxes
 
 
-def _make_training_images(n: int, size: int, seed: int, procedural_fraction: float) -> np.ndarray:
+def _make_training_images(n: int, size: int, seed: int, procedural_fraction: float,
+                          train: Optional[list[Source]] = None) -> np.ndarray:
     from castle_convert import procedural
-    train, _ = split_sources()
+    train = split_sources()[0] if train is None else train
     rng = np.random.default_rng(seed)
     n_proc = int(round(n * procedural_fraction))
     n_crops = n - n_proc
@@ -183,8 +184,9 @@ def _make_training_images(n: int, size: int, seed: int, procedural_fraction: flo
     return out[rng.permutation(n)]
 
 
-def cache_key(n: int, size: int, seed: int, procedural_fraction: float) -> str:
-    train, held = split_sources()
+def cache_key(n: int, size: int, seed: int, procedural_fraction: float,
+              split: Optional[tuple[list[Source], list[Source]]] = None) -> str:
+    train, held = split_sources() if split is None else split
     listing = json.dumps([VERSION, n, size, seed, procedural_fraction, [(s.name, s.size) for s in train],
                           sorted(s.name for s in held)])
     return hashlib.sha256(listing.encode()).hexdigest()[:12]
@@ -195,7 +197,8 @@ def training_images(n: int = 4000, size: int = 224, seed: int = 0, procedural_fr
     """``(n, size, size, 3)`` uint8 RGB training images (see the module docstring), cached."""
     from castle_convert import zoo
     folder = Path(cache) if cache is not None else zoo.cache_dir() / "natural"
-    file = folder / f"train-{n}-{size}px-seed{seed}-{cache_key(n, size, seed, procedural_fraction)}.npy"
+    split = split_sources()                                   # read the picture headers once
+    file = folder / f"train-{n}-{size}px-seed{seed}-{cache_key(n, size, seed, procedural_fraction, split)}.npy"
     if file.is_file():
         return np.load(file, mmap_mode="r")
     try:
@@ -206,7 +209,7 @@ def training_images(n: int = 4000, size: int = 224, seed: int = 0, procedural_fr
     if progress:
         print(f"natural images: making {n} training images at {size} px (first use, cached in {folder}) ...",
               flush=True)
-    images = _make_training_images(n, size, seed, procedural_fraction)
+    images = _make_training_images(n, size, seed, procedural_fraction, train=split[0])
     fd, tmp = tempfile.mkstemp(prefix=".train-", suffix=".npy", dir=folder)
     with os.fdopen(fd, "wb") as f:
         np.save(f, images)
