@@ -21,15 +21,28 @@ class Family:
     hf: bool = False
     rope: bool = False        # RoPE inside attention: no absolute position embedding to interpolate
     pool: int = 0             # latent queries of an attention-pooling head that stays softmax (SigLIP's MAP head)
+    naflex: bool = False      # takes patches + padding mask + grids (SigLIP2): images are patchified first
+
+    def args(self, x: torch.Tensor) -> tuple:
+        """The positional inputs of the model's own forward for images x: (x,), or a NaFlex tower's
+        (pixel_values, pixel_attention_mask, spatial_shapes)."""
+        if self.naflex:
+            from castle_convert.adapters import hf_siglip2
+            return hf_siglip2.patchify(x, self.patch)
+        return (x,)
 
     def __call__(self, model: nn.Module, x: torch.Tensor):
         """Forward with the family's own convention; HF interpolates position embeddings."""
+        if self.naflex:
+            return model(*self.args(x))
         if self.hf:
             return model(x) if self.rope else model(x, interpolate_pos_encoding=True)
         return model(x)
 
     def features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """All token features (B, N, C): every layer's every token reaches them."""
+        if self.naflex:
+            return self(model, x).last_hidden_state
         if self.hf:
             if self.rope:                     # DINOv3's base_model_prefix names its encoder
                 return model(x).last_hidden_state
@@ -41,7 +54,8 @@ def _timm(name: str, **kw) -> Callable[[], nn.Module]:
     def build():
         import timm
         torch.manual_seed(0)
-        return timm.create_model(name, pretrained=False, **{**TINY, **kw}).eval()
+        tiny = {k: v for k, v in TINY.items() if not (name.startswith("naflexvit") and k == "dynamic_img_size")}
+        return timm.create_model(name, pretrained=False, **{**tiny, **kw}).eval()   # (NaFlexVit: any size)
     return build
 
 
@@ -66,6 +80,8 @@ FAMILIES = [
     Family("timm-eva02", _timm("eva02_tiny_patch14_224", num_classes=10), 32, 8, 1, rope=True),
     Family("timm-rope-mixed", _timm("vit_base_patch16_rope_mixed_224", num_classes=10), 32, 8, 1, rope=True),
     Family("timm-dinov3", _timm("vit_small_patch16_dinov3", num_classes=0), 32, 8, 5, rope=True),
+    Family("timm-naflexvit", _timm("naflexvit_base_patch16_gap", num_classes=10, pos_embed_grid_size=(4, 4)),
+           32, 8, 4),
     Family("hf-vit", _hf("ViTForImageClassification", "ViTConfig", intermediate_size=64, num_labels=10),
            32, 8, 1, hf=True),
     Family("hf-deit", _hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", intermediate_size=64,
@@ -75,6 +91,8 @@ FAMILIES = [
     Family("hf-clip-vision", _hf("CLIPVisionModel", "CLIPVisionConfig", intermediate_size=64), 32, 8, 1, hf=True),
     Family("hf-siglip-vision", _hf("SiglipVisionModel", "SiglipVisionConfig", intermediate_size=64), 32, 8, 0,
            hf=True, pool=1),
+    Family("hf-siglip2-naflex", _hf("Siglip2VisionModel", "Siglip2VisionConfig", intermediate_size=64,
+                                    num_patches=16), 32, 8, 0, hf=True, pool=1, naflex=True),
     Family("hf-dinov3", _hf("DINOv3ViTModel", "DINOv3ViTConfig", intermediate_size=64, num_register_tokens=2,
                             layerscale_value=0.5), 32, 8, 3, hf=True, rope=True),
 ]

@@ -148,13 +148,23 @@ def test_compile_fullgraph_and_export(family, kind):
     ref = _out(family, final, x)
     torch._dynamo.reset()            # each family × kind compiles the same forward code: no recompile limit
     compiled = torch.compile(final, fullgraph=True, backend="aot_eager")
+    args = family.args(x)            # a NaFlex tower takes patches, its padding mask and grids
     with torch.no_grad():
-        got = primary_output(compiled(x)).float()
+        got = primary_output(compiled(*args)).float()
     assert (got - ref).abs().max() <= 1e-5
-    exported = torch.export.export(final, (x,))
+    exported = torch.export.export(final, args)
     with torch.no_grad():
-        got = primary_output(exported.module()(x)).float()
+        got = primary_output(exported.module()(*args)).float()
     assert (got - ref).abs().max() <= 1e-5
+
+
+def _grid_of(kwargs: dict):
+    """The grid of a call: ``grid``, or the one grid every image of a padded batch has (``grid_sizes``, NaFlex)."""
+    sizes = kwargs.get("grid_sizes")
+    if sizes is None:
+        return kwargs.get("grid")
+    rows = {tuple(int(v) for v in r) for r in sizes}
+    return rows.pop() if len(rows) == 1 else rows
 
 
 def _grids_seen(model) -> list:
@@ -162,7 +172,7 @@ def _grids_seen(model) -> list:
     seen = []
     for m in model.modules():
         if isinstance(m, CastlingModule):
-            m.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs.get("grid")), with_kwargs=True)
+            m.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(_grid_of(kwargs)), with_kwargs=True)
     return seen
 
 

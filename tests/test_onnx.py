@@ -28,14 +28,16 @@ def saved(tmp_path_factory):
         kind = "linear_angular" if kind in ("", "hybrid") else kind
         model = cc.finalize(cc.convert(BY_ID[base].build(), kind=kind, keep_softmax=keep), force=True)
         out[fid] = cc.save_pretrained(model, root / fid.replace(":", "-"), verify=False,
-                                      remote_code=not base.startswith(("timm-eva02", "timm-rope", "timm-dinov3")))
+                                      remote_code=not base.startswith(("timm-eva02", "timm-rope", "timm-dinov3",
+                                                                       "timm-naflexvit")))
     return out
 
 
 CASES = ["timm-deit-distilled", "hf-dinov2-registers", "timm-qknorm:separable", "hf-vit:separable", "hf-dinov3",
          "hf-clip-vision", "hf-siglip-vision:separable", "hf-dinov3:hybrid", "timm-eva02", "timm-rope-mixed:separable",
          "timm-dinov3", "timm-rope-mixed:hybrid",
-         "timm-vit:hybrid", "hf-dinov2-registers:hybrid"]
+         "timm-vit:hybrid", "hf-dinov2-registers:hybrid", "hf-siglip2-naflex", "hf-siglip2-naflex:separable",
+         "timm-naflexvit", "timm-naflexvit:hybrid"]
 
 
 @pytest.mark.parametrize("fid", CASES)

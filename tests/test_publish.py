@@ -36,7 +36,7 @@ TIMM_ARCH = {"timm-vit": "test_vit", "timm-deit-distilled": "deit_tiny_distilled
              "timm-dinov3": "vit_small_patch16_dinov3"}
 # timm Eva sources: modeling_castling.py reimplements timm's VisionTransformer only, so these directories are
 # written without the transformers remote-code files (save_pretrained refuses them in one line by default)
-NO_REMOTE_CODE = {"timm-eva02", "timm-rope-mixed", "timm-dinov3"}
+NO_REMOTE_CODE = {"timm-eva02", "timm-rope-mixed", "timm-dinov3", "timm-naflexvit"}
 # the separable kind: folded context projection (timm, transformers) and the k_norm layout (qk-norm)
 SEPARABLE_CASES = ("timm-vit", "timm-qknorm", "hf-vit", "timm-deit-distilled", "hf-dinov3")
 REPORT = {"model": "fmnist_vit", "dataset": "fashion-mnist", "recipe": "quick",
@@ -100,7 +100,9 @@ def published(tmp_path_factory):
         ref = primary_output(raw)
         save_file({"x": x, "ref": ref.contiguous(), "x2": x2, "ref2": ref2.contiguous()},
                   str(root / f"{fid}.ref.safetensors"))
+        naflex = fid != "fmnist_vit" and next(f.naflex for f in FAMILIES if f.id == base_id)
         cases[fid] = dict(dir=str(out), ref=str(root / f"{fid}.ref.safetensors"), hf=hf, headless=headless,
+                          naflex=naflex, patch=p,
                           timm_arch=TIMM_ARCH.get(base_id), check=model.castle_export_check, remote=remote)
     (root / "cases.json").write_text(json.dumps(cases))
     return root, cases
@@ -148,6 +150,16 @@ def test_route_transformers_without_castle_convert(published, tmp_path):
             pass
         from transformers import AutoModel, AutoModelForImageClassification, AutoImageProcessor, pipeline
         from safetensors.torch import load_file
+
+        def inputs(x, c):      # pixel_values, or a NaFlex tower's patches + mask + grids (Siglip2ImageProcessor's layout)
+            if not c["naflex"]:
+                return dict(pixel_values=x)
+            B, C, H, W = x.shape
+            p = c["patch"]
+            gh, gw = H // p, W // p
+            pv = x.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(B, gh * gw, p * p * C)
+            return dict(pixel_values=pv, pixel_attention_mask=torch.ones(B, gh * gw, dtype=torch.long),
+                        spatial_shapes=torch.tensor([[gh, gw]] * B))
         out = {{}}
         for fid, c in json.load(open({str(root / 'cases.json')!r})).items():
             if not c["remote"]:
@@ -157,12 +169,13 @@ def test_route_transformers_without_castle_convert(published, tmp_path):
             assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
             t = load_file(c["ref"])
             with torch.no_grad():
-                o = model(pixel_values=t["x"])
+                o = model(**inputs(t["x"], c))
             got = o.logits if not c["headless"] else (o.last_hidden_state if c["hf"] else o.pooler_output)
             out[fid] = (got - t["ref"]).abs().max().item()
             if t["ref2"].numel():                    # another, non-square size (dynamic_img_size / interpolation)
                 with torch.no_grad():
-                    o = model(pixel_values=t["x2"], **({{"interpolate_pos_encoding": True}} if c["hf"] else {{}}))
+                    o = model(**inputs(t["x2"], c),
+                              **({{"interpolate_pos_encoding": True}} if c["hf"] and not c["naflex"] else {{}}))
                 got = o.logits if not c["headless"] else (o.last_hidden_state if c["hf"] else o.pooler_output)
                 out[fid] = max(out[fid], (got - t["ref2"]).abs().max().item())
         # the image-classification pipeline on a greyscale PIL image
@@ -217,7 +230,7 @@ def test_route_timm(published, tmp_path):
 
 
 # transformers sources without a timm equivalent yet (export/timm_equivalent.py says why, one line)
-NO_TIMM_ROUTE = {"hf-clip-vision", "hf-siglip-vision", "hf-dinov3"}
+NO_TIMM_ROUTE = {"hf-clip-vision", "hf-siglip-vision", "hf-siglip2-naflex", "hf-dinov3"}
 
 
 def test_every_route_the_cli_names_loads_the_directory(published):
@@ -249,7 +262,7 @@ def test_every_route_the_cli_names_loads_the_directory(published):
 def test_eva_remote_code_is_refused_in_one_line(tmp_path):
     model = _finalized(next(f for f in FAMILIES if f.id == "timm-eva02").build())
     with pytest.raises(cc.ExportError) as e:
-        cc.save_pretrained(model, tmp_path / "eva")
+        cc.save_pretrained(model, tmp_path / "eva", remote_code=True)
     msg = str(e.value)
     assert "\n" not in msg and "Eva (eva02_tiny_patch14_224)" in msg and "remote_code=False" in msg, msg
     assert not (tmp_path / "eva").exists()
@@ -493,9 +506,14 @@ def test_unsupported_architecture_for_remote_code(tmp_path):
     model = _finalized(timm.create_model("test_vit", act_layer="silu", num_classes=4, img_size=32, patch_size=8,
                                          depth=1).eval())
     with pytest.raises(ExportError, match=r"cannot be exported as remote code: .*SiLU.*remote_code=False"):
-        cc.save_pretrained(model, tmp_path / "silu")
+        cc.save_pretrained(model, tmp_path / "silu", remote_code=True)         # asked for: an error, nothing written
     assert not (tmp_path / "silu").exists()
-    cc.save_pretrained(model, tmp_path / "silu", remote_code=False)
+    # the default writes what loads (castle_convert.load, timm) and says why the transformers files are left out
+    with pytest.warns(UserWarning, match=r"no transformers remote code for this architecture .*SiLU"):
+        cc.save_pretrained(model, tmp_path / "silu")
+    assert not (tmp_path / "silu" / "modeling_castling.py").exists()
+    assert "auto_map" not in json.loads((tmp_path / "silu" / "config.json").read_text())
+    cc.save_pretrained(model, tmp_path / "silu", remote_code=False, overwrite=True)
     assert not (tmp_path / "silu" / "modeling_castling.py").exists()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

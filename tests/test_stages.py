@@ -22,8 +22,8 @@ def _forms(model):
 
 
 STAGE1_FAMILIES = [f for f in FAMILIES if f.id in ("timm-vit", "timm-reg4-dinov2", "hf-vit", "hf-dinov2-registers",
-                                                   "hf-clip-vision", "hf-siglip-vision", "hf-dinov3",
-                                                   "timm-eva02", "timm-rope-mixed", "timm-dinov3")]
+                                                   "hf-clip-vision", "hf-siglip-vision", "hf-siglip2-naflex", "hf-dinov3",
+                                                   "timm-eva02", "timm-rope-mixed", "timm-dinov3", "timm-naflexvit")]
 
 
 def _sharpen(model, factor: float = 100.0):

@@ -40,6 +40,13 @@ UNSUPPORTED = {
                                      "in the exported graph"),
     ("hf-siglip-vision", "dynamic-size"): ("transformers' SigLIP exported with a dynamic batch keeps a guard on it: "
                                           "the exported original fails at batch 1 too"),
+    ("hf-siglip2-naflex", "dynamic-size"): ("transformers' SigLIP2 exported with a dynamic batch keeps a guard on it: "
+                                           "the exported original fails at batch 1 too (the patch route with a "
+                                           "dynamic patch count: tests/test_naflex.py)"),
+    ("timm-naflexvit", "torchscript"): "timm's NaFlexVit forward expands keyword arguments (**kwargs), which "
+                                       "TorchScript does not compile",
+    ("timm-naflexvit", "fx-torchscript"): ("timm's NaFlexVit FX graph keeps its NaFlex-mode leaf calls (patch_coord / "
+                                          "patch_valid placeholders), which TorchScript does not compile"),
     ("hf-dinov2-registers", "dynamic-size"): ("transformers' DINOv2 embedding interpolation fixes the patch grid "
                                              "in the traced graph (load the directory through timm instead)"),
 }
@@ -108,6 +115,7 @@ TIMM_FAMILIES = pytest.mark.parametrize("family", TIMM, ids=[f.id for f in TIMM]
 
 @TIMM_FAMILIES
 def test_forward_torchscript(family, kind):
+    skip_unsupported(family, "torchscript")
     model = final_model(family, kind)
     scripted = torch.jit.script(model)
     for rows, cols in ((4, 4), (3, 6)):                       # the native size and a non-square one
@@ -147,6 +155,7 @@ def test_backward_fx(family, kind):
 @TIMM_FAMILIES
 def test_forward_fx_torchscript(family, kind):
     skip_unsupported(family, "fx")
+    skip_unsupported(family, "fx-torchscript")
     model = final_model(family, kind)
     scripted = torch.jit.script(_fx_model(model))
     x = images(family, 5, 3)
@@ -412,6 +421,8 @@ def _route(route: str, family, model):
         torch.jit.script(model)
     elif route == "fx":
         _fx_model(model)
+    elif route == "fx-torchscript":
+        torch.jit.script(_fx_model(model))
     else:
         Dim = torch.export.Dim
         exported = torch.export.export(_Tensor(family, model), (x,), dynamic_shapes=(

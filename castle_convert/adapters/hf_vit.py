@@ -37,8 +37,8 @@ VIT_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers")
 
 
 def _family_modules():
-    from castle_convert.adapters import hf_clip, hf_dinov3
-    return (hf_clip, hf_dinov3)
+    from castle_convert.adapters import hf_clip, hf_dinov3, hf_siglip2
+    return (hf_clip, hf_dinov3, hf_siglip2)
 
 
 MODEL_TYPES = VIT_TYPES + tuple(t for f in _family_modules() for t in f.MODEL_TYPES)
@@ -66,15 +66,20 @@ class HFAttentionShim(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 head_mask: Optional[torch.Tensor] = None, output_attentions: bool = False,
                 grid: Optional[Tuple[int, int]] = None,
-                position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, **kwargs: Any):
-        if head_mask is not None or (attention_mask is not None and not _is_noop_mask(attention_mask)):
+                position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                token_mask: Optional[torch.Tensor] = None, grid_sizes: Optional[torch.Tensor] = None, **kwargs: Any):
+        # a NaFlex tower (SigLIP2) passes its padding mask itself (token_mask (B, N), grid_sizes (B, 2)):
+        # the N×N attention_mask transformers built from the same mask is then not needed
+        if head_mask is not None or (attention_mask is not None and token_mask is None
+                                     and not _is_noop_mask(attention_mask)):
             raise NotImplementedError(
                 "linear attention cannot apply an attention_mask/head_mask that hides tokens")
         rope = None
         if position_embeddings is not None:                              # RoPE (DINOv3): (cos, sin), (M, d) each
             cos, sin = position_embeddings
             rope = torch.cat([sin, cos], dim=-1)                         # (M, 2d), [sin | cos]
-        out = self.attn(hidden_states, grid=grid, rope=rope)             # (B, N, dim)
+        out = self.attn(hidden_states, grid=grid, rope=rope, token_mask=token_mask,
+                        grid_sizes=grid_sizes)                           # (B, N, dim)
         return (out, None) if self.returns_tuple else out
 
 
@@ -279,6 +284,11 @@ def pass_grid(model: nn.Module) -> None:
     backbone, base = _backbone(model)
     if backbone is None or getattr(base, "_castle_passes_grid", False):
         return
+    family = _family(model)
+    if hasattr(family, "call_kwargs"):                 # NaFlex: the call's padding mask and grids, not an image's
+        base.register_forward_pre_hook(family.call_kwargs, with_kwargs=True)
+        base._castle_passes_grid = True
+        return
     base.register_forward_pre_hook(functools.partial(_grid_kwarg, backbone.patch_size), with_kwargs=True)
     encoder = getattr(base, "encoder", None)
     if isinstance(encoder, nn.Module) and _takes_kwargs(encoder) and hasattr(base, "embeddings"):
@@ -291,7 +301,8 @@ def pass_grid(model: nn.Module) -> None:
 def input_size(model: nn.Module) -> tuple[int, int, int]:
     cfg = model.config
     cfg = getattr(cfg, "vision_config", None) or cfg            # dual encoders (CLIPModel, SiglipModel)
-    size = getattr(cfg, "image_size", 224)
+    family = _family(model)
+    size = getattr(cfg, "image_size", None) or (family.default_size(cfg) if hasattr(family, "default_size") else 224)
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return int(getattr(cfg, "num_channels", 3)), int(h), int(w)
 

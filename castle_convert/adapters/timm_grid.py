@@ -28,12 +28,17 @@ from castle_convert.attention.base import CastlingModule
 
 
 class GridBlock(Block):
-    """timm's ``Block`` whose converted attention receives the call's patch grid."""
+    """timm's ``Block`` whose converted attention receives the call's patch grid — or, in a padded NaFlex batch
+    (:mod:`~castle_convert.adapters.timm_naflex`), its key-padding mask and grids, which replace the N×N
+    ``attn_mask`` timm built from the same padding."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+                grid: Optional[Tuple[int, int]] = None, token_mask: Optional[torch.Tensor] = None,
+                grid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if token_mask is not None:
+            attn_mask = None
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal,
-                                                   grid=grid)))
+                                                   grid=grid, token_mask=token_mask, grid_sizes=grid_sizes)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
@@ -42,7 +47,8 @@ class SoftmaxGridBlock(Block):
     """A block whose attention stays softmax (hybrid, ``keep_softmax``): takes the grid, does not need it."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+                grid: Optional[Tuple[int, int]] = None, token_mask: Optional[torch.Tensor] = None,
+                grid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
@@ -284,6 +290,8 @@ def timm_class(module: nn.Module) -> type:
         return cls.__mro__[2]
     if cls is GridEva:
         return Eva
+    if cls.__name__ == "GridNaFlexVit":
+        return cls.__mro__[1]
     if cls in EVA_BLOCKS:
         return EvaBlockPostNorm if issubclass(cls, EvaBlockPostNorm) else EvaBlock
     return Block if cls in BLOCKS else cls
@@ -293,7 +301,9 @@ def install(backbone: nn.Module) -> bool:
     """Swap ``backbone`` and its blocks to the classes above when they are timm's own (see the module
     doc); returns whether the backbone now passes the grid."""
     blocks = list(getattr(backbone, "blocks", []))
-    if type(backbone) not in BACKBONES or not blocks:
+    from castle_convert.adapters.timm_naflex import GridNaFlexVit, NaFlexVit
+    naflex = type(backbone) in (NaFlexVit, GridNaFlexVit)
+    if (type(backbone) not in BACKBONES and not naflex) or not blocks:
         return False
     if issubclass(type(backbone), Eva):
         if any(type(b) not in EVA_BLOCKS for b in blocks):
@@ -306,5 +316,5 @@ def install(backbone: nn.Module) -> bool:
             return False
         for blk in blocks:
             blk.__class__ = GridBlock if isinstance(blk.attn, CastlingModule) else SoftmaxGridBlock
-    backbone.__class__ = BACKBONES[type(backbone)]
+    backbone.__class__ = GridNaFlexVit if naflex else BACKBONES[type(backbone)]
     return True

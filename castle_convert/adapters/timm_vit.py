@@ -39,7 +39,24 @@ def applies(model: nn.Module) -> bool:
 
 def _backbones(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules()
-            if hasattr(m, "patch_embed") and hasattr(m, "blocks") and hasattr(m, "num_prefix_tokens")]
+            if _patch_embed(m) is not None and hasattr(m, "blocks") and hasattr(m, "num_prefix_tokens")]
+
+
+def _patch_embed(backbone: nn.Module):
+    """The patch embedding: ``patch_embed`` (ViT, Eva), or a NaFlexVit's ``embeds``."""
+    pe = getattr(backbone, "patch_embed", None)
+    if pe is None and _is_naflex(backbone):
+        pe = backbone.embeds
+    return pe
+
+
+def _is_naflex(module: nn.Module) -> bool:
+    from timm.models.naflexvit import NaFlexVit
+    return isinstance(module, NaFlexVit)
+
+
+NAFLEX_BLOCKS = ("naflexvit with EVA / RoPE blocks (rope_type / attn_type set in its config): its per-image RoPE in a "
+                 "padded batch is not passed to converted attention yet")
 
 
 def _spec_builder(attn: nn.Module, num_prefix_tokens: int):
@@ -63,7 +80,7 @@ def scan(model: nn.Module) -> Scan:
             result.left_softmax.append(Rejected(name=name, module=m, reason=POOLING))
             owned.update(id(x) for x in m.modules())
     for bname, backbone in _backbones(model):
-        pe = backbone.patch_embed
+        pe = _patch_embed(backbone)
         patch = tuple(getattr(pe, "patch_size", (0, 0)))
         result.backbones.append(Backbone(name=bname, patch_embed=pe, patch_size=patch,
                                          num_prefix_tokens=int(backbone.num_prefix_tokens),
@@ -78,7 +95,7 @@ def scan(model: nn.Module) -> Scan:
                     build_spec=_spec_builder(m, int(backbone.num_prefix_tokens))))
             elif type(m) in eva:
                 owned.add(id(m))
-                problem = attention_problem(m, rope_ok=True)
+                problem = NAFLEX_BLOCKS if _is_naflex(backbone) else attention_problem(m, rope_ok=True)
                 if problem:
                     result.rejected.append(Rejected(name=name, module=m, reason=problem))
                     continue
@@ -119,12 +136,17 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
     else:
         c, (h, w) = 3, (224, 224)
     for _, backbone in _backbones(model):
-        pe = backbone.patch_embed
+        pe = _patch_embed(backbone)
         if getattr(pe, "img_size", None) is not None:
             h, w = pe.img_size
+        elif getattr(pe, "pos_embed_grid_size", None) is not None:          # NaFlexVit: its position grid
+            (gh, gw), (ph, pw) = pe.pos_embed_grid_size, pe.patch_size
+            h, w = gh * ph, gw * pw
         proj = getattr(pe, "proj", None)
         if isinstance(proj, nn.Conv2d):
             c = proj.in_channels
+        elif isinstance(proj, nn.Linear) and getattr(pe, "patch_size", None):   # NaFlexVit: patches of P·P·C
+            c = proj.in_features // (pe.patch_size[0] * pe.patch_size[1])
         break
     return int(c), int(h), int(w)
 

@@ -56,7 +56,10 @@ class _Exported(nn.Module):
     def __init__(self, model: nn.Module, any_size: bool = False):
         super().__init__()
         self.model = model
-        self.any_size = any_size and getattr(model, "config", None) is not None and not hasattr(model, "pretrained_cfg")
+        from castle_convert.adapters import hf_siglip2
+        # (a NaFlex tower (SigLIP2) takes patches: its images are patchified in the graph, no interpolation)
+        self.any_size = any_size and getattr(model, "config", None) is not None and \
+            not hasattr(model, "pretrained_cfg") and hf_siglip2.tower(model) is None
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         from castle_convert import adapters

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -352,7 +353,11 @@ def _hub_output(hub: nn.Module, x: torch.Tensor, headless_timm: bool) -> torch.T
         if getattr(hub.config, "timm_vit", None):
             out = hub(pixel_values=x)
             return (out.pooler_output if headless_timm else out.logits).float()
+        from castle_convert.adapters import hf_siglip2
         from castle_convert.convert import primary_output
+        naflex = hf_siglip2.tower(hub)                 # SigLIP2: patches + padding mask + grids, not images
+        if naflex is not None:
+            return primary_output(hub(*hf_siglip2.patchify(x, hf_siglip2.patch_size(naflex[1])[0]))).float()
         return primary_output(hub(pixel_values=x, interpolate_pos_encoding=False)).float()
 
 
@@ -399,9 +404,10 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
             timm's ``hf_hub_id`` when the architecture was not reshaped / the HF config's
             ``name_or_path`` when it is a Hub id; ``""``: none.
         source: extra provenance recorded in ``config.json`` ``source`` (e.g. ``{"builtin": ...}``).
-        remote_code: write the transformers remote-code files (an architecture they do not
+        remote_code: write the transformers remote-code files (``True``: an architecture they do not
             implement is an error; ``False`` writes a directory for castle_convert.load / timm only).
-            Default (None): written, except for timm ``features_only`` models (timm and cc.load only).
+            Default (None): written when the remote code implements the architecture (not for timm
+            ``features_only`` models), else left out with a warning saying why.
         verify: load the directory back (castle_convert and remote code) and compare outputs
             with ``model`` before it appears (max |Δ| ≤ 1e-5 in fp32).
         repo_id: Hub repo id used in the model card's usage snippets.
@@ -415,7 +421,8 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
     path = Path(path)
     check_output_dir(path, overwrite)
     _check_model(model)
-    if remote_code is None:
+    auto_remote = remote_code is None
+    if auto_remote:
         remote_code = features_net(model) is None
     recipe_yaml = recipe if (recipe is None or isinstance(recipe, str)) else recipe.to_yaml()
     src = describe_source(model)
@@ -434,8 +441,17 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
         src.pop("base_model", None)
     first = next(model.parameters())
     try:
-        config = build_config(model, source=src, labels=_labels(model, labels), remote_code=remote_code,
-                              dtype=first.dtype)
+        try:
+            config = build_config(model, source=src, labels=_labels(model, labels), remote_code=remote_code,
+                                  dtype=first.dtype)
+        except RemoteCodeUnsupported as e:
+            if not (auto_remote and remote_code):
+                raise
+            warnings.warn(f"{path}: no transformers remote code for this architecture ({e}); castle_convert.load "
+                          "and timm load the directory", stacklevel=2)
+            remote_code = False
+            config = build_config(model, source=src, labels=_labels(model, labels), remote_code=False,
+                                  dtype=first.dtype)
     except RemoteCodeUnsupported as e:
         raise ExportError(f"this architecture cannot be exported as remote code: {e}. Pass remote_code=False "
                           "to write the directory without the transformers files (castle_convert.load and, "

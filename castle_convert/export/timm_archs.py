@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-PATTERNS = ("vit_*", "deit*", "test_vit*", "eva*")
+PATTERNS = ("vit_*", "deit*", "test_vit*", "eva*", "naflexvit*")
 FILE = Path(__file__).with_name("timm_archs.json")
 
 

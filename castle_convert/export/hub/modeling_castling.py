@@ -28,8 +28,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
-from .castling_functional import (apply_rope, context_scores, linear_angular_fused, merge_heads, patch_grid, patch_grid_dw,
-                                  resolve_grid, separable_context, token_dw)
+from .castling_functional import (apply_rope, context_scores, linear_angular_fused, merge_heads, padded_grid_dw,
+                                  patch_grid, patch_grid_dw, resolve_grid, separable_context, token_dw)
 from .configuration_castling import CastlingViTConfig
 
 SUPPORTED_KINDS = ("linear_angular", "separable")
@@ -75,12 +75,19 @@ class _CastlingAttentionBase(nn.Module):
         self.out_gate = nn.Linear(dim, C, bias=gate_bias) if gated else None
         self.proj = nn.Linear(C, dim_out or dim, bias=proj_bias)
 
-    def _dw_term(self, v_tokens: torch.Tensor, grid: Optional[Tuple[int, int]]) -> Optional[torch.Tensor]:
-        """DW(V) (B, N, C), or None without a DW branch. v_tokens: (B, N, C); grid: this call's patch grid."""
+    def _dw_term(self, v_tokens: torch.Tensor, grid: Optional[Tuple[int, int]],
+                 token_mask: Optional[torch.Tensor] = None,
+                 grid_sizes: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """DW(V) (B, N, C), or None without a DW branch. v_tokens: (B, N, C); grid: this call's patch grid; a
+        padded batch (NaFlex): token_mask (B, N) and each image's own grid, grid_sizes (B, 2)."""
         if self.dw is None:
             return None
+        P = self.num_prefix_tokens
+        if self.dw.mode == "2d" and grid_sizes is not None:
+            return padded_grid_dw(v_tokens, self.dw.conv.weight, P, grid_sizes, token_mask)
+        if token_mask is not None:                                                 # padding never enters the conv
+            v_tokens = v_tokens * token_mask.unsqueeze(-1).to(v_tokens.dtype)
         if self.dw.mode == "2d":
-            P = self.num_prefix_tokens
             return patch_grid_dw(v_tokens, self.dw.conv.weight, P, resolve_grid(v_tokens.shape[1] - P, grid))
         return token_dw(v_tokens, self.dw.conv.weight, self.num_heads)
 
@@ -112,9 +119,11 @@ class CastlingAttention(_CastlingAttentionBase):
                           out_norm_eps, gated, gate_bias)
 
     def forward(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None,
-                rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+                rope: Optional[torch.Tensor] = None, token_mask: Optional[torch.Tensor] = None,
+                grid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, N, dim); grid: the call's patch grid (rows, cols), passed down by the model's forward;
-        rope: the call's rotary embedding [sin | cos] (M, 2d) of the patch tokens, or None."""
+        rope: the call's rotary embedding [sin | cos] (M, 2d) of the patch tokens, or None; token_mask (B, N)
+        and grid_sizes (B, 2): a padded batch's real tokens and each image's grid (NaFlex), or None."""
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)          # (B, N, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                            # each (B, h, N, d)
@@ -123,8 +132,9 @@ class CastlingAttention(_CastlingAttentionBase):
         if rope is not None:                                                       # rotate q, k (patch tokens)
             P = self.num_prefix_tokens
             q, k = apply_rope(q, rope, self.rope_half, P), apply_rope(k, rope, self.rope_half, P)
-        out = linear_angular_fused(q, k, v, self.gamma, self.eps, self._dw_term(v_tokens, grid),
-                                   self.ref_tokens)                                # (B, N, C)
+        out = linear_angular_fused(q, k, v, self.gamma, self.eps,
+                                   self._dw_term(v_tokens, grid, token_mask, grid_sizes),
+                                   self.ref_tokens, token_mask)                    # (B, N, C)
         return self._output(x, out)
 
 
@@ -150,9 +160,11 @@ class CastlingSeparableAttention(_CastlingAttentionBase):
                           out_norm_eps, gated, gate_bias)
 
     def forward(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None,
-                rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+                rope: Optional[torch.Tensor] = None, token_mask: Optional[torch.Tensor] = None,
+                grid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, N, dim); grid: the call's patch grid (rows, cols), passed down by the model's forward; rope is
-        not used (the separable branch is position-free)."""
+        not used (the separable branch is position-free); token_mask (B, N), grid_sizes (B, 2): a padded
+        batch's real tokens and each image's grid (NaFlex), or None."""
         B, N, _ = x.shape
         h, d = self.num_heads, self.head_dim
         C = h * d
@@ -165,8 +177,8 @@ class CastlingSeparableAttention(_CastlingAttentionBase):
             k = self.k_norm(y[..., C:].reshape(B, N, h, d).transpose(1, 2))        # (B, h, N, d)
             scores = context_scores(k, self.context_query.view(h, d), self.scale)  # (B, h, N)
         out = merge_heads(separable_context(scores, v, self.context_gain.view(h, d),
-                                            self.relu_gain.view(h, d)))            # (B, N, C)
-        dw = self._dw_term(v_tokens, grid)
+                                            self.relu_gain.view(h, d), token_mask))  # (B, N, C)
+        dw = self._dw_term(v_tokens, grid, token_mask, grid_sizes)
         return self._output(x, out if dw is None else out + dw)
 
 
@@ -188,7 +200,8 @@ class SoftmaxAttention(nn.Module):
         self.proj = nn.Linear(C, dim, bias=proj_bias)
 
     def forward(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None,
-                rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+                rope: Optional[torch.Tensor] = None, token_mask: Optional[torch.Tensor] = None,
+                grid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                                    # each (B, h, N, d)
@@ -196,7 +209,8 @@ class SoftmaxAttention(nn.Module):
         if rope is not None:
             q = apply_rope(q, rope, self.rope_half, self.num_prefix_tokens)
             k = apply_rope(k, rope, self.rope_half, self.num_prefix_tokens)
-        out = F.scaled_dot_product_attention(q, k, v)                              # (B, h, N, d)
+        keys = None if token_mask is None else token_mask.to(torch.bool)[:, None, None, :]   # (B, 1, 1, N)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)              # (B, h, N, d)
         return self.proj(self.norm(out.transpose(1, 2).reshape(B, N, -1)))         # (B, N, dim)
 
 
@@ -481,12 +495,13 @@ class CastlingHFAttention(nn.Module):
         self.returns_tuple = returns_tuple
 
     def forward(self, hidden_states: torch.Tensor, *args, grid: Optional[Tuple[int, int]] = None,
-                position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, **kwargs):
+                position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                token_mask: Optional[torch.Tensor] = None, grid_sizes: Optional[torch.Tensor] = None, **kwargs):
         rope = None
         if position_embeddings is not None:                                        # DINOv3: (cos, sin), (M, d)
             cos, sin = position_embeddings
             rope = torch.cat([sin, cos], dim=-1)                                   # (M, 2d), [sin | cos]
-        out = self.attn(hidden_states, grid, rope)                                 # (B, N, dim)
+        out = self.attn(hidden_states, grid, rope, token_mask, grid_sizes)         # (B, N, dim)
         return (out, None) if self.returns_tuple else out
 
 
@@ -513,6 +528,26 @@ class _GridOnEmbeddings(_GridKwarg):
         pixels = args[0] if args else kwargs.get("pixel_values")
         if isinstance(pixels, torch.Tensor) and isinstance(out, torch.Tensor):
             out._castle_grid = patch_grid(pixels.shape[-2], pixels.shape[-1], self.patch_size)
+
+
+def _naflex_kwargs(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of a NaFlex tower (SigLIP2): this call's padding mask ``token_mask`` (B, N) and each
+    image's patch grid ``grid_sizes`` (B, 2) join this call's keyword arguments (the N×N mask transformers
+    builds from the same padding mask is not needed by linear attention)."""
+    names = list(inspect.signature(module.forward).parameters)
+
+    def arg(name):
+        if name in kwargs:
+            return kwargs[name]
+        i = names.index(name) if name in names else len(args)
+        return args[i] if i < len(args) else None
+
+    mask, shapes, pixels = arg("pixel_attention_mask"), arg("spatial_shapes"), arg("pixel_values")
+    if "token_mask" in kwargs or ("grid" in kwargs and mask is None) or shapes is None or pixels is None:
+        return None
+    if mask is None:
+        mask = torch.ones(pixels.shape[:2], dtype=torch.bool, device=pixels.device)   # (B, N): no padding
+    return args, {**kwargs, "token_mask": mask.to(torch.bool), "grid_sizes": shapes.to(pixels.device)}
 
 
 def _grid_from_embeddings(module: nn.Module, args: tuple, kwargs: dict):
@@ -558,6 +593,8 @@ def _vision_tower(model: PreTrainedModel) -> nn.Module:
             return m                                                               # CLIP / SigLIP
         if isinstance(getattr(emb, "patch_embeddings", None), nn.Conv2d) and hasattr(m, "rope_embeddings"):
             return m                                                               # DINOv3
+        if isinstance(getattr(emb, "patch_embedding", None), nn.Linear) and hasattr(emb, "position_embedding_size"):
+            return m                                                               # SigLIP2 (NaFlex)
     return getattr(model, model.base_model_prefix, model)
 
 
@@ -575,9 +612,10 @@ def _castling_swap_hf(model: PreTrainedModel, config) -> None:
     pe = getattr(emb, "patch_embeddings", None) or getattr(emb, "patch_embedding")
     patch = pe.kernel_size if isinstance(pe, nn.Conv2d) else getattr(pe, "patch_size", config.patch_size)
     patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
-    base.register_forward_pre_hook(_GridKwarg(patch), with_kwargs=True)
+    naflex = isinstance(pe, nn.Linear)                        # SigLIP2: patches + padding mask + grids in
+    base.register_forward_pre_hook(_naflex_kwargs if naflex else _GridKwarg(patch), with_kwargs=True)
     encoder = getattr(base, "encoder", None)
-    if isinstance(encoder, nn.Module) and isinstance(getattr(emb, "patch_embeddings", None), nn.Module) and any(
+    if not naflex and isinstance(encoder, nn.Module) and isinstance(getattr(emb, "patch_embeddings", None), nn.Module) and any(
             p.kind is p.VAR_KEYWORD
                                               for p in inspect.signature(encoder.forward).parameters.values()):
         emb.register_forward_hook(_GridOnEmbeddings(patch), with_kwargs=True)
@@ -642,7 +680,7 @@ def _hf_class(name: str):
 HF_CLASSES = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
               "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification",
               "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification",
-              "CLIPVisionModel", "SiglipVisionModel", "DINOv3ViTModel")
+              "CLIPVisionModel", "SiglipVisionModel", "Siglip2VisionModel", "DINOv3ViTModel")
 for _name in HF_CLASSES:
     if hasattr(transformers, _name):
         globals()[f"Castling{_name}"] = _hf_class(_name)
