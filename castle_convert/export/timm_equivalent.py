@@ -14,7 +14,7 @@ same function (or why none does), with its constructor arguments read from the t
 | ``Dinov2WithRegistersModel`` | ``VisionTransformer`` with register tokens, ``no_embed_class`` (``vit_*_reg*_dinov2``): the class token's position embedding is folded into it | as ``Dinov2Model`` |
 | ``CLIPVisionModel`` | ``VisionTransformer`` ``vit_*_clip_quickgelu_*`` (``vit_*_clip_*`` for GELU): ``pre_norm`` (``pre_layrnorm``), class token, ``post_layernorm`` as ``fc_norm`` | ``forward_features`` = ``last_hidden_state`` (before ``post_layernorm``, as in transformers), ``model(x)`` = ``pooler_output`` (``post_layernorm`` of the class token). timm's own ``vit_*_clip_*`` applies that norm to every token in ``forward_features`` (``norm``); here it is ``fc_norm``, after pooling, so that both outputs match transformers |
 | ``SiglipVisionModel`` | ``VisionTransformer`` ``vit_*_siglip_*``: no class token, ``global_pool='map'`` (``AttentionPoolLatent``: ``probe`` → ``latent``, ``in_proj`` → ``q`` / ``kv``; stays softmax), ``gelu_tanh`` | ``forward_features`` = ``last_hidden_state`` (after ``post_layernorm``), ``model(x)`` = ``pooler_output``; without a head (``vision_use_head=False``) ``model(x)`` = ``last_hidden_state`` |
-| ``DINOv3ViTModel`` | ``Eva`` ``vit_*_dinov3``: DINOv3 RoPE (``RotaryEmbeddingDinoV3``, ``rope_temperature`` = ``rope_theta``; its sin/cos within 1.2e-7 of transformers' up to 28×20 patches), register tokens, LayerScale (``gamma_1``/``gamma_2``), ``q_bias``/``v_bias`` (a key bias is dropped: softmax ignores it) | ``forward_features`` = ``last_hidden_state``, ``model(x)`` = ``pooler_output`` (class token); the GELU MLP only (``use_gated_mlp`` is refused) |
+| ``DINOv3ViTModel`` | ``Eva`` ``vit_*_dinov3``: DINOv3 RoPE (``RotaryEmbeddingDinoV3``, ``rope_temperature`` = ``rope_theta``; its sin/cos within 1.2e-7 of transformers' up to 28×20 patches), register tokens, LayerScale (``gamma_1``/``gamma_2``), ``q_bias``/``v_bias`` (with ``key_bias``: ``attn_type='rope'``, whose fused ``qkv`` has a key bias; under RoPE softmax does not ignore one) | ``forward_features`` = ``last_hidden_state``, ``model(x)`` = ``pooler_output`` (class token); GELU MLP, or the gated SiLU MLP (``use_gated_mlp``) as Eva's ``GluMlp`` (``fc1`` = ``gate_proj`` stacked on ``up_proj``) |
 
 Position embeddings: transformers' DINOv2 with registers resamples them like timm (bicubic,
 antialiased); ViT, DeiT, DINOv2, CLIP and SigLIP without antialiasing. For those the timm model is built at the
@@ -49,7 +49,8 @@ _NO_EQUIVALENT = {
 }
 _TOWERS = ("CLIPVisionModel", "SiglipVisionModel")
 # transformers hidden_act -> timm act_layer computing the same function
-_ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+_ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+        "relu": "relu", "silu": "silu"}
 
 
 @dataclass
@@ -147,9 +148,10 @@ def _plan_tower(config: dict, hf_class: str, dim: int, heads: int, patch: int, r
 def _plan_dinov3(config: dict, hf_class: str, dim: int, heads: int, patch: int, resolution: int,
                  act: str) -> Union[Equivalent, str]:
     """DINOv3: timm's Eva ``vit_*_dinov3`` (DINOv3 RoPE, register tokens, LayerScale, class-token pooling)."""
-    if config.get("use_gated_mlp") or act != "gelu":
-        return (f"transformers {hf_class} with use_gated_mlp={config.get('use_gated_mlp')} / hidden_act={act!r}: "
-                "only the GELU MLP is mapped onto timm's Eva")
+    gated = bool(config.get("use_gated_mlp"))
+    if act != ("silu" if gated else "gelu"):      # timm's Eva: GELU Mlp, or GluMlp with SiLU (SwiGLU)
+        return (f"transformers {hf_class} with use_gated_mlp={gated} and hidden_act={act!r} has no timm Eva "
+                f"equivalent (Eva's {'SwiGLU MLP is SiLU' if gated else 'MLP is GELU'})")
     if not config.get("mlp_bias", True) or not config.get("proj_bias", True):
         return f"transformers {hf_class} without MLP / output-projection biases has no timm Eva equivalent"
     mlp = _mlp_ratio(config, dim)
@@ -160,7 +162,12 @@ def _plan_dinov3(config: dict, hf_class: str, dim: int, heads: int, patch: int, 
                 qkv_bias=bool(config.get("query_bias", True) or config.get("value_bias", True)),
                 init_values=float(config.get("layerscale_value", 1.0)),
                 num_reg_tokens=int(config.get("num_register_tokens", 0)), global_pool="token", use_fc_norm=False,
-                rope_temperature=float(config.get("rope_theta", 100.0)), num_classes=0, dynamic_img_size=True)
+                rope_temperature=float(config.get("rope_theta", 100.0)), num_classes=0, dynamic_img_size=True,
+                swiglu_mlp=gated, scale_mlp=False)
+    if config.get("key_bias"):
+        # RoPE turns a key bias into a per-position term softmax does not ignore, and EvaAttention's key bias is a
+        # fixed zero: timm's AttentionRope (one fused qkv with a full bias) holds it
+        args["attn_type"] = "rope"
     return Equivalent(architecture=_EQUIVALENT[hf_class], model_args=args, resolution=resolution,
                       norm_eps=float(config.get("layer_norm_eps", 1e-5)), hf_class=hf_class,
                       converted_modules=[timm_path(p) for p in config.get("converted_modules") or []])
@@ -171,7 +178,7 @@ _IN_BLOCK = [("attention.attn.", "attn."), ("self_attn.attn.", "attn."), ("layer
              ("layernorm_after.", "norm2."), ("layer_norm1.", "norm1."), ("layer_norm2.", "norm2."),
              ("norm1.", "norm1."), ("norm2.", "norm2."), ("intermediate.dense.", "mlp.fc1."),
              ("output.dense.", "mlp.fc2."), ("mlp.fc1.", "mlp.fc1."), ("mlp.fc2.", "mlp.fc2."),
-             ("mlp.up_proj.", "mlp.fc1."), ("mlp.down_proj.", "mlp.fc2."),
+             ("mlp.up_proj.", "mlp.fc1."), ("mlp.gate_proj.", "mlp.fc1."), ("mlp.down_proj.", "mlp.fc2."),
              ("layer_scale1.lambda1", "ls1.gamma"), ("layer_scale2.lambda1", "ls2.gamma")]
 _SOFTMAX_QKV = [("attention.attention.query.", "q"), ("attention.attention.key.", "k"),
                 ("attention.attention.value.", "v"), ("attention.q_proj.", "q"), ("attention.k_proj.", "k"),
@@ -228,8 +235,8 @@ def _resample(pos: torch.Tensor, prefix: int, old: int, new: int) -> torch.Tenso
 
 def _fused_softmax(out: dict, softmax: dict, eva: bool) -> None:
     """q, k, v of the layers a hybrid kept softmax, fused as timm holds them: ``qkv.weight`` (3D, D) and
-    ``qkv.bias`` (3D,) (a missing key bias is zero); Eva keeps ``q_bias`` / ``v_bias`` apart and has no key bias
-    (softmax ignores one: q·b_k is the same for every key of a query)."""
+    ``qkv.bias`` (3D,) (a missing bias is zero); EvaAttention keeps ``q_bias`` / ``v_bias`` apart and its key bias
+    is a fixed zero (:func:`plan` picks ``AttentionRope`` for a source with a key bias)."""
     for k, parts in softmax.items():
         if k.endswith(".weight"):
             out[k] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)                # (3D, D)
@@ -247,6 +254,7 @@ def timm_state(state: dict[str, torch.Tensor], eq: Equivalent, config: dict) -> 
     """The transformers-named state dict of a converted directory under the equivalent timm model's names."""
     out: dict[str, torch.Tensor] = {}
     softmax: dict[str, dict[str, torch.Tensor]] = {}
+    glu: dict[str, dict[str, torch.Tensor]] = {}
     eva = eq.hf_class == "DINOv3ViTModel"
     for key, value in state.items():
         k = _base_key(key)
@@ -258,7 +266,8 @@ def timm_state(state: dict[str, torch.Tensor], eq: Equivalent, config: dict) -> 
             out[f"attn_pool.q.{kind}"], out[f"attn_pool.kv.{kind}"] = value[:D], value[D:]
             continue
         if k in _TOP:
-            out[_TOP[k]] = value
+            if value.numel():                             # (1, 0, D) register tokens of a model without any
+                out[_TOP[k]] = value
             continue
         m = _BLOCK.match(key)
         if not m:
@@ -276,8 +285,16 @@ def timm_state(state: dict[str, torch.Tensor], eq: Equivalent, config: dict) -> 
             raise KeyError(f"{key} has no counterpart in timm's {eq.architecture}")
         if eva:                                           # Eva's LayerScale: gamma_1 / gamma_2
             new = {"ls1.gamma": "gamma_1", "ls2.gamma": "gamma_2"}.get(new, new)
+        if eva and rest.startswith("mlp.gate_proj."):     # gated MLP: timm's GluMlp packs [gate | up] in fc1
+            glu.setdefault(f"blocks.{i}.mlp.fc1.{rest.split('.')[-1]}", {})["gate"] = value
+            continue
+        if eva and rest.startswith("mlp.up_proj.") and eq.model_args.get("swiglu_mlp"):
+            glu.setdefault(f"blocks.{i}.{new}", {})["up"] = value
+            continue
         out[f"blocks.{i}.{new}"] = value
-    _fused_softmax(out, softmax, eva)
+    for k, parts in glu.items():
+        out[k] = torch.cat([parts["gate"], parts["up"]], 0)                           # (2H, D) / (2H,)
+    _fused_softmax(out, softmax, eva and eq.model_args.get("attn_type") != "rope")
     if eq.model_args.get("fc_norm") and "norm.weight" in out:     # CLIP: post_layernorm after pooling
         out["fc_norm.weight"], out["fc_norm.bias"] = out.pop("norm.weight"), out.pop("norm.bias")
     if "cls_token" in out:
