@@ -308,19 +308,25 @@ def test_timm_route_without_a_timm_equivalent_is_one_line(tmp_path):
         str(e.value)
 
 
-# config variants of the transformers classes with a timm equivalent: (class, config kwargs, castle_<arch>)
+# config variants of the transformers classes with a timm equivalent: (class, config kwargs, castle_<arch>,
+# the directory's resolution: distilled_resolution when not the config's 32 px)
 TIMM_VARIANTS = [
-    ("SiglipVisionModel", dict(vision_use_head=False), "castle_vit_base_patch16_siglip_224"),
-    ("CLIPVisionModel", dict(hidden_act="gelu"), "castle_vit_base_patch16_clip_224"),
-    ("DINOv3ViTModel", dict(use_gated_mlp=True, hidden_act="silu", key_bias=True), "castle_vit_small_patch16_dinov3"),
-    ("DINOv3ViTModel", dict(query_bias=False, value_bias=False), "castle_vit_small_patch16_dinov3"),
+    ("SiglipVisionModel", dict(vision_use_head=False), "castle_vit_base_patch16_siglip_224", 32),
+    ("SiglipVisionModel", {}, "castle_vit_base_patch16_siglip_224", 48),
+    ("CLIPVisionModel", dict(hidden_act="gelu"), "castle_vit_base_patch16_clip_224", 32),
+    ("CLIPVisionModel", {}, "castle_vit_base_patch16_clip_quickgelu_224", 48),
+    ("DINOv3ViTModel", dict(use_gated_mlp=True, hidden_act="silu", key_bias=True), "castle_vit_small_patch16_dinov3",
+     32),
+    ("DINOv3ViTModel", dict(query_bias=False, value_bias=False), "castle_vit_small_patch16_dinov3", 48),
 ]
 
 
-@pytest.mark.parametrize("hf_class,kw,arch", TIMM_VARIANTS, ids=lambda v: str(v) if isinstance(v, str) else None)
-def test_timm_route_transformers_variants(tmp_path, hf_class, kw, arch):
+@pytest.mark.parametrize("hf_class,kw,arch,size", TIMM_VARIANTS,
+                         ids=lambda v: str(v) if isinstance(v, (str, int)) else None)
+def test_timm_route_transformers_variants(tmp_path, hf_class, kw, arch, size):
     """Config variants (SigLIP without a head, GELU CLIP, DINOv3's gated SiLU MLP and key bias under RoPE, DINOv3
-    without q/k/v biases), hybrid: timm's local-dir: equals castle_convert.load at the directory's resolution."""
+    without q/k/v biases) and a distilled resolution (the position embedding resampled the transformers way),
+    hybrid: timm's local-dir: equals castle_convert.load at the directory's resolution."""
     import timm
     import transformers
 
@@ -334,10 +340,10 @@ def test_timm_route_transformers_variants(tmp_path, hf_class, kw, arch):
         for name, p in model.named_parameters():
             if name.endswith("k_proj.bias"):       # a key bias RoPE makes matter in the softmax layer
                 p.normal_()
-    d = cc.save_pretrained(_finalized(model, keep_softmax=[1]), tmp_path / "d")
+    d = cc.save_pretrained(_finalized(model, keep_softmax=[1]), tmp_path / "d", resolution=size if size != 32 else None)
     assert json.loads((d / "config.json").read_text())["architecture"] == arch
     ref, got = cc.load(d), timm.create_model(f"local-dir:{d}", pretrained=True).eval()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         o = adapters.forward(ref, x)
         pooled = o.pooler_output if o.pooler_output is not None else o.last_hidden_state
