@@ -63,7 +63,8 @@ def _finalized(model, kind="linear_angular", keep_softmax=None):
 
 
 # hybrid models (castling.keep_softmax): the second attention layer stays softmax
-HYBRID_CASES = ("timm-vit", "timm-reg4-dinov2", "hf-vit", "hf-dinov2-registers", "hf-dinov3")
+HYBRID_CASES = ("timm-vit", "timm-reg4-dinov2", "hf-vit", "hf-dinov2-registers", "hf-dinov3", "hf-clip-vision",
+                "hf-siglip-vision")
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,9 @@ def published(tmp_path_factory):
             ref2 = primary_output(adapters.forward(model, x2)) if fid != "fmnist_vit" else torch.zeros(0)
         headless = "logits" not in raw if not isinstance(raw, torch.Tensor) else model.num_classes == 0
         ref = primary_output(raw)
-        save_file({"x": x, "ref": ref.contiguous(), "x2": x2, "ref2": ref2.contiguous()},
+        pool = getattr(raw, "pooler_output", None) if hf and headless else None      # transformers backbones
+        pool = torch.zeros(0) if pool is None else pool
+        save_file({"x": x, "ref": ref.contiguous(), "x2": x2, "ref2": ref2.contiguous(), "pool": pool.contiguous()},
                   str(root / f"{fid}.ref.safetensors"))
         naflex = fid != "fmnist_vit" and next(f.naflex for f in FAMILIES if f.id == base_id)
         cases[fid] = dict(dir=str(out), ref=str(root / f"{fid}.ref.safetensors"), hf=hf, headless=headless,
@@ -229,8 +232,51 @@ def test_route_timm(published, tmp_path):
     print("timm max |Δ|:", diffs)
 
 
-# transformers sources without a timm equivalent yet (export/timm_equivalent.py says why, one line)
-NO_TIMM_ROUTE = {"hf-clip-vision", "hf-siglip-vision", "hf-siglip2-naflex", "hf-dinov3"}
+# transformers sources without a timm equivalent (export/timm_equivalent.py says why, one line): SigLIP2's NaFlex
+# tower takes patches, timm's naflexvit a NaFlex dict
+NO_TIMM_ROUTE = {"hf-siglip2-naflex"}
+
+
+def _base(fid: str) -> str:
+    return fid.removesuffix("-separable").removesuffix("-hybrid")
+
+
+def test_route_timm_transformers_sources(published, tmp_path):
+    """A transformers-source directory through timm (local-dir: and castle_<arch> with its file), in a fresh process:
+    the equivalent timm model (export/timm_equivalent.py) equals castle_convert.load at the directory's resolution —
+    ``forward_features`` = ``last_hidden_state`` (backbones) or ``model(x)`` = logits, and ``model(x)`` =
+    ``pooler_output`` (CLIP, SigLIP's MAP head, DINOv2 / DINOv3's class token)."""
+    root, cases = published
+    diffs = _subprocess(f"""
+        import json, torch
+        import castle_convert                        # registers castle_<arch> once timm is imported
+        import timm
+        from safetensors.torch import load_file
+        out = {{}}
+        for fid, c in json.load(open({str(root / 'cases.json')!r})).items():
+            if not c["hf"] or fid.removesuffix("-separable").removesuffix("-hybrid") in {sorted(NO_TIMM_ROUTE)!r}:
+                continue
+            arch = json.load(open(c["dir"] + "/config.json"))["architecture"]
+            t = load_file(c["ref"])
+            m1 = timm.create_model(arch, pretrained=True,
+                                   pretrained_cfg_overlay=dict(file=c["dir"] + "/model.safetensors")).eval()
+            m2 = timm.create_model("local-dir:" + c["dir"], pretrained=True).eval()
+            d = []
+            with torch.no_grad():
+                for m in (m1, m2):
+                    d.append(((m.forward_features(t["x"]) if c["headless"] else m(t["x"])) - t["ref"]).abs().max())
+                    if t["pool"].numel():
+                        d.append((m(t["x"]) - t["pool"]).abs().max())
+            out[fid] = [arch, type(m2).__name__, max(v.item() for v in d)]
+        print(json.dumps(out))
+    """, tmp_path)
+    assert set(diffs) == {f for f, c in cases.items() if c["hf"] and _base(f) not in NO_TIMM_ROUTE}
+    assert all(v[2] <= TOL for v in diffs.values()), diffs
+    archs = {fid.removesuffix("-separable").removesuffix("-hybrid"): v[:2] for fid, v in diffs.items()}
+    assert archs["hf-clip-vision"] == ["castle_vit_base_patch16_clip_quickgelu_224", "GridVisionTransformer"]
+    assert archs["hf-siglip-vision"] == ["castle_vit_base_patch16_siglip_224", "GridVisionTransformer"]
+    assert archs["hf-dinov3"] == ["castle_vit_small_patch16_dinov3", "GridEva"]
+    print("timm (transformers sources) max |Δ|:", diffs)
 
 
 def test_every_route_the_cli_names_loads_the_directory(published):
@@ -245,7 +291,7 @@ def test_every_route_the_cli_names_loads_the_directory(published):
         routes = load_routes(c["dir"])
         assert routes[0] == "castle_convert.load()"
         assert ("transformers (trust_remote_code=True)" in routes) == c["remote"], (fid, routes)
-        if fid.removesuffix("-separable").removesuffix("-hybrid") in NO_TIMM_ROUTE:
+        if _base(fid) in NO_TIMM_ROUTE:
             assert not any(r.startswith("timm") for r in routes), (fid, routes)
             continue
         assert routes[-1].startswith("timm"), (fid, routes)
@@ -285,6 +331,62 @@ def test_timm_route_without_a_timm_equivalent_is_one_line(tmp_path):
         timm.create_model(f"local-dir:{d}", pretrained=True)
     assert "\n" not in str(e.value) and f"castle_convert.load('{d}')" in str(e.value) and "no timm equivalent" in \
         str(e.value)
+
+
+# config variants of the transformers classes with a timm equivalent: (class, config kwargs, castle_<arch>,
+# the directory's resolution: distilled_resolution when not the config's 32 px)
+TIMM_VARIANTS = [
+    ("SiglipVisionModel", dict(vision_use_head=False), "castle_vit_base_patch16_siglip_224", 32),
+    ("SiglipVisionModel", {}, "castle_vit_base_patch16_siglip_224", 48),
+    ("CLIPVisionModel", dict(hidden_act="gelu"), "castle_vit_base_patch16_clip_224", 32),
+    ("CLIPVisionModel", {}, "castle_vit_base_patch16_clip_quickgelu_224", 48),
+    ("DINOv3ViTModel", dict(use_gated_mlp=True, hidden_act="silu", key_bias=True), "castle_vit_small_patch16_dinov3",
+     32),
+    ("DINOv3ViTModel", dict(query_bias=False, value_bias=False), "castle_vit_small_patch16_dinov3", 48),
+]
+
+
+@pytest.mark.parametrize("hf_class,kw,arch,size", TIMM_VARIANTS,
+                         ids=lambda v: str(v) if isinstance(v, (str, int)) else None)
+def test_timm_route_transformers_variants(tmp_path, hf_class, kw, arch, size):
+    """Config variants (SigLIP without a head, GELU CLIP, DINOv3's gated SiLU MLP and key bias under RoPE, DINOv3
+    without q/k/v biases) and a distilled resolution (the position embedding resampled the transformers way),
+    hybrid: timm's local-dir: equals castle_convert.load at the directory's resolution."""
+    import timm
+    import transformers
+
+    from castle_convert import adapters
+    torch.manual_seed(0)
+    cfg = getattr(transformers, hf_class.replace("Model", "Config"))
+    cfg = cfg(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+              intermediate_size=48, **kw)
+    model = getattr(transformers, hf_class)(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("k_proj.bias"):       # a key bias RoPE makes matter in the softmax layer
+                p.normal_()
+    d = cc.save_pretrained(_finalized(model, keep_softmax=[1]), tmp_path / "d", resolution=size if size != 32 else None)
+    assert json.loads((d / "config.json").read_text())["architecture"] == arch
+    ref, got = cc.load(d), timm.create_model(f"local-dir:{d}", pretrained=True).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        o = adapters.forward(ref, x)
+        pooled = o.pooler_output if o.pooler_output is not None else o.last_hidden_state
+        assert (got.forward_features(x) - o.last_hidden_state).abs().max() <= TOL
+        assert (got(x) - pooled).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("hf_class,kw,why", [
+    ("CLIPVisionModel", dict(hidden_act="gelu_fast"), "hidden_act='gelu_fast' has no timm activation"),
+    ("DINOv3ViTModel", dict(use_gated_mlp=True, hidden_act="gelu"), "Eva's SwiGLU MLP is SiLU"),
+    ("DINOv3ViTModel", dict(hidden_act="silu"), "Eva's MLP is GELU"),
+])
+def test_timm_route_transformers_variants_refused_in_one_line(hf_class, kw, why):
+    from castle_convert.export.timm_equivalent import plan
+    cfg = {"hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2, "patch_size": 8, "image_size": 32,
+           "intermediate_size": 48, **kw, "source": {"library": "transformers", "architectures": [hf_class]}}
+    reason = plan(cfg)
+    assert isinstance(reason, str) and "\n" not in reason and why in reason, reason
 
 
 def test_model_card_says_where_builtin_weights_come_from(tmp_path):

@@ -193,7 +193,7 @@ def _directory_file(file: Path, cfg: dict, name: str, cache_dir: Any) -> Optiona
 
 
 def _from_transformers(arch: str, file: Path, cfg: dict, state: dict, meta_config: dict, cache_dir: Any):
-    """(model, its constructor arguments, data config) of the timm ViT equivalent to a transformers-source
+    """(model, its constructor arguments, data config) of the timm model equivalent to a transformers-source
     file (:mod:`castle_convert.export.timm_equivalent`), or a one-line error naming the routes that load it."""
     import json
 
