@@ -530,25 +530,44 @@ def _build_timm_eva(config) -> nn.Module:
         p = old.proj.weight
         parent, _, child = name.rpartition(".")
         setattr(eva.get_submodule(parent) if parent else eva, child, new.to(device=p.device, dtype=p.dtype))
+    for blk in eva.blocks:                                   # every block takes grid=, in place (keys unchanged)
+        blk.__class__ = _grid_eva_block(type(blk))
     return eva
 
 
-def _eva_block(blk: nn.Module, x: torch.Tensor, rope: Optional[torch.Tensor], grid: Tuple[int, int]) -> torch.Tensor:
-    """timm's EvaBlock / EvaBlockPostNorm forward, the call's RoPE and patch grid passed to a castling attention;
-    a block whose attention stays softmax (hybrid) runs as timm wrote it."""
-    if not isinstance(blk.attn, _CastlingAttentionBase):
-        return blk(x, rope=rope)
-    if type(blk).__name__ == "EvaBlockPostNorm":
-        x = x + blk.drop_path1(blk.norm1(blk.attn(x, grid, rope)))
-        return x + blk.drop_path2(blk.norm2(blk.mlp(x)))
-    x_attn = blk.attn(blk.norm1(x), grid, rope)                                   # (B, N, D)
-    if blk.gamma_1 is not None:
-        x_attn = blk.gamma_1 * x_attn
-    x = x + blk.drop_path1(x_attn)
-    x_mlp = blk.mlp(blk.norm2(x))
-    if blk.gamma_2 is not None:
-        x_mlp = blk.gamma_2 * x_mlp
-    return x + blk.drop_path2(x_mlp)
+_GRID_EVA_BLOCKS: dict = {}
+
+
+def _grid_eva_block(cls: type) -> type:
+    """A subclass of timm's ``EvaBlock`` / ``EvaBlockPostNorm`` ``cls`` whose forward passes the call's RoPE and patch
+    grid to a castling attention; a block whose attention stays softmax (hybrid) runs as timm wrote it."""
+    if cls in _GRID_EVA_BLOCKS:
+        return _GRID_EVA_BLOCKS[cls]
+    post_norm = cls.__name__ == "EvaBlockPostNorm"
+
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        if not isinstance(self.attn, _CastlingAttentionBase):
+            return cls.forward(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("castling linear attention has no attention matrix to mask: attn_mask/is_causal "
+                                      "are not supported")
+        if post_norm:
+            x = x + self.drop_path1(self.norm1(self.attn(x, grid, rope)))
+            return x + self.drop_path2(self.norm2(self.mlp(x)))
+        x_attn = self.attn(self.norm1(x), grid, rope)                              # (B, N, D)
+        if self.gamma_1 is not None:
+            x_attn = self.gamma_1 * x_attn
+        x = x + self.drop_path1(x_attn)
+        x_mlp = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            x_mlp = self.gamma_2 * x_mlp
+        return x + self.drop_path2(x_mlp)
+
+    _GRID_EVA_BLOCKS[cls] = type(f"Grid{cls.__name__}", (cls,), {
+        "forward": forward, "__module__": __name__,
+        "__doc__": f"timm's {cls.__name__}, the call's RoPE and patch grid passed to its castling attention."})
+    return _GRID_EVA_BLOCKS[cls]
 
 
 class CastlingTimmEvaPreTrainedModel(PreTrainedModel):
@@ -559,8 +578,8 @@ class CastlingTimmEvaPreTrainedModel(PreTrainedModel):
     config_class = CastlingViTConfig
     base_model_prefix = "castling_timm_eva"          # never a key prefix: keys are timm's
     main_input_name = "pixel_values"
-    _no_split_modules = ["EvaBlock", "EvaBlockPostNorm"]
-    supports_gradient_checkpointing = False
+    _no_split_modules = ["GridEvaBlock", "GridEvaBlockPostNorm"]
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: CastlingViTConfig):
         super().__init__(config)
@@ -576,11 +595,13 @@ class CastlingTimmEvaPreTrainedModel(PreTrainedModel):
             self.register_buffer(name, b, persistent=name not in eva._non_persistent_buffers_set)
         for name, m in eva._modules.items():
             self.add_module(name, m)
-        skip = {"training", "pretrained_cfg", "default_cfg", "pretrained_model_args", "feature_info"}
+        skip = {"training", "pretrained_cfg", "default_cfg", "pretrained_model_args", "feature_info",
+                "grad_checkpointing"}
         for name, value in vars(eva).items():
             if not name.startswith("_") and name not in skip and not hasattr(type(self), name) \
                     and name not in self._modules and name not in self._parameters and name not in self._buffers:
                 setattr(self, name, value)
+        self.gradient_checkpointing = False          # transformers' gradient_checkpointing_enable() sets it
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -603,8 +624,11 @@ class CastlingTimmEvaPreTrainedModel(PreTrainedModel):
         x = self.norm_pre(x)
         hidden = [x] if output_hidden_states else None
         mixed = bool(getattr(self, "rope_mixed", False)) and rope is not None
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, blk in enumerate(self.blocks):
-            x = _eva_block(blk, x, rope[i] if mixed else rope, grid)               # mixed RoPE: per depth
+            r = rope[i] if mixed else rope                                          # mixed RoPE: per depth
+            x = self._gradient_checkpointing_func(blk.__call__, x, r, None, False, grid) if checkpointing \
+                else blk(x, rope=r, grid=grid)
             if hidden is not None:
                 hidden.append(x)
         x = self.norm(x)
