@@ -2,7 +2,8 @@
 
 * timm: the architecture name and every constructor argument that shapes the model, read from
   the model's modules (timm's own ``_model_args`` record is the starting point), plus its data
-  config; and, for the remote-code files, a ``timm_vit`` geometry spec of the ViT.
+  config; and, for the remote-code files, a ``timm_vit`` geometry spec of the ViT (timm Eva: a
+  ``timm_eva`` spec, what the timm-built remote-code model cannot read off timm's own modules).
 * transformers: the model class and its full config.
 
 Both are verified by rebuilding (see ``save.save_pretrained``).

@@ -1,15 +1,20 @@
 """Castling-ViT models for ``transformers`` (``trust_remote_code=True``), written by castle-convert.
 
 This file is copied into every published output directory. It imports only torch and
-transformers; the attention math comes from ``castling_functional.py`` (a verbatim copy of
+transformers (timm Eva sources import timm when their model is built, inside a ``try``);
+the attention math comes from ``castling_functional.py`` (a verbatim copy of
 ``castle_convert/attention/functional.py``), so a checkpoint loaded here runs exactly the
 kernels it was converted and verified with.
 
-Two kinds of source model:
+Three kinds of source model:
 
 * timm ViTs (``CastlingTimmViTForImageClassification`` / ``CastlingTimmViTModel``): a
   self-contained torch implementation of timm's ``VisionTransformer`` (and DeiT's distilled
   variant) whose state-dict keys are timm's, so the same ``model.safetensors`` loads in timm.
+* timm Eva models, RoPE inside attention (``CastlingTimmEvaForImageClassification`` /
+  ``CastlingTimmEvaModel``): timm-backed, like transformers' ``TimmWrapperModel`` — the timm
+  architecture built with timm (``pip install timm``), each converted attention replaced by this
+  file's, the call's RoPE and patch grid passed down; keys are timm's.
 * transformers ViT / DeiT / DINOv2 (``CastlingViTForImageClassification`` and friends): the
   transformers class itself, with every self-attention replaced by :class:`CastlingHFAttention`
   (keys ``...attention.attn.qkv`` etc., as castle-convert writes them).
