@@ -287,6 +287,30 @@ def test_eva_remote_code_without_timm_is_one_line(published, tmp_path):
     assert result["vit"] == "CastlingTimmViTForImageClassification" and not result["timm"]
 
 
+@pytest.mark.parametrize("edit", ["checkpoint_path", "local-dir:"])
+def test_eva_remote_code_refuses_loader_arguments(published, tmp_path, monkeypatch, edit):
+    """The Eva remote code builds timm from config.json's source: a loader argument there (timm would torch.load
+    it) or a timm name that reads other files is a one-line error before timm is asked anything."""
+    import shutil
+
+    import timm.models._factory as factory
+    from transformers import AutoModelForImageClassification
+    _, cases = published
+    d = tmp_path / f"eva-{edit.strip(':').replace('_', '-')}"
+    shutil.copytree(cases["timm-eva02"]["dir"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    if edit == "checkpoint_path":
+        cfg["source"]["model_args"]["checkpoint_path"] = str(tmp_path / "evil.pth")
+    else:
+        cfg["source"]["architecture"] = f"local-dir:{tmp_path}"
+    (d / "config.json").write_text(json.dumps(cfg))
+    calls = []
+    monkeypatch.setattr(factory, "load_checkpoint", lambda *a, **k: calls.append(a))
+    with pytest.raises(ValueError, match="model.safetensors only") as e:
+        AutoModelForImageClassification.from_pretrained(d, trust_remote_code=True)
+    assert "\n" not in str(e.value) and not calls
+
+
 def test_timm_route_without_a_timm_equivalent_is_one_line(tmp_path):
     """A transformers class timm has no equivalent for (DeiT's class-token-only head): timm's local-dir: stops in one
     line naming castle_convert.load, and the CLI's routes leave timm out (was: KeyError: 'architecture')."""

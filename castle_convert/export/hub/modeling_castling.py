@@ -498,10 +498,12 @@ def _build_timm_eva(config) -> nn.Module:
     source, spec = config.source or {}, config.timm_eva or {}
     arch = source.get("architecture", "")
     args = dict(source.get("model_args") or {})
-    bad = sorted(set(args) & set(_TIMM_LOADER_ARGS))
-    if bad or not isinstance(arch, str) or arch.startswith(_TIMM_REMOTE_NAMES):
-        raise ValueError(f"config.json source ({arch!r}, {', '.join(bad) or 'no loader arguments'}) names weights to "
-                         "load or fetch: a castle-convert checkpoint's weights are its model.safetensors only")
+    bad = [f"source.model_args.{k}" for k in sorted(set(args) & set(_TIMM_LOADER_ARGS))]
+    if not isinstance(arch, str) or arch.startswith(_TIMM_REMOTE_NAMES):
+        bad.append(f"source.architecture {arch!r}")
+    if bad:
+        raise ValueError(f"config.json {', '.join(bad)} names weights to load or fetch: a castle-convert checkpoint's "
+                         "weights are its model.safetensors only; remove it from config.json")
     timm = _import_timm(arch)
     if not timm.is_model(arch):
         raise ValueError(f"timm {timm.__version__} has no architecture '{arch}': install the timm version the "
