@@ -287,6 +287,32 @@ def test_eva_remote_code_without_timm_is_one_line(published, tmp_path):
     assert result["vit"] == "CastlingTimmViTForImageClassification" and not result["timm"]
 
 
+def test_eva_remote_code_static_size_post_norm_unfused(tmp_path):
+    """A fixed-size Eva (RoPE tables in timm's non-persistent buffers, which transformers' meta-device build leaves
+    empty: recomputed in _init_weights), post-norm blocks, separate q/k/v, a hybrid: the remote code in a fresh
+    process equals castle_convert.load."""
+    import timm
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=2, num_classes=4, use_post_norm=True, qkv_fused=False).eval()
+    final = _finalized(model, keep_softmax=[1])
+    d = cc.save_pretrained(final, tmp_path / "eva-static")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = cc.load(d)(x)
+    save_file({"x": x, "ref": ref}, str(tmp_path / "ref.safetensors"))
+    result = _subprocess(f"""
+        import json, torch
+        from transformers import AutoModelForImageClassification
+        from safetensors.torch import load_file
+        model = AutoModelForImageClassification.from_pretrained({str(d)!r}, trust_remote_code=True).eval()
+        t = load_file({str(tmp_path / "ref.safetensors")!r})
+        with torch.no_grad():
+            diff = (model(pixel_values=t["x"]).logits - t["ref"]).abs().max().item()
+        print(json.dumps({{"diff": diff, "blocks": [type(b).__name__ for b in model.blocks]}}))
+    """, tmp_path, block_castle=True)
+    assert result["blocks"] == ["GridEvaBlockPostNorm"] * 2 and result["diff"] <= TOL, result
+
+
 @pytest.mark.parametrize("edit", ["checkpoint_path", "local-dir:"])
 def test_eva_remote_code_refuses_loader_arguments(published, tmp_path, monkeypatch, edit):
     """The Eva remote code builds timm from config.json's source: a loader argument there (timm would torch.load
