@@ -433,10 +433,14 @@ def test_card_library_and_config_without_training_keys_or_duplicates(tmp_path):
 
 # -- 7. timm-source checkpoints through transformers remote code ---------------------------------------
 
-def test_timm_checkpoint_through_remote_code_hidden_states_checkpointing_embeddings(tmp_path):
+@pytest.mark.parametrize("fid", ["timm-vit", "timm-eva02"])
+def test_timm_checkpoint_through_remote_code_hidden_states_checkpointing_embeddings(fid, tmp_path):
     from transformers import AutoModelForImageClassification
 
-    final, d = _timm_dir(tmp_path)
+    final = cc.finalize(_annealed(BY_ID[fid].build())).eval()
+    # one directory name per family: transformers keys the remote-code module by directory name and code hash, and
+    # a process maps that module's config class to the first model class it loaded with it
+    d = cc.save_pretrained(final, tmp_path / fid)
     hub = AutoModelForImageClassification.from_pretrained(d, trust_remote_code=True).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

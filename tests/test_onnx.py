@@ -27,9 +27,7 @@ def saved(tmp_path_factory):
         keep = [1] if kind == "hybrid" else None               # a hybrid: the second layer stays softmax
         kind = "linear_angular" if kind in ("", "hybrid") else kind
         model = cc.finalize(cc.convert(BY_ID[base].build(), kind=kind, keep_softmax=keep), force=True)
-        out[fid] = cc.save_pretrained(model, root / fid.replace(":", "-"), verify=False,
-                                      remote_code=not base.startswith(("timm-eva02", "timm-rope", "timm-dinov3",
-                                                                       "timm-naflexvit")))
+        out[fid] = cc.save_pretrained(model, root / fid.replace(":", "-"), verify=False)
     return out
 
 

@@ -34,11 +34,14 @@ TIMM_ARCH = {"timm-vit": "test_vit", "timm-deit-distilled": "deit_tiny_distilled
              "timm-qknorm": "vit_tiny_patch16_224", "fmnist_vit": "vit_tiny_patch16_224",
              "timm-eva02": "eva02_tiny_patch14_224", "timm-rope-mixed": "vit_base_patch16_rope_mixed_224",
              "timm-dinov3": "vit_small_patch16_dinov3"}
-# timm Eva sources: modeling_castling.py reimplements timm's VisionTransformer only, so these directories are
-# written without the transformers remote-code files (save_pretrained refuses them in one line by default)
-NO_REMOTE_CODE = {"timm-eva02", "timm-rope-mixed", "timm-dinov3", "timm-naflexvit"}
+# every family is written with the transformers remote-code files (timm Eva sources: built with timm, see
+# test_eva_remote_code_*) except timm naflexvit (its NaFlex forward is not in the remote code: written without
+# it, with a warning, test_naflex.py)
+NO_REMOTE_CODE = {"timm-naflexvit"}
+# timm Eva sources (RoPE inside attention; the remote code builds the timm Eva and needs timm installed)
+EVA_CASES = ("timm-eva02", "timm-rope-mixed", "timm-dinov3")
 # the separable kind: folded context projection (timm, transformers) and the k_norm layout (qk-norm)
-SEPARABLE_CASES = ("timm-vit", "timm-qknorm", "hf-vit", "timm-deit-distilled", "hf-dinov3")
+SEPARABLE_CASES = ("timm-vit", "timm-qknorm", "hf-vit", "timm-deit-distilled", "hf-dinov3", *EVA_CASES)
 REPORT = {"model": "fmnist_vit", "dataset": "fashion-mnist", "recipe": "quick",
           "teacher": {"top1": 86.78, "n": 10000}, "student": {"top1": 85.57, "agree": 93.27, "n": 10000},
           "student_start": {"top1": 86.78}, "student_train_form_g0": {"top1": 85.57},
@@ -64,7 +67,7 @@ def _finalized(model, kind="linear_angular", keep_softmax=None):
 
 # hybrid models (castling.keep_softmax): the second attention layer stays softmax
 HYBRID_CASES = ("timm-vit", "timm-reg4-dinov2", "hf-vit", "hf-dinov2-registers", "hf-dinov3", "hf-clip-vision",
-                "hf-siglip-vision")
+                "hf-siglip-vision", *EVA_CASES)
 
 
 @pytest.fixture(scope="module")
@@ -305,13 +308,93 @@ def test_every_route_the_cli_names_loads_the_directory(published):
         assert model.pretrained_cfg["architecture"].startswith("castle_") and model.castling_converted
 
 
-def test_eva_remote_code_is_refused_in_one_line(tmp_path):
-    model = _finalized(next(f for f in FAMILIES if f.id == "timm-eva02").build())
-    with pytest.raises(cc.ExportError) as e:
-        cc.save_pretrained(model, tmp_path / "eva", remote_code=True)
-    msg = str(e.value)
-    assert "\n" not in msg and "Eva (eva02_tiny_patch14_224)" in msg and "remote_code=False" in msg, msg
-    assert not (tmp_path / "eva").exists()
+def test_eva_remote_code_is_written_and_names_timm(published):
+    """timm Eva sources (both kinds, hybrids) get the remote code by default: CastlingTimmEva* (built with timm),
+    the per-layer facts under timm_eva, no ViT geometry; the card says the remote code needs timm."""
+    _, cases = published
+    for fid, c in cases.items():
+        if fid.removesuffix("-separable").removesuffix("-hybrid") not in EVA_CASES:
+            continue
+        cfg = json.loads((Path(c["dir"]) / "config.json").read_text())
+        family = "Model" if c["headless"] else "ForImageClassification"
+        assert cfg["architectures"] == [f"CastlingTimmEva{family}"], fid
+        assert cfg["auto_map"]["AutoModel"] == "modeling_castling.CastlingTimmEvaModel", fid
+        assert "timm_vit" not in cfg and set(cfg["timm_eva"]["layers"]) == set(cfg["converted_modules"]), fid
+        assert cfg["castling"]["kind"] == ("separable" if fid.endswith("-separable") else "linear_angular"), fid
+        assert len(cfg["converted_modules"]) == (1 if fid.endswith("-hybrid") else 2), fid
+        assert "pip install timm" in (Path(c["dir"]) / "README.md").read_text(), fid
+
+
+def test_eva_remote_code_without_timm_is_one_line(published, tmp_path):
+    """Without timm (blocked, castle_convert too) an Eva directory's remote code stops in one ImportError naming
+    pip install timm; a timm ViT directory's remote code still loads (it imports only torch and transformers)."""
+    _, cases = published
+    result = _subprocess(f"""
+        import sys, json, torch
+        sys.modules["timm"] = None
+        from transformers import AutoModel, AutoModelForImageClassification
+        try:
+            AutoModelForImageClassification.from_pretrained({cases["timm-eva02"]["dir"]!r}, trust_remote_code=True)
+            msg = None
+        except ImportError as e:
+            msg = str(e)
+        vit = AutoModelForImageClassification.from_pretrained({cases["timm-vit"]["dir"]!r}, trust_remote_code=True)
+        print(json.dumps({{"msg": msg, "vit": type(vit).__name__, "timm": "timm" in sys.modules and
+                          sys.modules["timm"] is not None}}))
+    """, tmp_path, block_castle=True)
+    msg = result["msg"]
+    assert msg and "\n" not in msg and "pip install timm" in msg and "eva02_tiny_patch14_224" in msg, msg
+    assert result["vit"] == "CastlingTimmViTForImageClassification" and not result["timm"]
+
+
+def test_eva_remote_code_static_size_post_norm_unfused(tmp_path):
+    """A fixed-size Eva (RoPE tables in timm's non-persistent buffers, which transformers' meta-device build leaves
+    empty: recomputed in _init_weights), post-norm blocks, separate q/k/v, a hybrid: the remote code in a fresh
+    process equals castle_convert.load."""
+    import timm
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=2, num_classes=4, use_post_norm=True, qkv_fused=False).eval()
+    final = _finalized(model, keep_softmax=[1])
+    d = cc.save_pretrained(final, tmp_path / "eva-static")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = cc.load(d)(x)
+    save_file({"x": x, "ref": ref}, str(tmp_path / "ref.safetensors"))
+    result = _subprocess(f"""
+        import json, torch
+        from transformers import AutoModelForImageClassification
+        from safetensors.torch import load_file
+        model = AutoModelForImageClassification.from_pretrained({str(d)!r}, trust_remote_code=True).eval()
+        t = load_file({str(tmp_path / "ref.safetensors")!r})
+        with torch.no_grad():
+            diff = (model(pixel_values=t["x"]).logits - t["ref"]).abs().max().item()
+        print(json.dumps({{"diff": diff, "blocks": [type(b).__name__ for b in model.blocks]}}))
+    """, tmp_path, block_castle=True)
+    assert result["blocks"] == ["GridEvaBlockPostNorm"] * 2 and result["diff"] <= TOL, result
+
+
+@pytest.mark.parametrize("edit", ["checkpoint_path", "local-dir:"])
+def test_eva_remote_code_refuses_loader_arguments(published, tmp_path, monkeypatch, edit):
+    """The Eva remote code builds timm from config.json's source: a loader argument there (timm would torch.load
+    it) or a timm name that reads other files is a one-line error before timm is asked anything."""
+    import shutil
+
+    import timm.models._factory as factory
+    from transformers import AutoModelForImageClassification
+    _, cases = published
+    d = tmp_path / f"eva-{edit.strip(':').replace('_', '-')}"
+    shutil.copytree(cases["timm-eva02"]["dir"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    if edit == "checkpoint_path":
+        cfg["source"]["model_args"]["checkpoint_path"] = str(tmp_path / "evil.pth")
+    else:
+        cfg["source"]["architecture"] = f"local-dir:{tmp_path}"
+    (d / "config.json").write_text(json.dumps(cfg))
+    calls = []
+    monkeypatch.setattr(factory, "load_checkpoint", lambda *a, **k: calls.append(a))
+    with pytest.raises(ValueError, match="model.safetensors only") as e:
+        AutoModelForImageClassification.from_pretrained(d, trust_remote_code=True)
+    assert "\n" not in str(e.value) and not calls
 
 
 def test_timm_route_without_a_timm_equivalent_is_one_line(tmp_path):
@@ -641,11 +724,21 @@ def test_loaded_model_resaves_and_converts_no_further(published, tmp_path):
 # -- the remote code imports only torch and transformers ----------------------------------------------
 
 def test_hub_files_import_only_torch_and_transformers():
+    """Module-level imports: torch and transformers only (what transformers' check_imports requires of a loading
+    side); timm is imported inside a try block (which check_imports skips), for timm Eva sources only."""
+    from transformers.dynamic_module_utils import get_imports
+
     allowed = {"torch", "transformers", "math", "typing", "inspect", "__future__"}
     siblings = {Path(n).stem for n in HUB_FILES}
+
+    def walk(node, in_try=False):
+        for child in ast.iter_child_nodes(node):
+            yield child, in_try
+            yield from walk(child, in_try or isinstance(child, ast.Try))
+
     for name, path in HUB_FILES.items():
         tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
+        for node, in_try in walk(tree):
             if isinstance(node, ast.Import):
                 mods = [a.name.split(".")[0] for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -655,7 +748,9 @@ def test_hub_files_import_only_torch_and_transformers():
                 mods = [node.module.split(".")[0]]
             else:
                 continue
-            assert set(mods) <= allowed, (name, mods)
+            assert set(mods) <= (allowed | {"timm"} if in_try else allowed), (name, mods, in_try)
+        if name.endswith(".py") and path.parent.name == "hub":
+            assert set(get_imports(path)) <= allowed, (name, get_imports(path))      # no timm
 
 
 def test_hub_code_refuses_unknown_attention_kind(published):

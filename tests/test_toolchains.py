@@ -300,7 +300,8 @@ def test_onnx_dynamic_resolution(case, tmp_path):
             assert abs(got - out(family, loaded, x).numpy()).max() <= 1e-5
 
 
-@pytest.mark.parametrize("case", ["timm-vit:separable", "hf-vit:linear_angular"])
+@pytest.mark.parametrize("case", ["timm-vit:separable", "hf-vit:linear_angular", "timm-eva02:linear_angular",
+                                  "timm-rope-mixed:separable"])
 def test_remote_code_scripts_and_exports_at_any_size(case, tmp_path):
     """The transformers remote code (export/hub, copied into every directory) takes the grid the same way:
     its attentions script, and its model exports with dynamic height/width, equal to castle-convert's model."""
@@ -325,7 +326,7 @@ def test_remote_code_scripts_and_exports_at_any_size(case, tmp_path):
             self.hub = hub
 
         def forward(self, x):
-            kw = {} if config.get("timm_vit") else {"interpolate_pos_encoding": True}
+            kw = {} if config.get("timm_vit") or config.get("timm_eva") else {"interpolate_pos_encoding": True}
             return primary_output(self.hub(pixel_values=x, **kw))
 
     Dim = torch.export.Dim

@@ -142,6 +142,8 @@ def _usage(config: dict, repo: str) -> str:
     auto = "AutoModel" if headless else "AutoModelForImageClassification"
     out_line = ("features = model(**inputs).last_hidden_state      # (1, tokens, dim); pooled: .pooler_output"
                 if headless else "print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])")
+    imports = ("they import torch and transformers, and build this timm Eva architecture with timm: `pip install "
+               "timm`" if config.get("timm_eva") else "they import only torch and transformers")
     parts = [f"""### transformers (no castle-convert needed)
 
 ```python
@@ -155,7 +157,7 @@ inputs = processor(images=Image.open("image.png"), return_tensors="pt")
 ```
 
 `trust_remote_code=True` runs `modeling_castling.py`, `configuration_castling.py` and
-`castling_functional.py` from this repository (they import only torch and transformers); read them first."""]
+`castling_functional.py` from this repository ({imports}); read them first."""]
     if not headless:
         parts.append(f"""```python
 from transformers import pipeline
@@ -297,7 +299,9 @@ def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Option
               "* Linear attention has no attention matrix: attention masks / head masks are not supported "
               "(vision models do not use them), and `output_attentions=True` raises an error (there are no "
               "attention weights to return; `output_hidden_states=True` works).",
-              "* Loading with transformers needs `trust_remote_code=True`."]
+              "* Loading with transformers needs `trust_remote_code=True`"
+              + (" and timm installed (`pip install timm`): the remote code builds the timm Eva architecture."
+                 if config.get("timm_eva") else ".")]
     versions = report.get("versions")
     if versions:
         lines += ["", "Written with " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."]

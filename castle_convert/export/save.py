@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from castle_convert.export.load import CONFIG_NAME, FORMAT_VERSION, METADATA_KEY, WEIGHTS_NAME
-from castle_convert.export.source import RemoteCodeUnsupported, describe_source, is_timm, timm_vit_spec
+from castle_convert.export.source import (RemoteCodeUnsupported, describe_source, is_timm, is_timm_eva, timm_eva_spec,
+                                          timm_vit_spec)
 
 logger = logging.getLogger(__name__)
 
@@ -235,11 +236,12 @@ def _hub_classes(model: nn.Module, source: dict, headless: bool) -> tuple[str, d
     from castle_convert.export.hub.modeling_castling import HF_CLASSES
     cfg = "configuration_castling.CastlingViTConfig"
     if source["library"] == "timm":
-        auto = {"AutoConfig": cfg, "AutoModel": "modeling_castling.CastlingTimmViTModel"}
+        family = "Eva" if is_timm_eva(model) else "ViT"      # Eva: built with timm on the loading side
+        auto = {"AutoConfig": cfg, "AutoModel": f"modeling_castling.CastlingTimm{family}Model"}
         if headless:
-            return "CastlingTimmViTModel", auto
-        auto["AutoModelForImageClassification"] = "modeling_castling.CastlingTimmViTForImageClassification"
-        return "CastlingTimmViTForImageClassification", auto
+            return f"CastlingTimm{family}Model", auto
+        auto["AutoModelForImageClassification"] = f"modeling_castling.CastlingTimm{family}ForImageClassification"
+        return f"CastlingTimm{family}ForImageClassification", auto
     name = type(model).__name__
     if name not in HF_CLASSES:
         raise RemoteCodeUnsupported(f"transformers {name} is not one of the classes modeling_castling.py "
@@ -277,7 +279,9 @@ def build_config(model: nn.Module, *, source: dict, labels: Optional[list[str]],
     if remote_code:
         arch, auto_map = _hub_classes(model, source, headless)
         config.update(architectures=[arch], auto_map=auto_map)
-        if source["library"] == "timm":
+        if source["library"] == "timm" and is_timm_eva(model):
+            config["timm_eva"] = timm_eva_spec(model)
+        elif source["library"] == "timm":
             config["timm_vit"] = timm_vit_spec(model)
     if source["library"] == "timm":
         # timm-style fields for timm.create_model("local-dir:DIR" / "hf-hub:ID"), in timm's flat layout:
@@ -350,7 +354,7 @@ def hub_model(config: dict, state: Optional[dict] = None) -> nn.Module:
 
 def _hub_output(hub: nn.Module, x: torch.Tensor, headless_timm: bool) -> torch.Tensor:
     with torch.no_grad():
-        if getattr(hub.config, "timm_vit", None):
+        if getattr(hub.config, "timm_vit", None) or getattr(hub.config, "timm_eva", None):
             out = hub(pixel_values=x)
             return (out.pooler_output if headless_timm else out.logits).float()
         from castle_convert.adapters import hf_siglip2
@@ -377,7 +381,7 @@ def verify_directory(model: nn.Module, path: Path, config: dict, *, remote_code:
     if remote_code:
         state, _ = read_safetensors(path / WEIGHTS_NAME)
         hub = hub_model(config, state).to(next(iter(state.values())).dtype)
-        headless_timm = bool(config.get("timm_vit")) and config.get("castle_headless")
+        headless_timm = bool(config.get("timm_vit") or config.get("timm_eva")) and config.get("castle_headless")
         diffs["transformers remote code"] = (_hub_output(hub, x.to(next(hub.parameters()).dtype), headless_timm).cpu()
                                              - ref).abs().max().item()
     bad = {k: v for k, v in diffs.items() if not v <= tol}

@@ -2,7 +2,8 @@
 
 * timm: the architecture name and every constructor argument that shapes the model, read from
   the model's modules (timm's own ``_model_args`` record is the starting point), plus its data
-  config; and, for the remote-code files, a ``timm_vit`` geometry spec of the ViT.
+  config; and, for the remote-code files, a ``timm_vit`` geometry spec of the ViT (timm Eva: a
+  ``timm_eva`` spec, what the timm-built remote-code model cannot read off timm's own modules).
 * transformers: the model class and its full config.
 
 Both are verified by rebuilding (see ``save.save_pretrained``).
@@ -255,6 +256,40 @@ def timm_vit_spec(model: nn.Module) -> dict:
                 spec["qk_norm"], spec["scale_attn_norm"], spec["gated"], spec["qkv_bias"]):
             raise no(f"blocks.{i}.attn differs in structure from blocks.0.attn")
     return _jsonable(spec)
+
+
+def is_timm_eva(model: nn.Module) -> bool:
+    """Whether ``model`` is a timm ``Eva`` (eva02_*, vit_*_rope_*, vit_*_dinov3, vit_pe_*), converted or not."""
+    return is_timm(model) and timm_class_name(model) == "Eva"
+
+
+def timm_eva_spec(model: nn.Module) -> dict:
+    """What ``modeling_castling.CastlingTimmEva*`` needs beyond the source description (which timm builds): per
+    converted attention, whether its fused input projection has a bias (raises RemoteCodeUnsupported)."""
+    from castle_convert.attention import LinearAngularAttentionInference, SeparableAttentionInference
+    from castle_convert.adapters.timm_eva import attention_classes
+
+    def no(reason: str) -> RemoteCodeUnsupported:
+        return RemoteCodeUnsupported(f"Eva ({timm_architecture(model)}): {reason}")
+
+    converted = set(getattr(model, "castling_converted", None) or [])
+    layers = {}
+    for i, blk in enumerate(getattr(model, "blocks", [])):
+        where = f"blocks.{i}"
+        if timm_class_name(blk) not in ("EvaBlock", "EvaBlockPostNorm"):
+            raise no(f"{where} is a {type(blk).__name__}, not timm's EvaBlock / EvaBlockPostNorm")
+        a = blk.attn
+        if isinstance(a, (LinearAngularAttentionInference, SeparableAttentionInference)):
+            if f"{where}.attn" not in converted:
+                raise no(f"{where}.attn is converted but not listed in castling_converted")
+            layers[f"{where}.attn"] = {"in_bias": _in_linear(a).bias is not None}
+        elif not isinstance(a, attention_classes()):
+            raise no(f"{where}.attn is {type(a).__name__}, neither a finalized castling attention nor timm's "
+                     "EvaAttention / AttentionRope")
+    other = sorted(converted - set(layers))
+    if other:
+        raise no(f"converted modules outside the blocks' attentions ({', '.join(other[:3])})")
+    return {"layers": layers}
 
 
 def timm_base_model(model: nn.Module, args: dict) -> Optional[str]:

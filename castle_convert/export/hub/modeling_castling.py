@@ -1,15 +1,20 @@
 """Castling-ViT models for ``transformers`` (``trust_remote_code=True``), written by castle-convert.
 
 This file is copied into every published output directory. It imports only torch and
-transformers; the attention math comes from ``castling_functional.py`` (a verbatim copy of
+transformers (timm Eva sources import timm when their model is built, inside a ``try``);
+the attention math comes from ``castling_functional.py`` (a verbatim copy of
 ``castle_convert/attention/functional.py``), so a checkpoint loaded here runs exactly the
 kernels it was converted and verified with.
 
-Two kinds of source model:
+Three kinds of source model:
 
 * timm ViTs (``CastlingTimmViTForImageClassification`` / ``CastlingTimmViTModel``): a
   self-contained torch implementation of timm's ``VisionTransformer`` (and DeiT's distilled
   variant) whose state-dict keys are timm's, so the same ``model.safetensors`` loads in timm.
+* timm Eva models, RoPE inside attention (``CastlingTimmEvaForImageClassification`` /
+  ``CastlingTimmEvaModel``): timm-backed, like transformers' ``TimmWrapperModel`` — the timm
+  architecture built with timm (``pip install timm``), each converted attention replaced by this
+  file's, the call's RoPE and patch grid passed down; keys are timm's.
 * transformers ViT / DeiT / DINOv2 (``CastlingViTForImageClassification`` and friends): the
   transformers class itself, with every self-attention replaced by :class:`CastlingHFAttention`
   (keys ``...attention.attn.qkv`` etc., as castle-convert writes them).
@@ -481,6 +486,195 @@ class CastlingTimmViTModel(CastlingTimmViTPreTrainedModel):
         out = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=self.forward_head(x, pre_logits=True),
                                          hidden_states=hidden)
         return _return(return_dict, self.config, out)
+
+
+# -- timm Eva sources: the timm architecture, built with timm, castling attention in place ------------
+
+# timm.create_model arguments that read or fetch weights: never taken from a config.json
+_TIMM_LOADER_ARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
+                     "cache_dir")
+_TIMM_REMOTE_NAMES = ("hf-hub:", "hf_hub:", "local-dir:", "timm/")
+
+
+def _import_timm(arch: str):
+    """timm, or a one-line ImportError saying how to install it (only timm Eva sources need it)."""
+    try:
+        import timm
+    except ImportError:
+        raise ImportError(f"this checkpoint was converted from the timm model '{arch}', whose architecture its remote "
+                          "code builds with timm, which is not installed: pip install timm") from None
+    return timm
+
+
+def _build_timm_eva(config) -> nn.Module:
+    """The timm Eva that ``config.source`` describes (random init, no download), converted attentions replaced by
+    this file's castling attentions with the timm attention's own q/k norms, out norm, gate and proj."""
+    source, spec = config.source or {}, config.timm_eva or {}
+    arch = source.get("architecture", "")
+    args = dict(source.get("model_args") or {})
+    bad = [f"source.model_args.{k}" for k in sorted(set(args) & set(_TIMM_LOADER_ARGS))]
+    if not isinstance(arch, str) or arch.startswith(_TIMM_REMOTE_NAMES):
+        bad.append(f"source.architecture {arch!r}")
+    if bad:
+        raise ValueError(f"config.json {', '.join(bad)} names weights to load or fetch: a castle-convert checkpoint's "
+                         "weights are its model.safetensors only; remove it from config.json")
+    timm = _import_timm(arch)
+    if not timm.is_model(arch):
+        raise ValueError(f"timm {timm.__version__} has no architecture '{arch}': install the timm version the "
+                         "checkpoint was written with (pip install -U timm)")
+    for k in ("img_size", "patch_size"):
+        if isinstance(args.get(k), list):
+            args[k] = tuple(args[k])
+    eva = timm.create_model(arch, pretrained=False, **args)
+    castling = config.castling
+    _check_castling(castling)
+    layers = spec.get("layers") or {}
+    for name in config.converted_modules or []:
+        old = eva.get_submodule(name)
+        info = layers.get(name, {})
+        first = old.qkv if getattr(old, "qkv", None) is not None else old.q_proj
+        has_k_norm = not isinstance(old.k_norm, nn.Identity)
+        gate = getattr(old, "gate", None)
+        new = make_attention(first.in_features, old.num_heads, old.head_dim, int(old.num_prefix_tokens), castling,
+                             qkv_bias=bool(info.get("in_bias", True)), proj_bias=old.proj.bias is not None,
+                             qk_norm_eps=1e-6 if has_k_norm else None, gated=gate is not None,
+                             gate_bias=gate is not None and gate.bias is not None)
+        # the timm attention's own modules (any norm class timm built): same keys as castle-convert's
+        if isinstance(new, CastlingAttention):
+            new.q_norm, new.k_norm = old.q_norm, old.k_norm
+            new.rope_half = bool(getattr(old, "rotate_half", False))
+        elif new.k_norm is not None:
+            new.k_norm = old.k_norm
+        new.norm, new.proj = old.norm, old.proj
+        if gate is not None:
+            new.out_gate = gate
+        p = old.proj.weight
+        parent, _, child = name.rpartition(".")
+        setattr(eva.get_submodule(parent) if parent else eva, child, new.to(device=p.device, dtype=p.dtype))
+    for blk in eva.blocks:                                   # every block takes grid=, in place (keys unchanged)
+        blk.__class__ = _grid_eva_block(type(blk))
+    return eva
+
+
+_GRID_EVA_BLOCKS: dict = {}
+
+
+def _grid_eva_block(cls: type) -> type:
+    """A subclass of timm's ``EvaBlock`` / ``EvaBlockPostNorm`` ``cls`` whose forward passes the call's RoPE and patch
+    grid to a castling attention; a block whose attention stays softmax (hybrid) runs as timm wrote it."""
+    if cls in _GRID_EVA_BLOCKS:
+        return _GRID_EVA_BLOCKS[cls]
+    post_norm = cls.__name__ == "EvaBlockPostNorm"
+
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        if not isinstance(self.attn, _CastlingAttentionBase):
+            return cls.forward(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("castling linear attention has no attention matrix to mask: attn_mask/is_causal "
+                                      "are not supported")
+        if post_norm:
+            x = x + self.drop_path1(self.norm1(self.attn(x, grid, rope)))
+            return x + self.drop_path2(self.norm2(self.mlp(x)))
+        x_attn = self.attn(self.norm1(x), grid, rope)                              # (B, N, D)
+        if self.gamma_1 is not None:
+            x_attn = self.gamma_1 * x_attn
+        x = x + self.drop_path1(x_attn)
+        x_mlp = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            x_mlp = self.gamma_2 * x_mlp
+        return x + self.drop_path2(x_mlp)
+
+    _GRID_EVA_BLOCKS[cls] = type(f"Grid{cls.__name__}", (cls,), {
+        "forward": forward, "__module__": __name__,
+        "__doc__": f"timm's {cls.__name__}, the call's RoPE and patch grid passed to its castling attention."})
+    return _GRID_EVA_BLOCKS[cls]
+
+
+class CastlingTimmEvaPreTrainedModel(PreTrainedModel):
+    """A timm Eva (``eva02_*``, ``vit_*_rope_*``, ``vit_*_dinov3``, ``vit_pe_*``) with castling attention, built with
+    timm (needs ``pip install timm``): the timm model's modules and parameters are this model's own, under timm's
+    names (``blocks.0.attn.qkv``, ``rope.freqs``, ``head``), so one ``model.safetensors`` serves every route."""
+
+    config_class = CastlingViTConfig
+    base_model_prefix = "castling_timm_eva"          # never a key prefix: keys are timm's
+    main_input_name = "pixel_values"
+    _no_split_modules = ["GridEvaBlock", "GridEvaBlockPostNorm"]
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config: CastlingViTConfig):
+        super().__init__(config)
+        if not getattr(config, "timm_eva", None):
+            raise ValueError("config.json has no 'timm_eva' section: this directory was not written for a timm Eva "
+                             "source model")
+        eva = _build_timm_eva(config)
+        self._timm_eva_class = type(eva)
+        # adopt the timm model: its parameters, buffers, submodules and plain attributes become this model's
+        for name, p in eva._parameters.items():
+            self.register_parameter(name, p)
+        for name, b in eva._buffers.items():
+            self.register_buffer(name, b, persistent=name not in eva._non_persistent_buffers_set)
+        for name, m in eva._modules.items():
+            self.add_module(name, m)
+        skip = {"training", "pretrained_cfg", "default_cfg", "pretrained_model_args", "feature_info",
+                "grad_checkpointing"}
+        for name, value in vars(eva).items():
+            if not name.startswith("_") and name not in skip and not hasattr(type(self), name) \
+                    and name not in self._modules and name not in self._parameters and name not in self._buffers:
+                setattr(self, name, value)
+        self.gradient_checkpointing = False          # transformers' gradient_checkpointing_enable() sets it
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Freshly built (not loaded) parts: castling modules as for timm ViTs; timm's non-persistent buffers (RoPE
+        tables, EvaAttention's zero k_bias) recomputed, as transformers' TimmWrapperModel does."""
+        if isinstance(module, (CastlingAttention, CastlingSeparableAttention, _DWConv)):
+            _init_castling_weights(module)
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.patch_embed
+
+    def forward_features(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
+        """All tokens after the final norm, (B, N, D) — timm's ``forward_features``, each call's RoPE and patch grid
+        passed to every block (derived from this call's input; nothing is stored between calls)."""
+        x = self.patch_embed(pixel_values)                                          # (B, H, W, D) or (B, N, D)
+        grid = (x.shape[1], x.shape[2]) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
+        x, rope = self._timm_eva_class._pos_embed(self, x)                          # (B, N, D); RoPE of this grid
+        x = self.norm_pre(x)
+        hidden = [x] if output_hidden_states else None
+        mixed = bool(getattr(self, "rope_mixed", False)) and rope is not None
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, blk in enumerate(self.blocks):
+            r = rope[i] if mixed else rope                                          # mixed RoPE: per depth
+            x = self._gradient_checkpointing_func(blk.__call__, x, r, None, False, grid) if checkpointing \
+                else blk(x, rope=r, grid=grid)
+            if hidden is not None:
+                hidden.append(x)
+        x = self.norm(x)
+        return (x, tuple(hidden)) if output_hidden_states else x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's Eva ``forward_head``: pool (or attention pooling), fc_norm, classifier."""
+        x = self._timm_eva_class.pool(self, x)
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    _flags = CastlingTimmViTPreTrainedModel._flags
+
+
+class CastlingTimmEvaForImageClassification(CastlingTimmEvaPreTrainedModel):
+    """Logits equal the timm model's ``model(x)``."""
+
+    forward = CastlingTimmViTForImageClassification.forward
+
+
+class CastlingTimmEvaModel(CastlingTimmEvaPreTrainedModel):
+    """Feature extractor: ``last_hidden_state`` = timm ``forward_features`` (B, N, D), ``pooler_output`` = timm
+    ``forward_head(..., pre_logits=True)``."""
+
+    forward = CastlingTimmViTModel.forward
 
 
 # -- transformers sources: the transformers class with castling attention --------------------------
