@@ -1,5 +1,5 @@
-"""A directory converted from a transformers ViT / DeiT / DINOv2 / CLIP / SigLIP / DINOv3, loaded as the equivalent
-timm model.
+"""A directory converted from a transformers ViT / DeiT / DINOv2 / CLIP / SigLIP / SigLIP2 / DINOv3, loaded as the
+equivalent timm model.
 
 timm's ``local-dir:`` / ``hf-hub:`` / ``castle_<arch>`` routes build timm classes, and the weights of a
 transformers source carry transformers' names. :func:`plan` says which timm architecture computes the
@@ -15,12 +15,14 @@ same function (or why none does), with its constructor arguments read from the t
 | ``CLIPVisionModel`` | ``VisionTransformer`` ``vit_*_clip_quickgelu_*`` (``vit_*_clip_*`` for GELU): ``pre_norm`` (``pre_layrnorm``), class token, ``post_layernorm`` as ``fc_norm`` | ``forward_features`` = ``last_hidden_state`` (before ``post_layernorm``, as in transformers), ``model(x)`` = ``pooler_output`` (``post_layernorm`` of the class token). timm's own ``vit_*_clip_*`` applies that norm to every token in ``forward_features`` (``norm``); here it is ``fc_norm``, after pooling, so that both outputs match transformers |
 | ``SiglipVisionModel`` | ``VisionTransformer`` ``vit_*_siglip_*``: no class token, ``global_pool='map'`` (``AttentionPoolLatent``: ``probe`` → ``latent``, ``in_proj`` → ``q`` / ``kv``; stays softmax), ``gelu_tanh`` | ``forward_features`` = ``last_hidden_state`` (after ``post_layernorm``), ``model(x)`` = ``pooler_output``; without a head (``vision_use_head=False``) ``model(x)`` = ``last_hidden_state`` |
 | ``DINOv3ViTModel`` | ``Eva`` ``vit_*_dinov3``: DINOv3 RoPE (``RotaryEmbeddingDinoV3``, ``rope_temperature`` = ``rope_theta``; its sin/cos within 1.2e-7 of transformers' up to 28×20 patches), register tokens, LayerScale (``gamma_1``/``gamma_2``), ``q_bias``/``v_bias`` (with ``key_bias``: ``attn_type='rope'``, whose fused ``qkv`` has a key bias; under RoPE softmax does not ignore one) | ``forward_features`` = ``last_hidden_state``, ``model(x)`` = ``pooler_output`` (class token); GELU MLP, or the gated SiLU MLP (``use_gated_mlp``) as Eva's ``GluMlp`` (``fc1`` = ``gate_proj`` stacked on ``up_proj``) |
+| ``Siglip2VisionModel`` (NaFlex) | ``NaFlexVit`` ``naflexvit_*_siglip``: Linear patch embedding (``embeds.proj``, the same (P, P, C) patch layout), the (G, G) table as ``embeds.pos_embed`` resized per image bilinear + antialiased (``pos_embed_interp_mode='bilinear'``, ``pos_embed_antialias``, no ``align_corners``, aspect ratio not kept: transformers' ``resize_positional_embeddings``, within 2.2e-6 on N(0, 1) tables), no class token, MAP head as ``attn_pool`` | ``forward_features(x)`` = ``last_hidden_state``, ``model(x)`` = ``pooler_output`` (without a head: ``last_hidden_state``) for images (B, C, H, W) of any size, and for a NaFlex dict (``patches`` = ``pixel_values``, ``patch_coord`` row-major, ``patch_valid`` = ``pixel_attention_mask``): the real tokens and the pooled output of a padded batch |
 
 Position embeddings: transformers' DINOv2 with registers resamples them like timm (bicubic,
 antialiased); ViT, DeiT, DINOv2, CLIP and SigLIP without antialiasing. For those the timm model is built at the
 directory's own resolution (``distilled_resolution``, else the config's ``image_size``) with the
 embedding resampled there the transformers way: equal outputs at that size; at other sizes timm's
-antialiased resampling makes them differ slightly. DINOv3 has no absolute position embedding: equal at every size.
+antialiased resampling makes them differ slightly. DINOv3 has no absolute position embedding, and SigLIP2 resizes its
+table per image the way timm's NaFlexVit is built to here: equal at every size.
 Training-time RoPE augmentation (transformers' ``pos_embed_rescale`` etc.) is not carried over; inference is.
 """
 
@@ -39,15 +41,13 @@ _EQUIVALENT = {
     "DeiTForImageClassificationWithTeacher": "deit_base_distilled_patch16_224",
     "Dinov2Model": "vit_small_patch14_dinov2", "Dinov2WithRegistersModel": "vit_small_patch14_reg4_dinov2",
     "CLIPVisionModel": "vit_base_patch16_clip_224", "SiglipVisionModel": "vit_base_patch16_siglip_224",
-    "DINOv3ViTModel": "vit_small_patch16_dinov3",
+    "DINOv3ViTModel": "vit_small_patch16_dinov3", "Siglip2VisionModel": "naflexvit_base_patch16_siglip",
 }
 _NO_EQUIVALENT = {
     "DeiTForImageClassification": "its head reads the class token only, while timm's DeiT averages the class "
                                   "and distillation heads",
     "Dinov2ForImageClassification": "its head reads the class token and the mean patch token together",
     "Dinov2WithRegistersForImageClassification": "its head reads the class token and the mean patch token together",
-    "Siglip2VisionModel": "its NaFlex tower takes patches, a padding mask and grids (timm's naflexvit takes a NaFlex "
-                          "dict, and the weight mapping onto it is not written)",
 }
 _TOWERS = ("CLIPVisionModel", "SiglipVisionModel")
 # transformers hidden_act -> timm act_layer computing the same function
@@ -65,6 +65,7 @@ class Equivalent:
     norm_eps: float
     hf_class: str
     antialiased: bool = False             # transformers resamples the position embedding as timm does
+    naflex: bool = False                  # timm NaFlexVit: embeds.proj / embeds.pos_embed (1, G, G, D), never resampled
     converted_modules: list = field(default_factory=list)
 
 
@@ -80,6 +81,8 @@ def plan(config: dict) -> Union[Equivalent, str]:
         return f"transformers {hf_class} has no timm equivalent: {_NO_EQUIVALENT[hf_class]}"
     if hf_class not in _EQUIVALENT:
         return f"transformers {hf_class} has no timm equivalent castle-convert knows"
+    if hf_class == "Siglip2VisionModel":
+        return _plan_naflex(config, hf_class)
     dim, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     patch, image = _size(config["patch_size"]), _size(config["image_size"])
     if image[0] != image[1] or patch[0] != patch[1]:
@@ -144,6 +147,37 @@ def _plan_tower(config: dict, hf_class: str, dim: int, heads: int, patch: int, r
         args.update(class_token=False, global_pool="", fc_norm=False)   # no head: every token is the output
     return Equivalent(architecture=arch, model_args=args, resolution=resolution,
                       norm_eps=float(config.get("layer_norm_eps", 1e-5)), hf_class=hf_class,
+                      converted_modules=[timm_path(p) for p in config.get("converted_modules") or []])
+
+
+def _plan_naflex(config: dict, hf_class: str) -> Union[Equivalent, str]:
+    """SigLIP2's NaFlex tower: timm's ``NaFlexVit`` ``naflexvit_*_siglip`` (Linear patch embedding on (P, P, C)
+    patches, the (G, G) position table resized per image bilinear + antialiased as transformers does, no class
+    token, MAP head as ``attn_pool``). No resolution is baked in: both resize the same table for every grid."""
+    dim, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    patch, act = _size(config["patch_size"]), config.get("hidden_act", "gelu_pytorch_tanh")
+    grid = int(round(int(config["num_patches"]) ** 0.5))
+    if grid * grid != int(config["num_patches"]) or patch[0] != patch[1]:
+        return (f"transformers {hf_class} with num_patches={config['num_patches']} / patch_size={config['patch_size']} "
+                "(not a square grid of square patches) has no timm equivalent")
+    if act not in _ACT:
+        return f"transformers {hf_class} with hidden_act={act!r} has no timm activation castle-convert maps"
+    mlp = _mlp_ratio(config, dim)
+    if isinstance(mlp, str):
+        return f"transformers {hf_class} with {mlp} has no timm equivalent"
+    head = bool(config.get("vision_use_head", True))
+    # transformers' resize_positional_embeddings = F.interpolate(bilinear, align_corners=False, antialias=True) to
+    # (rows, cols), the aspect ratio not kept: timm's learned NaFlex table with these settings, images and NaFlex dicts
+    args = dict(img_size=grid * patch[0], patch_size=patch[0], in_chans=int(config.get("num_channels", 3)),
+                embed_dim=dim, depth=int(config["num_hidden_layers"]), num_heads=heads, mlp_ratio=mlp, qkv_bias=True,
+                num_classes=0, act_layer=_ACT[act], init_values=None, class_token=False, reg_tokens=0,
+                pos_embed="learned", pos_embed_grid_size=(grid, grid), pos_embed_interp_mode="bilinear",
+                pos_embed_antialias=True, pos_embed_align_corners=False, pos_embed_ar_preserving=False,
+                pos_embed_use_grid_sample=False, embed_proj_type="linear", patchify_channels_last=True,
+                global_pool="map" if head else "", fc_norm=False)
+    resolution = int(config.get("distilled_resolution") or grid * patch[0])
+    return Equivalent(architecture=_EQUIVALENT[hf_class], model_args=args, resolution=resolution,
+                      norm_eps=float(config.get("layer_norm_eps", 1e-6)), hf_class=hf_class, naflex=True,
                       converted_modules=[timm_path(p) for p in config.get("converted_modules") or []])
 
 
@@ -302,6 +336,12 @@ def timm_state(state: dict[str, torch.Tensor], eq: Equivalent, config: dict) -> 
     if "cls_token" in out:
         out["cls_token"] = out["cls_token"].reshape(1, 1, -1)   # CLIP's class_embedding is (D,)
     if "pos_embed" not in out:                            # RoPE only (DINOv3)
+        return out
+    if eq.naflex:                                         # NaFlexVit: the (G, G) table itself, resized per call
+        G = eq.model_args["pos_embed_grid_size"][0]
+        out["embeds.pos_embed"] = out.pop("pos_embed").reshape(1, G, G, -1)          # (1, G, G, D)
+        for k in ("weight", "bias"):                      # (D, P·P·C): the same (P, P, C) patch layout
+            out[f"embeds.proj.{k}"] = out.pop(f"patch_embed.proj.{k}")
         return out
     prefix = 2 if "dist_token" in out else int("cls_token" in out)
     patch = _size(config["patch_size"])[0]
