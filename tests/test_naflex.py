@@ -102,6 +102,39 @@ def test_siglip2_padded_batch_through_the_saved_directory(tmp_path):
     assert _padded_vs_alone(hub, alone, batch)[0] <= 1e-5
 
 
+def _as_naflex_dict(batch) -> dict:
+    """A SigLIP2 padded batch as timm's NaFlex dict: the same patches, ``patch_coord`` (B, N, 2) row-major over each
+    image's grid (padding at (0, 0), as timm's collator pads), ``patch_valid`` = ``pixel_attention_mask``."""
+    pixels, mask, shapes = batch
+    B, N = mask.shape
+    pos = torch.arange(N).unsqueeze(0)                                                   # (1, N)
+    cols = shapes[:, 1:2]                                                                # (B, 1)
+    coord = torch.stack([pos // cols, pos % cols], dim=-1) * mask.unsqueeze(-1)          # (B, N, 2)
+    return dict(patches=pixels, patch_coord=coord, patch_valid=mask.bool())
+
+
+@pytest.mark.parametrize("kind,keep", [("linear_angular", None), ("separable", None), ("linear_angular", [1])],
+                         ids=["linear_angular", "separable", "hybrid"])
+def test_siglip2_padded_batch_through_timm(tmp_path, kind, keep):
+    """A SigLIP2 directory through timm (local-dir: → naflexvit_base_patch16_siglip): a padded NaFlex dict batch gives
+    cc.load's padded SigLIP2 batch — real tokens and the MAP head's pooled output — and every image its alone output."""
+    import timm
+    student = _trained(cc.convert(SIGLIP2.build(), kind=kind, keep_softmax=keep))
+    cc.set_schedule(student, gate=0.0, threshold=0.0)
+    cc.save_pretrained(cc.finalize(student, force=True).eval(), tmp_path / "out")
+    model = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    assert type(model).__name__ == "GridNaFlexVit"
+    alone, batch = _siglip2_batch(seed=4)
+    nf = _as_naflex_dict(batch)
+    real = batch[1].bool()
+    with torch.no_grad():
+        ref = cc.load(tmp_path / "out")(*batch)
+        assert (model.forward_features(**nf)["patches"] - ref.last_hidden_state)[real].abs().max() <= 1e-5
+        assert (model(nf) - ref.pooler_output).abs().max() <= 1e-5
+    diff, leak = _naflexvit_padded_vs_alone(model, [_as_naflex_dict(a) for a in alone], nf)
+    assert diff <= 1e-5 and leak > 1e-3
+
+
 def test_siglip2_export_with_a_dynamic_patch_count():
     """torch.export of the patch route with a dynamic batch and patch count: one graph for padded batches of
     any length (the original exports the same way)."""

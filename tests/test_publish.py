@@ -41,7 +41,8 @@ NO_REMOTE_CODE = {"timm-naflexvit"}
 # timm Eva sources (RoPE inside attention; the remote code builds the timm Eva and needs timm installed)
 EVA_CASES = ("timm-eva02", "timm-rope-mixed", "timm-dinov3")
 # the separable kind: folded context projection (timm, transformers) and the k_norm layout (qk-norm)
-SEPARABLE_CASES = ("timm-vit", "timm-qknorm", "hf-vit", "timm-deit-distilled", "hf-dinov3", *EVA_CASES)
+SEPARABLE_CASES = ("timm-vit", "timm-qknorm", "hf-vit", "timm-deit-distilled", "hf-dinov3", "hf-siglip2-naflex",
+                   *EVA_CASES)
 REPORT = {"model": "fmnist_vit", "dataset": "fashion-mnist", "recipe": "quick",
           "teacher": {"top1": 86.78, "n": 10000}, "student": {"top1": 85.57, "agree": 93.27, "n": 10000},
           "student_start": {"top1": 86.78}, "student_train_form_g0": {"top1": 85.57},
@@ -67,7 +68,7 @@ def _finalized(model, kind="linear_angular", keep_softmax=None):
 
 # hybrid models (castling.keep_softmax): the second attention layer stays softmax
 HYBRID_CASES = ("timm-vit", "timm-reg4-dinov2", "hf-vit", "hf-dinov2-registers", "hf-dinov3", "hf-clip-vision",
-                "hf-siglip-vision", *EVA_CASES)
+                "hf-siglip-vision", "hf-siglip2-naflex", *EVA_CASES)
 
 
 @pytest.fixture(scope="module")
@@ -235,9 +236,9 @@ def test_route_timm(published, tmp_path):
     print("timm max |Δ|:", diffs)
 
 
-# transformers sources without a timm equivalent (export/timm_equivalent.py says why, one line): SigLIP2's NaFlex
-# tower takes patches, timm's naflexvit a NaFlex dict
-NO_TIMM_ROUTE = {"hf-siglip2-naflex"}
+# transformers sources in the family table without a timm equivalent (export/timm_equivalent.py says why, one line):
+# none (SigLIP2's NaFlex tower loads as timm's naflexvit_*_siglip; padded NaFlex batches in test_naflex.py)
+NO_TIMM_ROUTE: set[str] = set()
 
 
 def _base(fid: str) -> str:
@@ -248,7 +249,8 @@ def test_route_timm_transformers_sources(published, tmp_path):
     """A transformers-source directory through timm (local-dir: and castle_<arch> with its file), in a fresh process:
     the equivalent timm model (export/timm_equivalent.py) equals castle_convert.load at the directory's resolution —
     ``forward_features`` = ``last_hidden_state`` (backbones) or ``model(x)`` = logits, and ``model(x)`` =
-    ``pooler_output`` (CLIP, SigLIP's MAP head, DINOv2 / DINOv3's class token)."""
+    ``pooler_output`` (CLIP, SigLIP's MAP head, DINOv2 / DINOv3's class token); SigLIP2 (NaFlex: timm's naflexvit, the
+    position table resized per image as transformers does) at the non-square size x2 too."""
     root, cases = published
     diffs = _subprocess(f"""
         import json, torch
@@ -270,6 +272,8 @@ def test_route_timm_transformers_sources(published, tmp_path):
                     d.append(((m.forward_features(t["x"]) if c["headless"] else m(t["x"])) - t["ref"]).abs().max())
                     if t["pool"].numel():
                         d.append((m(t["x"]) - t["pool"]).abs().max())
+                    if c["naflex"]:              # equal at every size: the table is resized per image both ways
+                        d.append((m.forward_features(t["x2"]) - t["ref2"]).abs().max())
             out[fid] = [arch, type(m2).__name__, max(v.item() for v in d)]
         print(json.dumps(out))
     """, tmp_path)
@@ -279,6 +283,8 @@ def test_route_timm_transformers_sources(published, tmp_path):
     assert archs["hf-clip-vision"] == ["castle_vit_base_patch16_clip_quickgelu_224", "GridVisionTransformer"]
     assert archs["hf-siglip-vision"] == ["castle_vit_base_patch16_siglip_224", "GridVisionTransformer"]
     assert archs["hf-dinov3"] == ["castle_vit_small_patch16_dinov3", "GridEva"]
+    assert archs["hf-siglip2-naflex"] == ["castle_naflexvit_base_patch16_siglip", "GridNaFlexVit"]
+    assert {"hf-siglip2-naflex-separable", "hf-siglip2-naflex-hybrid"} <= set(diffs)
     print("timm (transformers sources) max |Δ|:", diffs)
 
 
@@ -426,6 +432,9 @@ TIMM_VARIANTS = [
     ("DINOv3ViTModel", dict(use_gated_mlp=True, hidden_act="silu", key_bias=True), "castle_vit_small_patch16_dinov3",
      32),
     ("DINOv3ViTModel", dict(query_bias=False, value_bias=False), "castle_vit_small_patch16_dinov3", 48),
+    # SigLIP2: the default 16×16 table resized down to 4×4 (antialiased), and 4×4 resized up at 48 px; no head
+    ("Siglip2VisionModel", dict(vision_use_head=False), "castle_naflexvit_base_patch16_siglip", 32),
+    ("Siglip2VisionModel", dict(num_patches=16), "castle_naflexvit_base_patch16_siglip", 48),
 ]
 
 
@@ -463,6 +472,8 @@ def test_timm_route_transformers_variants(tmp_path, hf_class, kw, arch, size):
     ("CLIPVisionModel", dict(hidden_act="gelu_fast"), "hidden_act='gelu_fast' has no timm activation"),
     ("DINOv3ViTModel", dict(use_gated_mlp=True, hidden_act="gelu"), "Eva's SwiGLU MLP is SiLU"),
     ("DINOv3ViTModel", dict(hidden_act="silu"), "Eva's MLP is GELU"),
+    ("Siglip2VisionModel", dict(num_patches=12), "not a square grid"),
+    ("Siglip2VisionModel", dict(num_patches=16, hidden_act="gelu_fast"), "hidden_act='gelu_fast' has no timm activation"),
 ])
 def test_timm_route_transformers_variants_refused_in_one_line(hf_class, kw, why):
     from castle_convert.export.timm_equivalent import plan
