@@ -117,7 +117,8 @@ def _as_naflex_dict(batch) -> dict:
                          ids=["linear_angular", "separable", "hybrid"])
 def test_siglip2_padded_batch_through_timm(tmp_path, kind, keep):
     """A SigLIP2 directory through timm (local-dir: → naflexvit_base_patch16_siglip): a padded NaFlex dict batch gives
-    cc.load's padded SigLIP2 batch — real tokens and the MAP head's pooled output — and every image its alone output."""
+    cc.load's padded SigLIP2 batch — real tokens and the MAP head's pooled output — and each image its alone
+    output."""
     import timm
     student = _trained(cc.convert(SIGLIP2.build(), kind=kind, keep_softmax=keep))
     cc.set_schedule(student, gate=0.0, threshold=0.0)

@@ -473,7 +473,8 @@ def test_timm_route_transformers_variants(tmp_path, hf_class, kw, arch, size):
     ("DINOv3ViTModel", dict(use_gated_mlp=True, hidden_act="gelu"), "Eva's SwiGLU MLP is SiLU"),
     ("DINOv3ViTModel", dict(hidden_act="silu"), "Eva's MLP is GELU"),
     ("Siglip2VisionModel", dict(num_patches=12), "not a square grid"),
-    ("Siglip2VisionModel", dict(num_patches=16, hidden_act="gelu_fast"), "hidden_act='gelu_fast' has no timm activation"),
+    ("Siglip2VisionModel", dict(num_patches=16, hidden_act="gelu_fast"),
+     "hidden_act='gelu_fast' has no timm activation"),
 ])
 def test_timm_route_transformers_variants_refused_in_one_line(hf_class, kw, why):
     from castle_convert.export.timm_equivalent import plan
