@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from castle_convert.export.load import CONFIG_NAME, FORMAT_VERSION, METADATA_KEY, WEIGHTS_NAME
-from castle_convert.export.source import (RemoteCodeUnsupported, describe_source, is_timm, is_timm_eva, timm_eva_spec,
-                                          timm_vit_spec)
+from castle_convert.export.source import (RemoteCodeUnsupported, describe_source, is_timm, is_timm_eva, is_timm_naflex,
+                                          timm_eva_spec, timm_naflex_spec, timm_vit_spec)
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,8 @@ def _hub_classes(model: nn.Module, source: dict, headless: bool) -> tuple[str, d
     from castle_convert.export.hub.modeling_castling import HF_CLASSES
     cfg = "configuration_castling.CastlingViTConfig"
     if source["library"] == "timm":
-        family = "Eva" if is_timm_eva(model) else "ViT"      # Eva: built with timm on the loading side
+        # Eva, NaFlexVit: built with timm on the loading side
+        family = "Eva" if is_timm_eva(model) else "NaFlexVit" if is_timm_naflex(model) else "ViT"
         auto = {"AutoConfig": cfg, "AutoModel": f"modeling_castling.CastlingTimm{family}Model"}
         if headless:
             return f"CastlingTimm{family}Model", auto
@@ -281,6 +282,8 @@ def build_config(model: nn.Module, *, source: dict, labels: Optional[list[str]],
         config.update(architectures=[arch], auto_map=auto_map)
         if source["library"] == "timm" and is_timm_eva(model):
             config["timm_eva"] = timm_eva_spec(model)
+        elif source["library"] == "timm" and is_timm_naflex(model):
+            config["timm_naflex"] = timm_naflex_spec(model)
         elif source["library"] == "timm":
             config["timm_vit"] = timm_vit_spec(model)
     if source["library"] == "timm":
@@ -341,6 +344,10 @@ def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         model.train(was)
 
 
+# config.json sections of timm sources' remote code (the self-contained ViT; the timm-built Eva and NaFlexVit)
+TIMM_SPECS = ("timm_vit", "timm_eva", "timm_naflex")
+
+
 def hub_model(config: dict, state: Optional[dict] = None) -> nn.Module:
     """The transformers remote-code model of a config.json (the package's copy of the hub files)."""
     from castle_convert.export.hub import configuration_castling, modeling_castling
@@ -354,7 +361,7 @@ def hub_model(config: dict, state: Optional[dict] = None) -> nn.Module:
 
 def _hub_output(hub: nn.Module, x: torch.Tensor, headless_timm: bool) -> torch.Tensor:
     with torch.no_grad():
-        if getattr(hub.config, "timm_vit", None) or getattr(hub.config, "timm_eva", None):
+        if any(getattr(hub.config, k, None) for k in TIMM_SPECS):
             out = hub(pixel_values=x)
             return (out.pooler_output if headless_timm else out.logits).float()
         from castle_convert.adapters import hf_siglip2
@@ -381,7 +388,7 @@ def verify_directory(model: nn.Module, path: Path, config: dict, *, remote_code:
     if remote_code:
         state, _ = read_safetensors(path / WEIGHTS_NAME)
         hub = hub_model(config, state).to(next(iter(state.values())).dtype)
-        headless_timm = bool(config.get("timm_vit") or config.get("timm_eva")) and config.get("castle_headless")
+        headless_timm = any(config.get(k) for k in TIMM_SPECS) and bool(config.get("castle_headless"))
         diffs["transformers remote code"] = (_hub_output(hub, x.to(next(hub.parameters()).dtype), headless_timm).cpu()
                                              - ref).abs().max().item()
     bad = {k: v for k, v in diffs.items() if not v <= tol}
