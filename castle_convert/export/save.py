@@ -372,6 +372,39 @@ def _hub_output(hub: nn.Module, x: torch.Tensor, headless_timm: bool) -> torch.T
         return primary_output(hub(pixel_values=x, interpolate_pos_encoding=False)).float()
 
 
+def naflex_batch(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A padded NaFlex batch (timm's collator layout) of two of ``x``'s images (B, C, H, W), the second cropped to a
+    smaller grid: what a timm naflexvit source is verified with besides images."""
+    import torch.nn.functional as F
+    from timm.data.naflex_transforms import patchify_image
+    ph, pw = model.embeds.patch_size
+    rows, cols = x.shape[-2] // ph, x.shape[-1] // pw
+    crops = [x[0, :, :rows * ph, :cols * pw], x[1, :, :max(1, rows - 1) * ph, :max(1, cols - 2) * pw]]
+    parts = [patchify_image(img.float().cpu(), (ph, pw)) for img in crops]   # (N, P·P·C), (N, 2), (N,) each
+    n = max(part[0].shape[0] for part in parts)
+    batch = {}
+    for i, key in enumerate(("patches", "patch_coord", "patch_valid")):
+        batch[key] = torch.stack([F.pad(part[i], (0, 0, 0, n - part[i].shape[0]) if part[i].dim() == 2
+                                        else (0, n - part[i].shape[0])) for part in parts])   # (2, n, ...)
+    return batch
+
+
+def _naflex_output(model: nn.Module, batch: dict[str, torch.Tensor], hub_headless: Optional[bool] = None) -> torch.Tensor:
+    """A timm naflexvit's (hub_headless None) or its remote-code model's output for a NaFlex batch, float32 on CPU."""
+    p = next(model.parameters())
+    batch = {k: v.to(p.device, p.dtype if k == "patches" else v.dtype) for k, v in batch.items()}
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(batch)
+    finally:
+        model.train(was)
+    if hub_headless is not None:
+        out = out.pooler_output if hub_headless else out.logits
+    return out.float().cpu()
+
+
 def verify_directory(model: nn.Module, path: Path, config: dict, *, remote_code: bool,
                      atol: Optional[float] = None) -> dict[str, float]:
     """Load ``path`` back (castle_convert route, and the remote-code model) and compare with ``model``."""
@@ -391,6 +424,13 @@ def verify_directory(model: nn.Module, path: Path, config: dict, *, remote_code:
         headless_timm = any(config.get(k) for k in TIMM_SPECS) and bool(config.get("castle_headless"))
         diffs["transformers remote code"] = (_hub_output(hub, x.to(next(hub.parameters()).dtype), headless_timm).cpu()
                                              - ref).abs().max().item()
+    if is_timm_naflex(model):                      # a padded NaFlex batch through every route too
+        batch = naflex_batch(model, x)
+        ref = _naflex_output(model, batch)
+        diffs["castle_convert.load, NaFlex batch"] = (_naflex_output(loaded, batch) - ref).abs().max().item()
+        if remote_code:
+            diffs["transformers remote code, NaFlex batch"] = (
+                _naflex_output(hub, batch, bool(config.get("castle_headless"))) - ref).abs().max().item()
     bad = {k: v for k, v in diffs.items() if not v <= tol}
     if bad:
         raise ExportError("the written directory does not reproduce the model: " + ", ".join(
