@@ -249,6 +249,15 @@ def test_naflexvit_padded_batch_through_cc_load_timm_and_remote_code(tmp_path):
                 diff, leak = _naflexvit_padded_vs_alone(model, alone, batch)
                 assert diff <= 1e-5 and leak > 1e-3, (name, type(model), diff, leak)   # the mask is what holds it
             assert (hub(**batch).logits - ref).abs().max() <= 1e-5      # the collator's keys as keyword arguments
+        n = hub.num_prefix_tokens + batch["patches"].shape[1]
+        perm = torch.randperm(batch["patches"].shape[1], generator=torch.Generator().manual_seed(0))
+        for bad, error, words in (({**batch, "attn_mask": torch.zeros(len(SIZES), 1, n, n)}, NotImplementedError,
+                                   "attn_mask/is_causal"),
+                                  ({k: v[:, perm] for k, v in batch.items()}, ValueError, "row-major"),
+                                  ({k: v for k, v in batch.items() if k != "patch_valid"}, ValueError, "patch_valid")):
+            with pytest.raises(error, match=words) as e:                 # as castle-convert's model: one line
+                hub(bad)
+            assert "\n" not in str(e.value)
         refs = {"ref": ref, "ref_x": ref_x, "x": x, **batch,
                 **{f"alone{i}_{k}": v for i, a in enumerate(alone) for k, v in a.items()}}
         save_file({k: v.contiguous() for k, v in refs.items()}, str(tmp_path / f"{name}.ref.safetensors"))
