@@ -433,7 +433,7 @@ def test_card_library_and_config_without_training_keys_or_duplicates(tmp_path):
 
 # -- 7. timm-source checkpoints through transformers remote code ---------------------------------------
 
-@pytest.mark.parametrize("fid", ["timm-vit", "timm-eva02"])
+@pytest.mark.parametrize("fid", ["timm-vit", "timm-eva02", "timm-naflexvit"])
 def test_timm_checkpoint_through_remote_code_hidden_states_checkpointing_embeddings(fid, tmp_path):
     from transformers import AutoModelForImageClassification
 
@@ -448,7 +448,7 @@ def test_timm_checkpoint_through_remote_code_hidden_states_checkpointing_embeddi
         assert len(out.hidden_states) == len(final.blocks) + 1
         assert (hub.norm(out.hidden_states[-1]) - final.forward_features(x)).abs().max() <= 1e-5
         assert (out.logits - final(x)).abs().max() <= 1e-5
-    assert hub.get_input_embeddings() is hub.patch_embed
+    assert hub.get_input_embeddings() is getattr(hub, "patch_embed", None) or hub.embeds    # naflexvit: embeds
     with pytest.raises(ValueError, match="output_attentions"):
         hub(x, output_attentions=True)
 

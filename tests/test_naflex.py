@@ -195,7 +195,15 @@ def _naflexvit_batch(seed: int = 0, patch: int = 8):
 def _naflexvit_padded_vs_alone(model, alone, batch) -> tuple[float, float]:
     """(max |Δ| of each image's logits and tokens in the padded batch vs alone, the same with the padding mask
     withheld from the converted attentions: the leak without it)."""
-    out, feats = model(batch), model.forward_features(**batch)["patches"]
+    def logits(inputs):              # timm's model(x), or the remote code's .logits
+        out = model(inputs)
+        return getattr(out, "logits", out)
+
+    def tokens(inputs):              # timm's forward_features(...)["patches"], or the remote code's first output
+        feats = model.forward_features(inputs["patches"], inputs["patch_coord"], inputs["patch_valid"])
+        return feats["patches"] if isinstance(feats, dict) else feats[0]
+
+    out, feats = logits(batch), tokens(batch)
     castle_call = type(model)._castle_call
 
     def no_mask(self, *args):                    # every token, padding too, taken as a real one
@@ -204,13 +212,13 @@ def _naflexvit_padded_vs_alone(model, alone, batch) -> tuple[float, float]:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(type(model), "_castle_call", no_mask)
-        leaky = model.forward_features(**batch)["patches"]
+        leaky = tokens(batch)
     P = model.num_prefix_tokens
     diff = leak = 0.0
     for i, a in enumerate(alone):
         n = P + a["patches"].shape[1]
-        ref = model.forward_features(**a)["patches"]
-        diff = max(diff, (out[i] - model(a)[0]).abs().max().item(), (feats[i, :n] - ref[0]).abs().max().item())
+        ref = tokens(a)
+        diff = max(diff, (out[i] - logits(a)[0]).abs().max().item(), (feats[i, :n] - ref[0]).abs().max().item())
         leak = max(leak, (leaky[i, :n] - ref[0]).abs().max().item())
     return diff, leak
 
@@ -238,16 +246,85 @@ def test_naflexvit_each_image_of_a_padded_batch_gets_its_alone_output(kind, form
     assert leak > 1e-3
 
 
-def test_naflexvit_padded_batch_through_cc_load_and_timm(tmp_path):
+NAFLEX_SAVED = [("linear_angular", None), ("separable", None), ("linear_angular", [1]), ("separable", [1])]
+
+
+def test_naflexvit_padded_batch_through_cc_load_timm_and_remote_code(tmp_path):
+    """Both kinds and hybrids saved with the transformers remote code (CastlingTimmNaFlexVit*, built with timm): a
+    padded NaFlex batch through cc.load, timm local-dir: and the remote code (in-process, and in a fresh process
+    with castle_convert blocked) gives each image its alone output and equals the saved model."""
+    import json
+
     import timm
-    final = cc.finalize(_trained(cc.convert(NAFLEXVIT.build())), force=True).eval()
-    cc.save_pretrained(final, tmp_path / "out")
+    from safetensors.torch import save_file
+
+    from castle_convert.export.load import read_safetensors
+    from castle_convert.export.save import hub_model
+    from test_publish import _subprocess
+
     alone, batch = _naflexvit_batch(seed=3)
-    with torch.no_grad():
-        ref = final(batch)
-        for model in (cc.load(tmp_path / "out"), timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True)):
-            assert (model.eval()(batch) - ref).abs().max() <= 1e-5
-            assert _naflexvit_padded_vs_alone(model, alone, batch)[0] <= 1e-5
+    x = torch.randn(2, 3, 40, 24, generator=torch.Generator().manual_seed(4))      # images, another size
+    cases = {}
+    for kind, keep in NAFLEX_SAVED:
+        name = f"{kind}{'-hybrid' if keep else ''}"
+        final = cc.finalize(_trained(cc.convert(NAFLEXVIT.build(), kind=kind, keep_softmax=keep)), force=True).eval()
+        d = cc.save_pretrained(final, tmp_path / name)
+        config = json.loads((d / "config.json").read_text())
+        assert config["architectures"] == ["CastlingTimmNaFlexVitForImageClassification"], name
+        assert set(config["timm_naflex"]["layers"]) == set(config["converted_modules"]), name
+        assert (d / "modeling_castling.py").exists() and "pip install timm" in (d / "README.md").read_text()
+        hub = hub_model(config, read_safetensors(d / "model.safetensors")[0])
+        with torch.no_grad():
+            ref, ref_x = final(batch), final(x)
+            for model in (cc.load(d), timm.create_model(f"local-dir:{d}", pretrained=True), hub):
+                got, got_x = model.eval()(batch), model(x)
+                assert (getattr(got, "logits", got) - ref).abs().max() <= 1e-5, (name, type(model))
+                assert (getattr(got_x, "logits", got_x) - ref_x).abs().max() <= 1e-5, (name, type(model))
+                diff, leak = _naflexvit_padded_vs_alone(model, alone, batch)
+                assert diff <= 1e-5 and leak > 1e-3, (name, type(model), diff, leak)   # the mask is what holds it
+            assert (hub(**batch).logits - ref).abs().max() <= 1e-5      # the collator's keys as keyword arguments
+        n = hub.num_prefix_tokens + batch["patches"].shape[1]
+        perm = torch.randperm(batch["patches"].shape[1], generator=torch.Generator().manual_seed(0))
+        for bad, error, words in (({**batch, "attn_mask": torch.zeros(len(SIZES), 1, n, n)}, NotImplementedError,
+                                   "attn_mask/is_causal"),
+                                  ({k: v[:, perm] for k, v in batch.items()}, ValueError, "row-major"),
+                                  ({k: v for k, v in batch.items() if k != "patch_valid"}, ValueError, "patch_valid")):
+            with pytest.raises(error, match=words) as e:                 # as castle-convert's model: one line
+                hub(bad)
+            assert "\n" not in str(e.value)
+        refs = {"ref": ref, "ref_x": ref_x, "x": x, **batch,
+                **{f"alone{i}_{k}": v for i, a in enumerate(alone) for k, v in a.items()}}
+        save_file({k: v.contiguous() for k, v in refs.items()}, str(tmp_path / f"{name}.ref.safetensors"))
+        cases[name] = str(d)
+    result = _subprocess(f"""
+        import json, torch
+        from transformers import AutoModel, AutoModelForImageClassification
+        from safetensors.torch import load_file
+        out = {{}}
+        for name, d in {cases!r}.items():
+            t = load_file({str(tmp_path)!r} + f"/{{name}}.ref.safetensors")
+            batch = {{k: t[k] for k in ("patches", "patch_coord", "patch_valid")}}
+            model = AutoModelForImageClassification.from_pretrained(d, trust_remote_code=True).eval()
+            backbone = AutoModel.from_pretrained(d, trust_remote_code=True).eval()
+            assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+            with torch.no_grad():
+                logits = model(batch).logits
+                diff = max((logits - t["ref"]).abs().max().item(),
+                           (model(pixel_values=t["x"]).logits - t["ref_x"]).abs().max().item())
+                feats = backbone(batch).last_hidden_state
+                P = backbone.num_prefix_tokens
+                for i in range(3):
+                    a = {{k: t[f"alone{{i}}_{{k}}"] for k in batch}}
+                    n = P + a["patches"].shape[1]
+                    diff = max(diff, (model(a).logits[0] - logits[i]).abs().max().item(),
+                               (backbone(a).last_hidden_state[0] - feats[i, :n]).abs().max().item())
+            out[name] = [diff, type(model).__name__, type(backbone).__name__]
+        print(json.dumps(out))
+    """, tmp_path, block_castle=True)
+    assert set(result) == set(cases)
+    for name, (diff, cls, base) in result.items():
+        assert diff <= 1e-5, (name, diff)
+        assert (cls, base) == ("CastlingTimmNaFlexVitForImageClassification", "CastlingTimmNaFlexVitModel"), name
 
 
 def test_naflexvit_attention_pool_head_stays_softmax_and_gets_the_mask():
@@ -262,7 +339,34 @@ def test_naflexvit_attention_pool_head_stays_softmax_and_gets_the_mask():
     student = _trained(cc.convert(teacher))
     cc.set_schedule(student, gate=0.0, threshold=0.0)
     alone, batch = _naflexvit_batch()
-    assert _naflexvit_padded_vs_alone(cc.finalize(student, force=True).eval(), alone, batch)[0] <= 1e-5
+    final = cc.finalize(student, force=True).eval()
+    assert _naflexvit_padded_vs_alone(final, alone, batch)[0] <= 1e-5
+
+
+def test_naflexvit_map_head_backbone_through_remote_code(tmp_path):
+    """A headless naflexvit with a MAP head (timm's attention pooling, softmax, masked by timm): the remote code's
+    CastlingTimmNaFlexVitModel gives timm's pooled output and tokens for a padded NaFlex batch."""
+    import json
+
+    import timm
+    from families import TINY
+
+    from castle_convert.export.load import read_safetensors
+    from castle_convert.export.save import hub_model
+    torch.manual_seed(0)
+    tiny = {k: v for k, v in TINY.items() if k != "dynamic_img_size"}
+    teacher = timm.create_model("naflexvit_base_patch16_map", pretrained=False, num_classes=0,
+                                pos_embed_grid_size=(4, 4), **tiny).eval()
+    final = cc.finalize(_trained(cc.convert(teacher, kind="separable")), force=True).eval()
+    d = cc.save_pretrained(final, tmp_path / "map")
+    config = json.loads((d / "config.json").read_text())
+    assert config["architectures"] == ["CastlingTimmNaFlexVitModel"]
+    hub = hub_model(config, read_safetensors(d / "model.safetensors")[0])
+    _, batch = _naflexvit_batch()
+    with torch.no_grad():
+        out = hub(batch)
+        assert (out.pooler_output - final(batch)).abs().max() <= 1e-5
+        assert (out.last_hidden_state - final.forward_features(**batch)["patches"]).abs().max() <= 1e-5
 
 
 def test_naflexvit_patches_out_of_row_major_order_are_refused_in_one_line():

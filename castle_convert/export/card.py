@@ -142,8 +142,9 @@ def _usage(config: dict, repo: str) -> str:
     auto = "AutoModel" if headless else "AutoModelForImageClassification"
     out_line = ("features = model(**inputs).last_hidden_state      # (1, tokens, dim); pooled: .pooler_output"
                 if headless else "print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])")
-    imports = ("they import torch and transformers, and build this timm Eva architecture with timm: `pip install "
-               "timm`" if config.get("timm_eva") else "they import only torch and transformers")
+    family = "Eva" if config.get("timm_eva") else "NaFlexVit" if config.get("timm_naflex") else None
+    imports = (f"they import torch and transformers, and build this timm {family} architecture with timm: `pip "
+               "install timm`" if family else "they import only torch and transformers")
     parts = [f"""### transformers (no castle-convert needed)
 
 ```python
@@ -300,8 +301,9 @@ def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Option
               "(vision models do not use them), and `output_attentions=True` raises an error (there are no "
               "attention weights to return; `output_hidden_states=True` works).",
               "* Loading with transformers needs `trust_remote_code=True`"
-              + (" and timm installed (`pip install timm`): the remote code builds the timm Eva architecture."
-                 if config.get("timm_eva") else ".")]
+              + (" and timm installed (`pip install timm`): the remote code builds the timm "
+                 + ("Eva" if config.get("timm_eva") else "NaFlexVit") + " architecture."
+                 if config.get("timm_eva") or config.get("timm_naflex") else ".")]
     versions = report.get("versions")
     if versions:
         lines += ["", "Written with " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."]

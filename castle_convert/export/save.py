@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from castle_convert.export.load import CONFIG_NAME, FORMAT_VERSION, METADATA_KEY, WEIGHTS_NAME
-from castle_convert.export.source import (RemoteCodeUnsupported, describe_source, is_timm, is_timm_eva, timm_eva_spec,
-                                          timm_vit_spec)
+from castle_convert.export.source import (RemoteCodeUnsupported, describe_source, is_timm, is_timm_eva, is_timm_naflex,
+                                          timm_eva_spec, timm_naflex_spec, timm_vit_spec)
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,8 @@ def _hub_classes(model: nn.Module, source: dict, headless: bool) -> tuple[str, d
     from castle_convert.export.hub.modeling_castling import HF_CLASSES
     cfg = "configuration_castling.CastlingViTConfig"
     if source["library"] == "timm":
-        family = "Eva" if is_timm_eva(model) else "ViT"      # Eva: built with timm on the loading side
+        # Eva, NaFlexVit: built with timm on the loading side
+        family = "Eva" if is_timm_eva(model) else "NaFlexVit" if is_timm_naflex(model) else "ViT"
         auto = {"AutoConfig": cfg, "AutoModel": f"modeling_castling.CastlingTimm{family}Model"}
         if headless:
             return f"CastlingTimm{family}Model", auto
@@ -281,6 +282,8 @@ def build_config(model: nn.Module, *, source: dict, labels: Optional[list[str]],
         config.update(architectures=[arch], auto_map=auto_map)
         if source["library"] == "timm" and is_timm_eva(model):
             config["timm_eva"] = timm_eva_spec(model)
+        elif source["library"] == "timm" and is_timm_naflex(model):
+            config["timm_naflex"] = timm_naflex_spec(model)
         elif source["library"] == "timm":
             config["timm_vit"] = timm_vit_spec(model)
     if source["library"] == "timm":
@@ -341,6 +344,10 @@ def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         model.train(was)
 
 
+# config.json sections of timm sources' remote code (the self-contained ViT; the timm-built Eva and NaFlexVit)
+TIMM_SPECS = ("timm_vit", "timm_eva", "timm_naflex")
+
+
 def hub_model(config: dict, state: Optional[dict] = None) -> nn.Module:
     """The transformers remote-code model of a config.json (the package's copy of the hub files)."""
     from castle_convert.export.hub import configuration_castling, modeling_castling
@@ -354,7 +361,7 @@ def hub_model(config: dict, state: Optional[dict] = None) -> nn.Module:
 
 def _hub_output(hub: nn.Module, x: torch.Tensor, headless_timm: bool) -> torch.Tensor:
     with torch.no_grad():
-        if getattr(hub.config, "timm_vit", None) or getattr(hub.config, "timm_eva", None):
+        if any(getattr(hub.config, k, None) for k in TIMM_SPECS):
             out = hub(pixel_values=x)
             return (out.pooler_output if headless_timm else out.logits).float()
         from castle_convert.adapters import hf_siglip2
@@ -363,6 +370,39 @@ def _hub_output(hub: nn.Module, x: torch.Tensor, headless_timm: bool) -> torch.T
         if naflex is not None:
             return primary_output(hub(*hf_siglip2.patchify(x, hf_siglip2.patch_size(naflex[1])[0]))).float()
         return primary_output(hub(pixel_values=x, interpolate_pos_encoding=False)).float()
+
+
+def naflex_batch(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A padded NaFlex batch (timm's collator layout) of two of ``x``'s images (B, C, H, W), the second cropped to a
+    smaller grid: what a timm naflexvit source is verified with besides images."""
+    import torch.nn.functional as F
+    from timm.data.naflex_transforms import patchify_image
+    ph, pw = model.embeds.patch_size
+    rows, cols = x.shape[-2] // ph, x.shape[-1] // pw
+    crops = [x[0, :, :rows * ph, :cols * pw], x[1, :, :max(1, rows - 1) * ph, :max(1, cols - 2) * pw]]
+    parts = [patchify_image(img.float().cpu(), (ph, pw)) for img in crops]   # (N, P·P·C), (N, 2), (N,) each
+    n = max(part[0].shape[0] for part in parts)
+    batch = {}
+    for i, key in enumerate(("patches", "patch_coord", "patch_valid")):
+        batch[key] = torch.stack([F.pad(part[i], (0, 0, 0, n - part[i].shape[0]) if part[i].dim() == 2
+                                        else (0, n - part[i].shape[0])) for part in parts])   # (2, n, ...)
+    return batch
+
+
+def _naflex_output(model: nn.Module, batch: dict[str, torch.Tensor], hub_headless: Optional[bool] = None) -> torch.Tensor:
+    """A timm naflexvit's (hub_headless None) or its remote-code model's output for a NaFlex batch, float32 on CPU."""
+    p = next(model.parameters())
+    batch = {k: v.to(p.device, p.dtype if k == "patches" else v.dtype) for k, v in batch.items()}
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(batch)
+    finally:
+        model.train(was)
+    if hub_headless is not None:
+        out = out.pooler_output if hub_headless else out.logits
+    return out.float().cpu()
 
 
 def verify_directory(model: nn.Module, path: Path, config: dict, *, remote_code: bool,
@@ -381,9 +421,16 @@ def verify_directory(model: nn.Module, path: Path, config: dict, *, remote_code:
     if remote_code:
         state, _ = read_safetensors(path / WEIGHTS_NAME)
         hub = hub_model(config, state).to(next(iter(state.values())).dtype)
-        headless_timm = bool(config.get("timm_vit") or config.get("timm_eva")) and config.get("castle_headless")
+        headless_timm = any(config.get(k) for k in TIMM_SPECS) and bool(config.get("castle_headless"))
         diffs["transformers remote code"] = (_hub_output(hub, x.to(next(hub.parameters()).dtype), headless_timm).cpu()
                                              - ref).abs().max().item()
+    if is_timm_naflex(model):                      # a padded NaFlex batch through every route too
+        batch = naflex_batch(model, x)
+        ref = _naflex_output(model, batch)
+        diffs["castle_convert.load, NaFlex batch"] = (_naflex_output(loaded, batch) - ref).abs().max().item()
+        if remote_code:
+            diffs["transformers remote code, NaFlex batch"] = (
+                _naflex_output(hub, batch, bool(config.get("castle_headless"))) - ref).abs().max().item()
     bad = {k: v for k, v in diffs.items() if not v <= tol}
     if bad:
         raise ExportError("the written directory does not reproduce the model: " + ", ".join(

@@ -2,8 +2,8 @@
 
 * timm: the architecture name and every constructor argument that shapes the model, read from
   the model's modules (timm's own ``_model_args`` record is the starting point), plus its data
-  config; and, for the remote-code files, a ``timm_vit`` geometry spec of the ViT (timm Eva: a
-  ``timm_eva`` spec, what the timm-built remote-code model cannot read off timm's own modules).
+  config; and, for the remote-code files, a ``timm_vit`` geometry spec of the ViT (timm Eva / naflexvit: a
+  ``timm_eva`` / ``timm_naflex`` spec, what the timm-built remote-code model cannot read off timm's own modules).
 * transformers: the model class and its full config.
 
 Both are verified by rebuilding (see ``save.save_pretrained``).
@@ -69,7 +69,7 @@ def _timm_vit_parts(model: nn.Module):
 def timm_class_name(module: nn.Module) -> str:
     """The timm class name of ``module``, also after conversion swapped it for its grid-passing subclass
     (``GridVisionTransformer`` is a ``VisionTransformer``, ``GridBlock`` a ``Block``)."""
-    if type(module).__module__ == "castle_convert.adapters.timm_grid":
+    if type(module).__module__ in ("castle_convert.adapters.timm_grid", "castle_convert.adapters.timm_naflex"):
         from castle_convert.adapters.timm_grid import timm_class
         return timm_class(module).__name__
     return type(module).__name__
@@ -286,6 +286,43 @@ def timm_eva_spec(model: nn.Module) -> dict:
         elif not isinstance(a, attention_classes()):
             raise no(f"{where}.attn is {type(a).__name__}, neither a finalized castling attention nor timm's "
                      "EvaAttention / AttentionRope")
+    other = sorted(converted - set(layers))
+    if other:
+        raise no(f"converted modules outside the blocks' attentions ({', '.join(other[:3])})")
+    return {"layers": layers}
+
+
+def is_timm_naflex(model: nn.Module) -> bool:
+    """Whether ``model`` is a timm ``NaFlexVit`` (naflexvit_*), converted or not."""
+    return is_timm(model) and timm_class_name(model) == "NaFlexVit"
+
+
+def timm_naflex_spec(model: nn.Module) -> dict:
+    """What ``modeling_castling.CastlingTimmNaFlexVit*`` needs beyond the source description (which timm builds): per
+    converted attention, whether its input projection has a bias (raises RemoteCodeUnsupported)."""
+    from timm.layers.attention import Attention
+
+    from castle_convert.attention import LinearAngularAttentionInference, SeparableAttentionInference
+
+    def no(reason: str) -> RemoteCodeUnsupported:
+        return RemoteCodeUnsupported(f"NaFlexVit ({timm_architecture(model)}): {reason}")
+
+    if type(model).__name__ != "GridNaFlexVit":
+        raise no("its forward does not pass the patch grid to the converted attentions (blocks other than timm's "
+                 "Block)")
+    converted = set(getattr(model, "castling_converted", None) or [])
+    layers = {}
+    for i, blk in enumerate(model.blocks):
+        where = f"blocks.{i}"
+        if timm_class_name(blk) != "Block":
+            raise no(f"{where} is a {type(blk).__name__}, not timm's Block")
+        a = blk.attn
+        if isinstance(a, (LinearAngularAttentionInference, SeparableAttentionInference)):
+            if f"{where}.attn" not in converted:
+                raise no(f"{where}.attn is converted but not listed in castling_converted")
+            layers[f"{where}.attn"] = {"in_bias": _in_linear(a).bias is not None}
+        elif type(a) is not Attention:
+            raise no(f"{where}.attn is {type(a).__name__}, neither a finalized castling attention nor timm's Attention")
     other = sorted(converted - set(layers))
     if other:
         raise no(f"converted modules outside the blocks' attentions ({', '.join(other[:3])})")

@@ -1,12 +1,12 @@
 """Castling-ViT models for ``transformers`` (``trust_remote_code=True``), written by castle-convert.
 
 This file is copied into every published output directory. It imports only torch and
-transformers (timm Eva sources import timm when their model is built, inside a ``try``);
+transformers (timm Eva and naflexvit sources import timm when their model is built, inside a ``try``);
 the attention math comes from ``castling_functional.py`` (a verbatim copy of
 ``castle_convert/attention/functional.py``), so a checkpoint loaded here runs exactly the
 kernels it was converted and verified with.
 
-Three kinds of source model:
+Four kinds of source model:
 
 * timm ViTs (``CastlingTimmViTForImageClassification`` / ``CastlingTimmViTModel``): a
   self-contained torch implementation of timm's ``VisionTransformer`` (and DeiT's distilled
@@ -15,6 +15,9 @@ Three kinds of source model:
   ``CastlingTimmEvaModel``): timm-backed, like transformers' ``TimmWrapperModel`` — the timm
   architecture built with timm (``pip install timm``), each converted attention replaced by this
   file's, the call's RoPE and patch grid passed down; keys are timm's.
+* timm ``naflexvit_*`` (``CastlingTimmNaFlexVitForImageClassification`` / ``CastlingTimmNaFlexVitModel``):
+  timm-backed the same way; images, or NaFlex batches (a padded batch's key-padding mask and each
+  image's grid passed down, timm's own mask to softmax layers a hybrid keeps).
 * transformers ViT / DeiT / DINOv2 (``CastlingViTForImageClassification`` and friends): the
   transformers class itself, with every self-attention replaced by :class:`CastlingHFAttention`
   (keys ``...attention.attn.qkv`` etc., as castle-convert writes them).
@@ -497,7 +500,7 @@ _TIMM_REMOTE_NAMES = ("hf-hub:", "hf_hub:", "local-dir:", "timm/")
 
 
 def _import_timm(arch: str):
-    """timm, or a one-line ImportError saying how to install it (only timm Eva sources need it)."""
+    """timm, or a one-line ImportError saying how to install it (only timm Eva / naflexvit sources need it)."""
     try:
         import timm
     except ImportError:
@@ -506,10 +509,11 @@ def _import_timm(arch: str):
     return timm
 
 
-def _build_timm_eva(config) -> nn.Module:
-    """The timm Eva that ``config.source`` describes (random init, no download), converted attentions replaced by
-    this file's castling attentions with the timm attention's own q/k norms, out norm, gate and proj."""
-    source, spec = config.source or {}, config.timm_eva or {}
+def _build_timm(config, spec: dict) -> nn.Module:
+    """The timm model that ``config.source`` describes (random init, no download), converted attentions replaced by
+    this file's castling attentions with the timm attention's own q/k norms, out norm, gate and proj. spec: the
+    config's ``timm_eva`` / ``timm_naflex`` section (``layers``: per converted attention, ``in_bias``)."""
+    source = config.source or {}
     arch = source.get("architecture", "")
     args = dict(source.get("model_args") or {})
     bad = [f"source.model_args.{k}" for k in sorted(set(args) & set(_TIMM_LOADER_ARGS))]
@@ -525,17 +529,18 @@ def _build_timm_eva(config) -> nn.Module:
     for k in ("img_size", "patch_size"):
         if isinstance(args.get(k), list):
             args[k] = tuple(args[k])
-    eva = timm.create_model(arch, pretrained=False, **args)
+    model = timm.create_model(arch, pretrained=False, **args)
     castling = config.castling
     _check_castling(castling)
     layers = spec.get("layers") or {}
     for name in config.converted_modules or []:
-        old = eva.get_submodule(name)
+        old = model.get_submodule(name)
         info = layers.get(name, {})
         first = old.qkv if getattr(old, "qkv", None) is not None else old.q_proj
         has_k_norm = not isinstance(old.k_norm, nn.Identity)
         gate = getattr(old, "gate", None)
-        new = make_attention(first.in_features, old.num_heads, old.head_dim, int(old.num_prefix_tokens), castling,
+        prefix = int(getattr(old, "num_prefix_tokens", getattr(model, "num_prefix_tokens", 0)))   # timm Attention: none
+        new = make_attention(first.in_features, old.num_heads, old.head_dim, prefix, castling,
                              qkv_bias=bool(info.get("in_bias", True)), proj_bias=old.proj.bias is not None,
                              qk_norm_eps=1e-6 if has_k_norm else None, gated=gate is not None,
                              gate_bias=gate is not None and gate.bias is not None)
@@ -550,10 +555,31 @@ def _build_timm_eva(config) -> nn.Module:
             new.out_gate = gate
         p = old.proj.weight
         parent, _, child = name.rpartition(".")
-        setattr(eva.get_submodule(parent) if parent else eva, child, new.to(device=p.device, dtype=p.dtype))
+        setattr(model.get_submodule(parent) if parent else model, child, new.to(device=p.device, dtype=p.dtype))
+    return model
+
+
+def _build_timm_eva(config) -> nn.Module:
+    """The timm Eva of ``config`` (see :func:`_build_timm`), every block taking the call's RoPE and grid."""
+    eva = _build_timm(config, config.timm_eva or {})
     for blk in eva.blocks:                                   # every block takes grid=, in place (keys unchanged)
         blk.__class__ = _grid_eva_block(type(blk))
     return eva
+
+
+def _adopt_timm(self: nn.Module, model: nn.Module) -> None:
+    """The timm model's parameters, buffers, submodules and plain attributes become ``self``'s (keys unchanged)."""
+    for name, p in model._parameters.items():
+        self.register_parameter(name, p)
+    for name, b in model._buffers.items():
+        self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
+    for name, m in model._modules.items():
+        self.add_module(name, m)
+    skip = {"training", "pretrained_cfg", "default_cfg", "pretrained_model_args", "feature_info", "grad_checkpointing"}
+    for name, value in vars(model).items():
+        if not name.startswith("_") and name not in skip and not hasattr(type(self), name) \
+                and name not in self._modules and name not in self._parameters and name not in self._buffers:
+            setattr(self, name, value)
 
 
 _GRID_EVA_BLOCKS: dict = {}
@@ -609,19 +635,7 @@ class CastlingTimmEvaPreTrainedModel(PreTrainedModel):
                              "source model")
         eva = _build_timm_eva(config)
         self._timm_eva_class = type(eva)
-        # adopt the timm model: its parameters, buffers, submodules and plain attributes become this model's
-        for name, p in eva._parameters.items():
-            self.register_parameter(name, p)
-        for name, b in eva._buffers.items():
-            self.register_buffer(name, b, persistent=name not in eva._non_persistent_buffers_set)
-        for name, m in eva._modules.items():
-            self.add_module(name, m)
-        skip = {"training", "pretrained_cfg", "default_cfg", "pretrained_model_args", "feature_info",
-                "grad_checkpointing"}
-        for name, value in vars(eva).items():
-            if not name.startswith("_") and name not in skip and not hasattr(type(self), name) \
-                    and name not in self._modules and name not in self._parameters and name not in self._buffers:
-                setattr(self, name, value)
+        _adopt_timm(self, eva)
         self.gradient_checkpointing = False          # transformers' gradient_checkpointing_enable() sets it
         self.post_init()
 
@@ -675,6 +689,198 @@ class CastlingTimmEvaModel(CastlingTimmEvaPreTrainedModel):
     ``forward_head(..., pre_logits=True)``."""
 
     forward = CastlingTimmViTModel.forward
+
+
+# -- timm naflexvit sources: timm's NaFlexVit, built with timm; images or NaFlex batches ---------------
+
+_GRID_NAFLEX_BLOCKS: dict = {}
+
+
+def _grid_naflex_block(cls: type) -> type:
+    """A subclass of timm's ``Block`` ``cls`` whose castling attention receives the call's patch grid — or, in a padded
+    NaFlex batch, its key-padding mask and grids instead of timm's N×N mask; a softmax layer (hybrid) gets timm's."""
+    if cls.__name__ != "Block":
+        raise ValueError(f"this naflexvit has {cls.__name__} blocks; modeling_castling.py passes the grid to timm's Block "
+                         "only: load it with castle_convert.load() or timm")
+    if cls in _GRID_NAFLEX_BLOCKS:
+        return _GRID_NAFLEX_BLOCKS[cls]
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                grid: Optional[Tuple[int, int]] = None, token_mask: Optional[torch.Tensor] = None,
+                grid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not isinstance(self.attn, _CastlingAttentionBase):
+            return cls.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+        if token_mask is None and (attn_mask is not None or is_causal):
+            raise NotImplementedError("castling linear attention has no attention matrix to mask: attn_mask/is_causal "
+                                      "are not supported")
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid, None, token_mask, grid_sizes)))  # (B, N, D)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    _GRID_NAFLEX_BLOCKS[cls] = type("GridBlock", (cls,), {
+        "forward": forward, "__module__": __name__,
+        "__doc__": "timm's Block, the call's patch grid (or padding mask and grids) passed to its castling attention."})
+    return _GRID_NAFLEX_BLOCKS[cls]
+
+
+def _naflex_grid_sizes(patch_coord: torch.Tensor, patch_valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, 2): each image's (rows, cols) of patches, from its real patches' (y, x) coordinates (B, N, 2)."""
+    coord = patch_coord.to(torch.long)
+    if patch_valid is not None:
+        coord = coord * patch_valid.to(torch.long).unsqueeze(-1)               # padding's coordinates ignored
+    return coord.amax(dim=1) + 1                                                # (B, 2)
+
+
+def _check_row_major(patch_coord: torch.Tensor, patch_valid: Optional[torch.Tensor], grid_sizes: torch.Tensor) -> None:
+    """Raise (one line) unless each image's real patches come first, row-major over its own grid."""
+    B, M = patch_coord.shape[:2]
+    pos = torch.arange(M, device=patch_coord.device).unsqueeze(0)              # (1, M)
+    rows, cols = grid_sizes[:, 0:1], grid_sizes[:, 1:2]                        # (B, 1) each
+    inside = pos < rows * cols                                                  # (B, M)
+    valid = inside if patch_valid is None else patch_valid.to(torch.bool)
+    expected = torch.stack([pos // cols, pos % cols], dim=-1)                   # (B, M, 2)
+    ok = (valid == inside) & ((patch_coord.to(torch.long) == expected).all(-1) | ~valid)
+    if not bool(ok.all()):
+        b = int((~ok).any(-1).nonzero()[0])
+        raise ValueError(f"naflexvit with castling attention needs each image's patches first and row-major over its "
+                         f"own grid (as timm's patchify_image / NaFlex collator give them); image {b} of this batch "
+                         "is not (shuffled or dropped patches): pass its patches in that order")
+
+
+def _naflex_inputs(pixel_values, patches, patch_coord, patch_valid, attn_mask):
+    """(patches or images, patch_coord, patch_valid, attn_mask) of a call: images (B, C, H, W), or a NaFlex batch —
+    timm's collator dict as ``pixel_values`` (its keys win, as in timm), or the tensors as keyword arguments."""
+    x = pixel_values if pixel_values is not None else patches
+    if isinstance(x, dict):
+        patch_coord = x.get("patch_coord", patch_coord)
+        patch_valid = x.get("patch_valid", patch_valid)
+        attn_mask = x.get("attn_mask", attn_mask)
+        x = x.get("patches")
+    if x is None:
+        raise ValueError("no input: pass pixel_values, images (B, C, H, W) or a NaFlex batch (timm's collator dict of "
+                         "patches, patch_coord, patch_valid)")
+    if patch_coord is not None and patch_valid is None:
+        raise ValueError("a NaFlex batch needs patch_valid (B, N) with its patch_coord: pass the NaFlex collator's dict")
+    return x, patch_coord, patch_valid, attn_mask
+
+
+class CastlingTimmNaFlexVitPreTrainedModel(PreTrainedModel):
+    """timm's ``NaFlexVit`` (``naflexvit_*``) with castling attention, built with timm (needs ``pip install timm``):
+    timm's modules and parameter names (``embeds.proj``, ``blocks.0.attn.qkv``, ``head``), so one
+    ``model.safetensors`` serves every route. Takes images (B, C, H, W) or a NaFlex batch (``patches`` (B, N, P·P·C),
+    ``patch_coord`` (B, N, 2), ``patch_valid`` (B, N)): each image of a padded batch gets the output it gets alone."""
+
+    config_class = CastlingViTConfig
+    base_model_prefix = "castling_timm_naflexvit"    # never a key prefix: keys are timm's
+    main_input_name = "pixel_values"
+    _no_split_modules = ["GridBlock"]
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config: CastlingViTConfig):
+        super().__init__(config)
+        if not getattr(config, "timm_naflex", None):
+            raise ValueError("config.json has no 'timm_naflex' section: this directory was not written for a timm "
+                             "naflexvit source model")
+        model = _build_timm(config, config.timm_naflex)
+        if type(model).__name__ != "NaFlexVit":
+            raise ValueError(f"config.json source.architecture builds a timm {type(model).__name__}, not a NaFlexVit: "
+                             "this directory's config.json was edited; save the model again")
+        for blk in model.blocks:                             # every block takes grid= / token_mask=, keys unchanged
+            blk.__class__ = _grid_naflex_block(type(blk))
+        self._timm_naflex_class = type(model)
+        _adopt_timm(self, model)
+        self.gradient_checkpointing = False          # transformers' gradient_checkpointing_enable() sets it
+        self.post_init()
+
+    _init_weights = CastlingTimmEvaPreTrainedModel._init_weights
+    _flags = CastlingTimmViTPreTrainedModel._flags
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeds
+
+    def _castle_call(self, patches: torch.Tensor, patch_coord: Optional[torch.Tensor],
+                     patch_valid: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor]
+                     ) -> Tuple[Optional[Tuple[int, int]], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(grid, token_mask, grid_sizes) of this call: images → their grid; a NaFlex batch → its key-padding mask
+        (B, prefix + N) and grids (B, 2); a caller's own attn_mask → nothing (the castling blocks refuse it)."""
+        if patch_coord is None:
+            return tuple(self.embeds.dynamic_feat_size((patches.shape[-2], patches.shape[-1]))), None, None
+        if attn_mask is not None:
+            return None, None, None
+        if self.training and self.patch_drop is not None:
+            raise ValueError("naflexvit with castling attention: patch dropout reorders the patches of a NaFlex batch "
+                             "(each image's grid is lost); call model.eval() or set model.patch_drop = None")
+        sizes = _naflex_grid_sizes(patch_coord, patch_valid)                     # (B, 2)
+        if not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            _check_row_major(patch_coord, patch_valid, sizes)
+        B, M = patch_coord.shape[:2]
+        valid = torch.ones(B, M, dtype=torch.bool, device=patch_coord.device) if patch_valid is None \
+            else patch_valid.to(torch.bool)                                       # (B, M)
+        prefix = torch.ones(B, self.num_prefix_tokens, dtype=torch.bool, device=valid.device)
+        return None, torch.cat([prefix, valid], dim=1), sizes                   # (B, prefix + M), (B, 2)
+
+    def forward_features(self, pixel_values: torch.Tensor, patch_coord: Optional[torch.Tensor] = None,
+                         patch_valid: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
+                         output_hidden_states: bool = False):
+        """(tokens after the final norm (B, N, D), patch_valid (B, N) or None, hidden states or None) — timm's
+        NaFlexVit ``forward_features``, the call's grid or padding mask and grids passed to every block."""
+        grid, token_mask, grid_sizes = self._castle_call(pixel_values, patch_coord, patch_valid, attn_mask)
+        embeds = self._timm_naflex_class._forward_embeds(self, pixel_values, patch_coord=patch_coord,
+                                                         patch_valid=patch_valid, attn_mask=attn_mask)
+        x, attn_mask = embeds["patches"], embeds.get("attn_mask")                 # (B, N, D); timm's N×N mask
+        hidden = [x] if output_hidden_states else None
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for blk in self.blocks:
+            if checkpointing:
+                x = self._gradient_checkpointing_func(blk.__call__, x, attn_mask, False, grid, token_mask, grid_sizes)
+            else:
+                x = blk(x, attn_mask=attn_mask, grid=grid, token_mask=token_mask, grid_sizes=grid_sizes)
+            if hidden is not None:
+                hidden.append(x)
+        x = self.norm(x)
+        return x, embeds.get("patch_valid"), (tuple(hidden) if hidden is not None else None)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False,
+                     patch_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """timm's NaFlexVit ``forward_head``: pool (masked in a NaFlex batch; or attention pooling), fc_norm, head."""
+        x = self._timm_naflex_class._pool(self, x, patch_valid=patch_valid)
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+
+class CastlingTimmNaFlexVitForImageClassification(CastlingTimmNaFlexVitPreTrainedModel):
+    """Logits equal the timm model's ``model(x)`` — images, or a NaFlex batch (its dict as ``pixel_values``)."""
+
+    def forward(self, pixel_values=None, patch_coord: Optional[torch.Tensor] = None,
+                patch_valid: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                return_dict: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
+                output_attentions: Optional[bool] = None, attn_mask: Optional[torch.Tensor] = None,
+                patches: Optional[torch.Tensor] = None, **kwargs):
+        x, patch_coord, patch_valid, attn_mask = _naflex_inputs(pixel_values, patches, patch_coord, patch_valid,
+                                                                attn_mask)
+        x, patch_valid, hidden = self.forward_features(x, patch_coord, patch_valid, attn_mask,
+                                                       self._flags(output_hidden_states, output_attentions))
+        logits = self.forward_head(x, patch_valid=patch_valid)                   # (B, classes)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels.to(logits.device))
+        return _return(return_dict, self.config, ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden))
+
+
+class CastlingTimmNaFlexVitModel(CastlingTimmNaFlexVitPreTrainedModel):
+    """Feature extractor: ``last_hidden_state`` = timm ``forward_features`` (B, N, D) (a NaFlex batch: its padded
+    tokens too), ``pooler_output`` = timm ``forward_head(..., pre_logits=True)`` (masked pooling)."""
+
+    def forward(self, pixel_values=None, patch_coord: Optional[torch.Tensor] = None,
+                patch_valid: Optional[torch.Tensor] = None, return_dict: Optional[bool] = None,
+                output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
+                attn_mask: Optional[torch.Tensor] = None, patches: Optional[torch.Tensor] = None, **kwargs):
+        x, patch_coord, patch_valid, attn_mask = _naflex_inputs(pixel_values, patches, patch_coord, patch_valid,
+                                                                attn_mask)
+        x, patch_valid, hidden = self.forward_features(x, patch_coord, patch_valid, attn_mask,
+                                                       self._flags(output_hidden_states, output_attentions))
+        out = BaseModelOutputWithPooling(last_hidden_state=x, hidden_states=hidden,
+                                         pooler_output=self.forward_head(x, pre_logits=True, patch_valid=patch_valid))
+        return _return(return_dict, self.config, out)
 
 
 # -- transformers sources: the transformers class with castling attention --------------------------
