@@ -323,7 +323,7 @@ def test_eva_remote_code_is_written_and_names_timm(published):
         cfg = json.loads((Path(c["dir"]) / "config.json").read_text())
         family = "Model" if c["headless"] else "ForImageClassification"
         assert cfg["architectures"] == [f"CastlingTimmEva{family}"], fid
-        assert cfg["auto_map"]["AutoModel"] == "modeling_castling.CastlingTimmEvaModel", fid
+        assert cfg["auto_map"]["AutoModel"] == "modeling_castling_timm.CastlingTimmEvaModel", fid
         assert "timm_vit" not in cfg and set(cfg["timm_eva"]["layers"]) == set(cfg["converted_modules"]), fid
         assert cfg["castling"]["kind"] == ("separable" if fid.endswith("-separable") else "linear_angular"), fid
         assert len(cfg["converted_modules"]) == (1 if fid.endswith("-hybrid") else 2), fid
@@ -516,7 +516,7 @@ def test_directory_contents_and_config(published):
     assert (d / "castling_functional.py").read_text() == (ROOT / "castle_convert/attention/functional.py").read_text()
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["format_version"] == FORMAT_VERSION and cfg["model_type"] == "castling_vit"
-    assert cfg["auto_map"]["AutoModelForImageClassification"] == "modeling_castling.CastlingTimmViTForImageClassification"
+    assert cfg["auto_map"]["AutoModelForImageClassification"] == "modeling_castling_timm.CastlingTimmViTForImageClassification"
     assert cfg["architecture"] == "castle_vit_tiny_patch16_224" and cfg["num_classes"] == 10
     assert "pretrained_cfg" not in cfg, "transformers would take the directory for a timm checkpoint"
     assert cfg["id2label"]["0"] == "T-shirt/top"
@@ -791,3 +791,27 @@ def test_bench_on_an_output_directory_times_its_own_weights(published):
     assert r.cells[0].macs_check and r.cells[0].tokens == 17
     with pytest.raises(BenchError, match="attention kind 'linear_angular'"):
         load_pair(d, kind="separable")
+
+
+@pytest.mark.parametrize("fid", ["timm-vit", "timm-eva02", "timm-naflexvit", "hf-vit", "hf-vit-hybrid", "hf-dinov3-hybrid"])
+def test_transformers_own_save_pretrained_of_the_remote_code_model_reloads(published, tmp_path, fid):
+    """A directory loaded through the remote code with each Auto class of its auto_map (a classifier through
+    AutoModel too: its base model, whose module paths lack the "vit." prefix converted_modules records) and saved
+    again with transformers' own save_pretrained (which copies the defining hub file and its relative imports, and
+    rewrites auto_map) reloads with the same outputs."""
+    import transformers
+    from safetensors.torch import load_file
+    _, cases = published
+    c = cases[fid]
+    auto = json.loads((Path(c["dir"]) / "config.json").read_text())["auto_map"]
+    t = load_file(c["ref"])
+    for name in (k for k in auto if k != "AutoConfig"):
+        cls = getattr(transformers, name)
+        first = cls.from_pretrained(c["dir"], trust_remote_code=True).eval()
+        out = tmp_path / f"{fid}-{name}"       # (transformers caches remote code per folder name within a process)
+        first.save_pretrained(out)
+        assert name in json.loads((out / "config.json").read_text())["auto_map"]
+        model = cls.from_pretrained(out, trust_remote_code=True).eval()
+        with torch.no_grad():
+            a, b = first(pixel_values=t["x"]), model(pixel_values=t["x"])
+        assert torch.equal(primary_output(a), primary_output(b)), (fid, name)

@@ -157,8 +157,8 @@ inputs = processor(images=Image.open("image.png"), return_tensors="pt")
 {out_line}
 ```
 
-`trust_remote_code=True` runs `modeling_castling.py`, `configuration_castling.py` and
-`castling_functional.py` from this repository ({imports}); read them first."""]
+`trust_remote_code=True` runs `modeling_castling.py`, `modeling_castling_timm.py`, `castling_layers.py`,
+`configuration_castling.py` and `castling_functional.py` from this repository ({imports}); read them first."""]
     if not headless:
         parts.append(f"""```python
 from transformers import pipeline
@@ -286,7 +286,8 @@ def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Option
               "* castling: " + ", ".join(f"{k}={v}" for k, v in castling.items() if k in (
                   "kind", "combine", "dw", "dw_kernel", "eps")),
               "* files: `model.safetensors` (inference-only weights), `config.json`, `preprocessor_config.json`, "
-              "`configuration_castling.py` / `modeling_castling.py` / `castling_functional.py` (remote code), "
+              "`configuration_castling.py` / `modeling_castling.py` / `modeling_castling_timm.py` / `castling_layers.py` / "
+              "`castling_functional.py` (remote code), "
               "`recipe.yaml`, `report.json`", ""]
     if recipe_yaml:
         lines += ["## Training recipe", "",

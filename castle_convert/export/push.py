@@ -15,7 +15,8 @@ from typing import Optional, Union
 from castle_convert.export.card import MARKER, render_card_for_dir, validate_card
 from castle_convert.export.load import CheckpointError, read_config, weights_path
 
-REMOTE_CODE_FILES = ("configuration_castling.py", "modeling_castling.py", "castling_functional.py")
+REMOTE_CODE_FILES = ("configuration_castling.py", "modeling_castling.py", "modeling_castling_timm.py",
+                     "castling_layers.py", "castling_functional.py")
 
 
 class PushError(RuntimeError):

@@ -7,8 +7,9 @@ Files (DESIGN.md §4):
 * ``config.json`` — castling settings, converted modules, how to rebuild the source architecture;
   ``model_type: castling_vit`` + ``auto_map`` for transformers; timm-style ``architecture`` /
   ``num_classes`` / mean / std fields (``timm.create_model("local-dir:DIR", pretrained=True)``).
-* ``configuration_castling.py``, ``modeling_castling.py``, ``castling_functional.py`` — the
-  transformers remote code (torch + transformers only).
+* ``configuration_castling.py``, ``modeling_castling.py`` (+ ``modeling_castling_timm.py``,
+  ``castling_layers.py``), ``castling_functional.py`` — the transformers remote code (torch + transformers;
+  timm-built sources: timm too).
 * ``preprocessor_config.json``, ``README.md`` (model card), ``recipe.yaml``, ``report.json``.
 
 Before the directory appears, it is loaded back (castle_convert route and remote-code model) and
@@ -41,6 +42,8 @@ HUB_DIR = Path(__file__).parent / "hub"
 HUB_FILES = {
     "configuration_castling.py": HUB_DIR / "configuration_castling.py",
     "modeling_castling.py": HUB_DIR / "modeling_castling.py",
+    "modeling_castling_timm.py": HUB_DIR / "modeling_castling_timm.py",
+    "castling_layers.py": HUB_DIR / "castling_layers.py",
     "castling_functional.py": Path(__file__).parents[1] / "attention" / "functional.py",
 }
 # Keys of ``source`` that describe provenance (kept from a loaded model / the caller).
@@ -238,10 +241,10 @@ def _hub_classes(model: nn.Module, source: dict, headless: bool) -> tuple[str, d
     if source["library"] == "timm":
         # Eva, NaFlexVit: built with timm on the loading side
         family = "Eva" if is_timm_eva(model) else "NaFlexVit" if is_timm_naflex(model) else "ViT"
-        auto = {"AutoConfig": cfg, "AutoModel": f"modeling_castling.CastlingTimm{family}Model"}
+        auto = {"AutoConfig": cfg, "AutoModel": f"modeling_castling_timm.CastlingTimm{family}Model"}
         if headless:
             return f"CastlingTimm{family}Model", auto
-        auto["AutoModelForImageClassification"] = f"modeling_castling.CastlingTimm{family}ForImageClassification"
+        auto["AutoModelForImageClassification"] = f"modeling_castling_timm.CastlingTimm{family}ForImageClassification"
         return f"CastlingTimm{family}ForImageClassification", auto
     name = type(model).__name__
     if name not in HF_CLASSES:
