@@ -123,6 +123,8 @@ def set_resolution(model: nn.Module, size: int) -> None:
     if hasattr(model, "set_input_size"):
         model.set_input_size(img_size=(size, size))
         return
+    if hasattr(getattr(model, "embeds", None), "pos_embed_grid_size"):
+        return                         # timm NaFlexVit: resizes its position embedding for each call's grid
     if adapters.adapter_for(model) is None or getattr(model, "config", None) is None:
         raise BenchError(f"{type(model).__name__} cannot change its input size; benchmark it at its "
                          "native resolution")

@@ -18,7 +18,7 @@ FAST = dict(repeats=2, min_repeats=1, warmup=1, progress=False)
 
 
 @pytest.mark.parametrize("fid", ["timm-vit", "timm-reg4-dinov2", "hf-vit", "hf-dinov3", "hf-siglip-vision",
-                                 "hf-siglip2-naflex"])
+                                 "hf-siglip2-naflex", "timm-naflexvit"])
 def test_benchmark_cells_are_measured_and_macs_match_analytic(fid):
     fam = next(f for f in FAMILIES if f.id == fid)
     model = fam.build()
