@@ -80,21 +80,20 @@ def forward(model: nn.Module, images: torch.Tensor, interpolate: bool):
     return model(**inputs)
 
 
-def _argument(module: nn.Module, name: str, args: tuple, kwargs: dict):
-    if name in kwargs:
-        return kwargs[name]
-    params = list(inspect.signature(module.forward).parameters)
-    i = params.index(name) if name in params else len(args)
-    return args[i] if i < len(args) else None
-
-
 def call_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> Optional[dict]:
     """Forward pre-hook of the tower: this call's padding mask and grids join its keyword arguments."""
-    mask = _argument(module, "pixel_attention_mask", args, kwargs)
+    names = list(inspect.signature(module.forward).parameters)
+
+    def argument(name: str):                         # by keyword, else by position in the forward's signature
+        if name in kwargs:
+            return kwargs[name]
+        i = names.index(name) if name in names else len(args)
+        return args[i] if i < len(args) else None
+
+    mask = argument("pixel_attention_mask")
     if "token_mask" in kwargs or ("grid" in kwargs and mask is None):   # passed on, or one grid, no padding
         return None
-    shapes = _argument(module, "spatial_shapes", args, kwargs)
-    pixels = _argument(module, "pixel_values", args, kwargs)
+    shapes, pixels = argument("spatial_shapes"), argument("pixel_values")
     if shapes is None or not isinstance(pixels, torch.Tensor):
         return None
     if mask is None:
