@@ -197,6 +197,12 @@ def _at(model: nn.Module, resolution: int) -> nn.Module:
     return model
 
 
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A shape-only copy of ``model`` on the meta device (``Module.to`` moves in place: never the caller's model)."""
+    import copy
+    return copy.deepcopy(model).to("meta")
+
+
 def measure(teacher: nn.Module, student: nn.Module, data_spec: str = "natural",
             resolutions: Sequence[int] = DEFAULT_RESOLUTIONS, *, max_images: Optional[int] = None,
             latency: bool = True, latency_budget_s: float = 10.0, progress: bool = True) -> FidelityReport:
@@ -218,8 +224,8 @@ def measure(teacher: nn.Module, student: nn.Module, data_spec: str = "natural",
                                                           None if labels is None else labels.to(report.device)))
         if not latency:                          # MACs only, counted on the meta device as bench counts them
             one = torch.empty(images[:1].shape, device="meta")
-            row.macs_ratio = adapters.count_macs(_at(student, int(res)).to("meta"), one) / \
-                adapters.count_macs(_at(teacher, int(res)).to("meta"), one)
+            row.macs_ratio = adapters.count_macs(_meta_copy(_at(student, int(res))), one) / \
+                adapters.count_macs(_meta_copy(_at(teacher, int(res))), one)
         else:
             cell = benchmark(teacher, converted=student, resolutions=[int(res)], batches=[1], repeats=10,
                              min_repeats=2, warmup=1, time_budget_s=latency_budget_s, progress=False,
