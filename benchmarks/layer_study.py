@@ -495,7 +495,7 @@ def stage_speed(args) -> None:
                 b, r, G, T = form
                 calls[name] = ((lambda b=b, r=r, G=G, T=T: local_global_attention(q, k, v, d ** -0.5, 1, (side, side),
                                                                                   b, r, G, T)),
-                               local_global_macs(N, (side, side), 1, C, b, r, G, T))
+                               local_global_macs(N, (side, side), 1, C, b, r, G, T, C // d))
         times = {name: [] for name in calls}
         with torch.no_grad():
             for _ in range(args.rounds):                         # interleaved rounds

@@ -303,11 +303,21 @@ def _lg_axis(n: int, Gn: int, nbl: int, block: int, halo: int, device: torch.dev
     return hi - lo + 1, ov
 
 
-def lg_rest_counts(hw: Tuple[int, int], block: int, halo: int, pool: int, device: torch.device) -> torch.Tensor:
+def _lg_layout(H: int, W: int, block: int, pool: int, traced: bool) -> Tuple[int, int, int, int]:
+    """(block rows, block cols, region rows, region cols) of an H×W grid. Traced (torch.export / torch.compile):
+    the sizes never depend on comparisons of H and W with the block or pool size — one more block whenever the
+    grid divides evenly, and pool×pool regions however small the grid (the empty ones are masked out): same result,
+    and the graph stays dynamic in H and W."""
+    if traced:
+        return H // block + 1, W // block + 1, pool, pool
+    return _cdiv(H, block), _cdiv(W, block), min(pool, H), min(pool, W)
+
+
+def lg_rest_counts(hw: Tuple[int, int], block: int, halo: int, pool: int, device: torch.device,
+                   traced: bool = False) -> torch.Tensor:
     """(nb, Gh·Gw): how many patch keys of each pooled region lie outside each block's window (uniform grid)."""
     H, W = hw
-    Gh, Gw = min(pool, H), min(pool, W)
-    nbh, nbw = _cdiv(H, block), _cdiv(W, block)
+    nbh, nbw, Gh, Gw = _lg_layout(H, W, block, pool, traced)
     cy, oy = _lg_axis(H, Gh, nbh, block, halo, device)
     cx, ox = _lg_axis(W, Gw, nbw, block, halo, device)
     rest = cy.view(1, 1, Gh, 1) * cx.view(1, 1, 1, Gw) - oy.view(nbh, 1, Gh, 1) * ox.view(1, nbw, 1, Gw)
@@ -322,20 +332,20 @@ def _lg_softmax(logits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _lg_geometry(hw: Tuple[int, int], block: int, halo: int, pool: int, num_prefix_tokens: int,
-                 device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+                 device: torch.device, dtype: torch.dtype, traced: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Logit offsets of a uniform grid: (nb, 1, w²) for the window keys (0, or a large negative number where the
     window reaches past the grid) and (nb, 1, P + R) for the global keys (0 for prefix keys, log of each region's
     keys outside the block's window, a large negative number where none is left)."""
     H, W = hw
     neg = _neg(dtype)
-    nbh, nbw = _cdiv(H, block), _cdiv(W, block)
+    nbh, nbw, _, _ = _lg_layout(H, W, block, pool, traced)
     w = block + 2 * halo
     off = torch.arange(w, device=device)
     ys = (torch.arange(nbh, device=device) * block - halo).view(-1, 1, 1, 1) + off.view(1, 1, -1, 1)
     xs = (torch.arange(nbw, device=device) * block - halo).view(1, -1, 1, 1) + off.view(1, 1, 1, -1)
     inside = (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)                                     # (nbh, nbw, w, w)
     wbias = torch.zeros(inside.shape, device=device, dtype=dtype).masked_fill(~inside, neg)
-    rest = F.pad(lg_rest_counts(hw, block, halo, pool, device).to(dtype), (num_prefix_tokens, 0), value=1.0)
+    rest = F.pad(lg_rest_counts(hw, block, halo, pool, device, traced).to(dtype), (num_prefix_tokens, 0), value=1.0)
     gbias = rest.clamp_min(1.0).log().masked_fill(rest < 0.5, neg)                           # (nb, P + R)
     return wbias.reshape(nbh * nbw, 1, w * w), gbias.unsqueeze(1)
 
@@ -419,29 +429,34 @@ def local_global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     P = num_prefix_tokens
     H, W = resolve_grid(N - P, grid)
     b, r = block, halo
-    nbh, nbw = _cdiv(H, b), _cdiv(W, b)
+    eager = _eager_inference(q)
+    traced = not eager and not torch.jit.is_scripting()       # torch.export / compile / jit.trace / autograd
+    nbh, nbw, Gh, Gw = _lg_layout(H, W, b, pool, traced)
     nb, bb, w = nbh * nbw, b * b, b + 2 * halo
     half = q.dtype == torch.float16 or q.dtype == torch.bfloat16
     ft = torch.float32 if half else q.dtype
     neg = _neg(ft)
-    eager = _eager_inference(q)
-    if torch.jit.is_scripting():
-        wbias, gbias = _lg_geometry((H, W), b, r, pool, P, q.device, ft)                     # (nb, 1, w²), (nb, 1, P + R)
+    if not eager:
+        wbias, gbias = _lg_geometry((H, W), b, r, pool, P, q.device, ft, traced)             # (nb, 1, w²), (nb, 1, P + R)
     else:
         wbias, gbias = _lg_geometry_cached((H, W), b, r, pool, P, q.device, ft)
     # one copy of the patch tokens' q, k, v into a (B, rows, cols, 3, h, d) buffer: halo rows/cols around, blocks
     # completed at the end (only those margins are zeroed)
     Hb, Wb = nbh * b + 2 * r, nbw * b + 2 * r
-    buf = q.new_empty(B, Hb, Wb, 3, h, d)
-    if Hb > H or Wb > W:
-        buf[:, :r].zero_()
-        buf[:, r + H:].zero_()
-        buf[:, :, :r].zero_()
-        buf[:, :, r + W:].zero_()
-    inner = buf[:, r:r + H, r:r + W]                                                         # (B, H, W, 3, h, d)
-    inner[:, :, :, 0].copy_(q[:, :, P:].transpose(1, 2).reshape(B, H, W, h, d))
-    inner[:, :, :, 1].copy_(k[:, :, P:].transpose(1, 2).reshape(B, H, W, h, d))
-    inner[:, :, :, 2].copy_(v[:, :, P:].transpose(1, 2).reshape(B, H, W, h, d))
+    if not traced:                                  # one copy into the buffer, only its margins zeroed
+        buf = q.new_empty(B, Hb, Wb, 3, h, d)
+        if Hb > H or Wb > W:
+            buf[:, :r].zero_()
+            buf[:, r + H:].zero_()
+            buf[:, :, :r].zero_()
+            buf[:, :, r + W:].zero_()
+        inner = buf[:, r:r + H, r:r + W]                                                     # (B, H, W, 3, h, d)
+        inner[:, :, :, 0].copy_(q[:, :, P:].transpose(1, 2).reshape(B, H, W, h, d))
+        inner[:, :, :, 1].copy_(k[:, :, P:].transpose(1, 2).reshape(B, H, W, h, d))
+        inner[:, :, :, 2].copy_(v[:, :, P:].transpose(1, 2).reshape(B, H, W, h, d))
+    else:                                           # traced / compiled / autograd: no branch on the sizes (exported
+        inner = torch.stack([t[:, :, P:].transpose(1, 2).reshape(B, H, W, h, d) for t in (q, k, v)], 3)  # graphs
+        buf = F.pad(inner, (0, 0, 0, 0, 0, 0, r, Wb - W - r, r, Hb - H - r))                # stay dynamic in H, W)
     qb = buf[:, r:r + nbh * b, r:r + nbw * b, 0].reshape(B, nbh, b, nbw, b, h, d).permute(0, 5, 1, 3, 2, 4, 6)
     if eager:                                       # scaled and laid out in one pass
         qb = torch.mul(qb, scale, out=q.new_empty(B, h, nbh, nbw, b, b, d)).view(B * h * nb, bb, d)
@@ -453,11 +468,10 @@ def local_global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
         kv = buf[:, :, :, 1:].unfold(1, w, b).unfold(2, w, b).permute(3, 0, 4, 1, 2, 6, 7, 5)   # (2, B, h, nbh, nbw, w, w, d)
     kv = kv.reshape(2, B * h * nb, w * w, d)                                                 # (2, B·h·nb, w², d)
     # global keys: the prefix tokens, the top-k tokens, then the pooled regions (separable means: rows, columns)
-    Gh, Gw = min(pool, H), min(pool, W)
     ry = (torch.arange(H, device=q.device) * Gh // H == torch.arange(Gh, device=q.device).unsqueeze(1)).to(q.dtype)
     rx = (torch.arange(W, device=q.device) * Gw // W == torch.arange(Gw, device=q.device).unsqueeze(1)).to(q.dtype)
-    ry = ry / ry.sum(1, keepdim=True)                                                        # (Gh, H) row means
-    rx = rx / rx.sum(1, keepdim=True)                                                        # (Gw, W)
+    ry = ry / ry.sum(1, keepdim=True).clamp_min(1.0)                                         # (Gh, H) row means
+    rx = rx / rx.sum(1, keepdim=True).clamp_min(1.0)                                         # (Gw, W) (empty: 0)
     t = torch.einsum("gy,byxchd->bgxchd", ry, inner[:, :, :, 1:])                            # (B, Gh, W, 2, h, d)
     pooled = torch.einsum("fx,bgxchd->cbhgfd", rx, t).reshape(2, B, h, Gh * Gw, d)          # (2, B, h, R, d)
     parts: List[torch.Tensor] = []
@@ -478,7 +492,7 @@ def local_global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
             region = (ty * Gh // H) * Gw + tx * Gw // W                                      # (B, h, T)
             onehot = (region.unsqueeze(-1) == torch.arange(Gh * Gw, device=q.device)).to(ft)   # (B, h, T, R)
             taken = torch.matmul((~inwin).to(ft), onehot)                                    # (B, h, nb, R): top keys out
-            rest = lg_rest_counts((H, W), b, r, pool, q.device).to(ft) - taken               # (B, h, nb, R)
+            rest = lg_rest_counts((H, W), b, r, pool, q.device, traced).to(ft) - taken       # (B, h, nb, R)
             gbias = torch.cat([torch.zeros(B, h, nb, P, device=q.device, dtype=ft),
                                torch.zeros(B, h, nb, T, device=q.device, dtype=ft).masked_fill(inwin, neg),
                                rest.clamp_min(1.0).log().masked_fill(rest < 0.5, neg)], -1)
@@ -497,7 +511,10 @@ def local_global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     o = torch.bmm(a[..., :w * w].reshape(B * h * nb, bb, w * w), kv[1]).view(B * h, nb * bb, d)
     o = torch.baddbmm(o, a[..., w * w:].reshape(B * h, nb * bb, G), g[1])                    # (B·h, nb·b², d)
     o = o.view(B, h, nbh, nbw, b, b, d).permute(0, 2, 4, 3, 5, 1, 6).reshape(B, nbh * b, nbw * b, h * d)
-    patches = o[:, :H, :W].reshape(B, H * W, h * d)                                          # (B, M, C)
+    if not traced:
+        patches = o[:, :H, :W].reshape(B, H * W, h * d)                                      # (B, M, C)
+    else:                                           # a copy whatever the sizes: no stride decision to guard on
+        patches = o.narrow(1, 0, H).narrow(2, 0, W).clone(memory_format=torch.contiguous_format).view(B, H * W, h * d)
     if P == 0:
         return patches
     return torch.cat([merge_heads(heads), patches], 1)                                       # (B, N, C)

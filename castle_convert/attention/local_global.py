@@ -36,7 +36,7 @@ torch.fx.wrap("local_global_attention")
 
 
 def local_global_macs(num_tokens: int, grid: Tuple[int, int], num_prefix_tokens: int, channels: int,
-                      block: int, halo: int, pool: int, topk: int = 0) -> int:
+                      block: int, halo: int, pool: int, topk: int = 0, heads: int = 1) -> int:
     """Multiply-accumulates of :func:`local_global_attention` for one image (matmuls and einsums, as
     ``torch.utils.flop_counter`` counts them): prefix queries over all keys, window and global logits and
     their weighted sums over the padded blocks, and the pooling of keys and values."""
@@ -49,7 +49,7 @@ def local_global_macs(num_tokens: int, grid: Tuple[int, int], num_prefix_tokens:
     T = min(topk, H * W) if P else 0
     glob = P + T + Gh * Gw
     pooling = 2 * (Gh * H * W + Gh * Gw * W) * channels          # keys and values, two einsums each
-    regions = 0 if not T else nb * T * Gh * Gw                   # which regions the top tokens leave, per block
+    regions = 0 if not T else heads * nb * T * Gh * Gw           # which regions each head's top tokens leave, per block
     return 2 * P * num_tokens * channels + 2 * padded * (window + glob) * channels + pooling + regions
 
 
@@ -123,7 +123,7 @@ class _LocalGlobalParts(CastlingModule):
     def mixing_macs(self, num_tokens: int, grid: Tuple[int, int]) -> int:
         C = self.num_heads * self.head_dim
         mixing = 2 * num_tokens * num_tokens * C if num_tokens <= self.exact_tokens else local_global_macs(
-            num_tokens, grid, self.num_prefix_tokens, C, self.block, self.halo, self.pool, self.topk)
+            num_tokens, grid, self.num_prefix_tokens, C, self.block, self.halo, self.pool, self.topk, self.num_heads)
         return mixing + dw_macs(self.dw, num_tokens, grid, C)
 
 
