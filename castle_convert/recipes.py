@@ -370,8 +370,9 @@ def _read(name_or_path: str, _seen: tuple = (), used_as: str = "") -> tuple[str,
         if str(base) in _seen:
             raise RecipeError(f"recipe {path}: 'base: {base}' makes a cycle ({' -> '.join(map(str, _seen + (base,)))})")
         _, parent = _read(str(base), _seen + (str(base),), used_as=f" (base: of recipe {path})")
+        parent.pop("name", None)                    # a recipe's name is its own, never its base's
         data = _deep_merge(parent, data)
-    data.setdefault("name", path.stem)
+    data.setdefault("name", path.stem)              # `name:` in the file, else the file name
     return path.stem, data
 
 

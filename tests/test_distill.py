@@ -104,6 +104,21 @@ def test_recipe_overrides_and_errors(tmp_path):
         load_recipe(str(custom))
 
 
+
+def test_a_recipe_is_named_by_itself_never_by_its_base(tmp_path):
+    """`base:` merges the parent's settings, not its name: the default output, report.json and the model card
+    name the recipe that was asked for (distill-10ep was recorded as distill-30ep)."""
+    from castle_convert.run import default_output
+    assert load_recipe("distill-10ep").name == "distill-10ep"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: quick\nepochs: 2\n")
+    assert load_recipe(str(mine)).name == "mine"
+    assert default_output("dinov2_small", load_recipe(str(mine))) == Path("runs/dinov2_small-mine")
+    named = tmp_path / "other.yaml"
+    named.write_text(f"base: {mine}\nname: longer\n")
+    assert load_recipe(str(named)).name == "longer"
+    assert load_recipe(str(named), ["name=x"]).name == "x"
+
 def test_anneal_schedule_and_checkpoint_state():
     s = AnnealSchedule(AnnealSection(start_epoch=1, end_epoch=3, curve="linear", threshold=2.0))
     assert s.at(0.5) == (1.0, 0.0)
