@@ -93,7 +93,8 @@ def _normalize(images_u8: np.ndarray, mean, std) -> torch.Tensor:
 def eval_images(data_spec: str, teacher: nn.Module, resolution: int, max_images: Optional[int] = None
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(images (V, C, r, r), labels (V,) or None)`` for the fidelity block at ``resolution``."""
-    from castle_convert.data import build_data, data_config
+    from castle_convert.data import build_data
+    from castle_convert.preprocess import data_config
     if data_spec == "natural":
         from castle_convert import natural
         cfg = data_config(teacher, resolution)

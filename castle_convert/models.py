@@ -12,7 +12,7 @@ from typing import Optional
 
 from torch import nn
 
-from castle_convert.config import error_line
+from castle_convert.config import ModelLoadError, error_line
 
 ALIASES = {
     "deit_tiny": "deit_tiny_patch16_224",
@@ -20,10 +20,6 @@ ALIASES = {
     "deit_base": "deit_base_patch16_224",
 }
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-
-
-class ModelLoadError(ValueError):
-    """The named model cannot be found or loaded; the message says how to fix it."""
 
 
 def resolve_name(name: str) -> str:

@@ -195,8 +195,8 @@ def cache_key(n: int, size: int, seed: int, procedural_fraction: float,
 def training_images(n: int = 4000, size: int = 224, seed: int = 0, procedural_fraction: float = 0.25,
                     cache: Optional[Path] = None, progress: bool = True) -> np.ndarray:
     """``(n, size, size, 3)`` uint8 RGB training images (see the module docstring), cached."""
-    from castle_convert import zoo
-    folder = Path(cache) if cache is not None else zoo.cache_dir() / "natural"
+    from castle_convert.cache import cache_dir
+    folder = Path(cache) if cache is not None else cache_dir() / "natural"
     split = split_sources()                                   # read the picture headers once
     file = folder / f"train-{n}-{size}px-seed{seed}-{cache_key(n, size, seed, procedural_fraction, split)}.npy"
     if file.is_file():

@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from castle_convert.cache import cache_dir  # noqa: F401 - zoo.cache_dir, as before
+from castle_convert.config import ModelLoadError
+
 FMNIST_VIT = {
     "architecture": "vit_tiny_patch16_224",
     "model_args": dict(img_size=28, patch_size=4, embed_dim=64, depth=4, num_heads=2, mlp_ratio=2.0,
@@ -41,8 +44,6 @@ FMNIST_VIT["origin"] = ("castle-convert's built-in `fmnist_vit` teacher, a small
 BUILTINS = {"fmnist_vit": FMNIST_VIT, "dinov2_small": DINOV2_SMALL}
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("CASTLE_CACHE", Path.home() / ".cache" / "castle_convert"))
 
 
 def check_cache(name: str) -> Path:
@@ -55,7 +56,6 @@ def check_cache(name: str) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        from castle_convert.models import ModelLoadError
         which = "CASTLE_CACHE" if os.environ.get("CASTLE_CACHE") else "the default cache (CASTLE_CACHE is not set)"
         raise ModelLoadError(f"the built-in {name} is made on first use and cached, but {which}, {root}, is not "
                              f"writable ({e.strerror or type(e).__name__}): set CASTLE_CACHE to a writable "
@@ -88,10 +88,8 @@ def load_builtin(name: str, pretrained: bool = True, progress: bool = True, img_
     """A built-in teacher; made (extracted, or trained in a few minutes on CPU) and cached on first use."""
     from safetensors.torch import load_file
     if name == "dinov2_small":
-        from castle_convert.models import load_model
+        from transformers import Dinov2Model
         if not pretrained:                       # the architecture only (inspect, bench): nothing to extract
-            from transformers import Dinov2Model
-
             from castle_convert.dinov2_weights import hf_config, image_processor
             config = hf_config()
             if img_size is not None:
@@ -99,7 +97,15 @@ def load_builtin(name: str, pretrained: bool = True, progress: bool = True, img_
             model = Dinov2Model(config)
             model.castle_image_processor = image_processor()
             return model.eval()
-        return load_model(str(dinov2_dir() / "hf"), pretrained=True, img_size=img_size).eval()
+        # castle-convert's own extraction (checked against onnxruntime when it was made): transformers loads it
+        from transformers import Dinov2Config
+        folder = dinov2_dir() / "hf"
+        config = Dinov2Config.from_pretrained(folder)
+        if img_size is not None:
+            config.image_size = img_size
+        model = Dinov2Model.from_pretrained(folder, config=config, ignore_mismatched_sizes=img_size is not None)
+        model.castle_image_processor = json.loads((folder / "preprocessor_config.json").read_text())
+        return model.eval()
     model = create(name)
     if not pretrained:
         return model

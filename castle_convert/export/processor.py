@@ -17,7 +17,7 @@ def image_processor_config(model: nn.Module, resolution: Optional[int] = None) -
     both exactly timm's eval transform for square inputs. A transformers source keeps its own
     processor (``model.castle_image_processor``) when it has one. ``resolution``: the square input
     size the model was distilled at, when it is not the architecture's own (crop ratio kept)."""
-    from castle_convert.data import data_config
+    from castle_convert.preprocess import data_config
 
     own = getattr(model, "castle_image_processor", None)
     if own:

@@ -145,7 +145,7 @@ def timm_model_args(model: nn.Module) -> dict:
 
 def timm_data_config(model: nn.Module) -> dict:
     """mean / std / input size / crop of a timm model (what ``timm.data.resolve_data_config`` gives)."""
-    from castle_convert.data import data_config
+    from castle_convert.preprocess import data_config
     cfg = getattr(model, "pretrained_cfg", None) or {}
     d = data_config(model)
     out = {k: cfg[k] for k in _DATA_FIELDS if cfg.get(k) is not None}
