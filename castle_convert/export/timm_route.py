@@ -257,7 +257,12 @@ def transformers_source(pretrained: bool = False, pretrained_cfg: Any = None, **
     from castle_convert.export.load import CheckpointError, read_config
     from castle_convert.export.timm_equivalent import plan
     cfg = pretrained_cfg if isinstance(pretrained_cfg, dict) else {}
-    where = cfg.get("file") or cfg.get("hf_hub_id") or "this directory"
+    where = cfg.get("file") or cfg.get("hf_hub_id")
+    if not where:
+        raise CheckpointError(f"{TRANSFORMERS_ENTRY} is not a model to create by name: it is what timm's local-dir: / "
+                              "hf-hub: read from a castle-convert directory converted from a transformers class without "
+                              "a timm equivalent; load such a directory with castle_convert.load(DIR) or transformers "
+                              "(AutoModel.from_pretrained(DIR, trust_remote_code=True))")
     try:
         reason = plan(read_config(Path(where)))
     except CheckpointError as e:
@@ -271,6 +276,18 @@ def _no_timm(where: Any, reason: str):
     return CheckpointError(f"{where} holds a converted transformers model that timm cannot build ({reason}): load it "
                            f"with castle_convert.load({str(where)!r}) or transformers (AutoModel.from_pretrained(..., "
                            "trust_remote_code=True))")
+
+
+def _unlisted(name: str) -> None:
+    """Keep ``name`` out of ``timm.list_models()`` while ``timm.create_model`` still finds it: timm lists every
+    registered entry point except its deprecated names. :data:`TRANSFORMERS_ENTRY` is the entry of a directory's
+    config.json (``local-dir:`` / ``hf-hub:`` reach it, and it names the routes that load the directory), not a
+    model anyone builds by name, so no listed ``castle_*`` name fails to create. A timm without that private table
+    lists it; nothing else changes."""
+    from timm.models import _registry
+    hidden = getattr(_registry, "_deprecated_models", None)
+    if isinstance(hidden, dict):
+        hidden[name] = None
 
 
 def register() -> int:
@@ -287,6 +304,7 @@ def register() -> int:
         default_cfgs[TRANSFORMERS_ENTRY] = {}
         fn = globals()[TRANSFORMERS_ENTRY] = _named(transformers_source, TRANSFORMERS_ENTRY)
         register_model(fn)
+        _unlisted(TRANSFORMERS_ENTRY)
         added += 1
     converts = convertible()
     for arch in timm.list_models(list(PATTERNS)):
