@@ -330,15 +330,22 @@ def push_cmd(directory: Path, repo_id: str, private: bool, dry_run: bool, token:
               help="Largest max-abs difference onnxruntime vs PyTorch that passes.")
 @click.option("--batch", type=click.IntRange(min=1), default=3, show_default=True,
               help="Batch size of the parity check (the export itself traces batch 1; the batch axis is dynamic).")
-@click.option("--dynamic-size", is_flag=True,
-              help="Height and width dynamic too (torch.export + onnxscript, opset >= 18); parity checked at two sizes.")
-def export_onnx_cmd(directory: Path, output: Path, opset: int, atol: float, batch: int, dynamic_size: bool) -> None:
-    """Export the model in DIRECTORY to ONNX and check it in onnxruntime (exit 1 above --atol)."""
+@click.option("--dynamic-size/--fixed-size", default=None,
+              help="Height and width dynamic (torch.export + onnxscript, opset >= 18; parity checked at two sizes) or "
+                   "fixed at the native size. Default: dynamic where that verifies, else fixed (the output says why).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def export_onnx_cmd(directory: Path, output: Path, opset: int, atol: float, batch: int, dynamic_size: Optional[bool],
+                    no_progress: bool) -> None:
+    """Export the model in DIRECTORY to ONNX and check it in onnxruntime (exit 1 above --atol).
+
+    The batch axis is dynamic, and height and width too where the source allows it (the default), so the graph
+    takes what the directory's own preprocessor_config.json produces at any size."""
     from castle_convert.export.onnx import export_onnx
 
     _check_writable(output, "--output")
     try:
-        result = export_onnx(directory, output, opset=opset, atol=atol, check_batch=batch, dynamic_size=dynamic_size)
+        result = export_onnx(directory, output, opset=opset, atol=atol, check_batch=batch, dynamic_size=dynamic_size,
+                             progress=not no_progress)
     except OnnxExportError as e:
         if getattr(e, "result", None) is not None:
             click.echo(e.result.format())
