@@ -30,6 +30,9 @@ from castle_convert.export.source import (_NO_WEIGHTS, CFG_KEY, PREFIX, TRANSFOR
 
 from castle_convert.export.timm_archs import PATTERNS, convertible  # noqa: E402
 default_cfgs: dict[str, dict] = {}           # read by timm's register_model
+# key of the config.json embedded (as pretrained_cfg[CFG_KEY]) in the timm equivalent of a transformers source: that
+# model's weights, as timm's save_for_hf writes them, carry timm's names (no renaming on load)
+TIMM_NAMES = "castle_timm_names"
 _registered = False
 _FEATURE_ARGS = ("out_indices", "feature_cls")      # what timm's ViT features_only takes
 
@@ -131,6 +134,7 @@ def create_castle_model(arch: str, pretrained: bool = False, pretrained_cfg: Any
         model.default_cfg = model.pretrained_cfg
         return _features(model, feature_kwargs) if features else model
     file = _weights_file(cfg, cache_dir)
+    _refuse_pickled_directory(file)
     if file is None:
         raise CheckpointError(
             f"{name} has no weights of its own: pass the model.safetensors of a castle-convert output directory, "
@@ -146,7 +150,7 @@ def create_castle_model(arch: str, pretrained: bool = False, pretrained_cfg: Any
     num_classes = kwargs.pop("num_classes", None)
     img_size = kwargs.pop("img_size", None)
     if src.get("library") == "transformers":          # the equivalent timm ViT, weights renamed
-        model, stored, data_cfg = _from_transformers(arch, file, cfg, state, config, cache_dir)
+        model, stored, data_cfg, config = _from_transformers(arch, file, cfg, state, config, cache_dir)
     else:
         if src.get("library") != "timm" or src.get("architecture") != arch:
             raise CheckpointError(f"{file} holds a converted {src.get('library')} {src.get('architecture') or '?'}, "
@@ -170,7 +174,7 @@ def create_castle_model(arch: str, pretrained: bool = False, pretrained_cfg: Any
     model.pretrained_cfg = converted_pretrained_cfg(
         {**model.pretrained_cfg, **{k: v for k, v in cfg.items() if v is not None},
          **{k: tuple(v) if isinstance(v, list) else v for k, v in data_cfg.items()}},
-        arch, castle_config(config) if src.get("library") == "timm" else None)
+        arch, castle_config(config) if src.get("library") == "timm" else {**config, TIMM_NAMES: True})
     if num_classes is not None:
         model.pretrained_cfg["num_classes"] = num_classes
     model.default_cfg = model.pretrained_cfg
@@ -192,9 +196,25 @@ def _directory_file(file: Path, cfg: dict, name: str, cache_dir: Any) -> Optiona
         return None
 
 
+def _refuse_pickled_directory(file: Optional[Path]) -> None:
+    """A directory whose weights are a pickle (timm's ``save_for_hf`` writes ``pytorch_model.bin`` unless told
+    otherwise): one line naming the call that writes safetensors; castle-convert never unpickles weights."""
+    from castle_convert.export.load import PICKLE_NAMES, WEIGHTS_NAME, CheckpointError
+    if file is None or Path(file).is_file() or Path(file).name != WEIGHTS_NAME:
+        return
+    pickle = next((Path(file).parent / n for n in PICKLE_NAMES if (Path(file).parent / n).is_file()), None)
+    if pickle is not None:
+        raise CheckpointError(f"{Path(file).parent} holds {pickle.name}, a pickle, and no {WEIGHTS_NAME}: castle_* "
+                              "models load weights only from safetensors (never unpickled). timm's save_for_hf writes a "
+                              "pickle by default: save with timm.models.save_for_hf(model, DIR, "
+                              "safe_serialization=True), or cc.save_pretrained(model, DIR)")
+
+
 def _from_transformers(arch: str, file: Path, cfg: dict, state: dict, meta_config: dict, cache_dir: Any):
-    """(model, its constructor arguments, data config) of the timm model equivalent to a transformers-source
-    file (:mod:`castle_convert.export.timm_equivalent`), or a one-line error naming the routes that load it."""
+    """(model, its constructor arguments, data config, the directory's config) of the timm model equivalent to a
+    transformers-source file (:mod:`castle_convert.export.timm_equivalent`), or a one-line error naming the routes
+    that load it. ``meta_config`` with :data:`TIMM_NAMES` is that config embedded in a ``pretrained_cfg`` (timm's
+    ``save_for_hf`` of such a model): its weights carry timm's names already."""
     import json
 
     import timm
@@ -205,8 +225,12 @@ def _from_transformers(arch: str, file: Path, cfg: dict, state: dict, meta_confi
     from castle_convert.export.timm_equivalent import hf_data_config, plan, set_norm_eps, timm_state
 
     where = cfg.get("file") or cfg.get("hf_hub_id") or str(file)
-    config_file = _directory_file(file, cfg, "config.json", cache_dir)
-    config = read_config(config_file.parent) if config_file is not None else None
+    timm_names = bool(meta_config.get(TIMM_NAMES))
+    if timm_names:
+        config = {k: v for k, v in meta_config.items() if k != TIMM_NAMES}
+    else:
+        config_file = _directory_file(file, cfg, "config.json", cache_dir)
+        config = read_config(config_file.parent) if config_file is not None else None
     eq = plan(config) if config is not None else "its config.json is not beside the weights"
     if isinstance(eq, str):
         raise _no_timm(where, eq)
@@ -221,6 +245,9 @@ def _from_transformers(arch: str, file: Path, cfg: dict, state: dict, meta_confi
                     gamma_init="one")
     model = finalize(model, inplace=True, check=False, force=True)
     model.castling_config = castling
+    if timm_names:                            # saved by timm from this very model: its own names, its own data config
+        load_into(model, state, file)
+        return model.eval(), eq.model_args, {}, config
     try:
         renamed = timm_state(state, eq, config)
     except KeyError as e:
@@ -228,7 +255,7 @@ def _from_transformers(arch: str, file: Path, cfg: dict, state: dict, meta_confi
     load_into(model, renamed, file)
     processor = _directory_file(file, cfg, "preprocessor_config.json", cache_dir)
     data = hf_data_config(json.loads(processor.read_text()) if processor else None, eq.resolution)
-    return model.eval(), eq.model_args, data
+    return model.eval(), eq.model_args, data, config
 
 
 def _norm(v: Any) -> Any:
