@@ -12,7 +12,6 @@ trained on Fashion-MNIST here. It is the teacher of the fidelity benchmark and o
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -123,6 +122,7 @@ def train_builtin(name: str, progress: bool = True) -> Path:
     from tqdm.auto import tqdm
 
     from castle_convert.data import build_data
+    from castle_convert.distill.schedule import lr_scheduler
 
     spec = BUILTINS[name]
     cfg = spec["train"]
@@ -135,9 +135,7 @@ def train_builtin(name: str, progress: bool = True) -> Path:
     val = DataLoader(data.val, batch_size=256)
     total = cfg["epochs"] * len(loader)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    warmup = len(loader) // 2
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+    sched = lr_scheduler(opt, total, len(loader) // 2)                  # half an epoch of warmup, cosine to 0
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
     t0 = time.time()
     bar = tqdm(total=total, desc=f"training teacher {name} (first use, cached)", disable=not progress,
