@@ -65,7 +65,7 @@ class OutputBusyError(OutputExistsError):
     """Another process (a run or a save) is writing the same output directory: it holds the output's lock."""
 
 
-_HELD_LOCKS: dict[str, list] = {}          # lock file -> [fd, depth] of the locks this process holds
+_HELD_LOCKS: dict[str, object] = {}        # lock file -> the filelock.FileLock this process holds (re-entrant)
 
 
 def _lock_file(path: Path) -> Path:
@@ -73,53 +73,47 @@ def _lock_file(path: Path) -> Path:
     return path.with_name(f".{path.name}.lock")
 
 
+def _write_pid(fd: int) -> None:
+    """filelock's ``on_acquired``: the holder's PID in the lock file, for the message a second process gets."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
 @contextlib.contextmanager
 def output_lock(path: Path) -> Iterator[None]:
-    """Hold ``.NAME.lock`` next to the output ``path`` (``fcntl.flock``; the file holds the PID) while a run or a
-    save writes it. A second process gets an :class:`OutputBusyError` naming the holder's PID. Re-entrant in one
-    process (the run holds it, its final save takes it again); the OS releases it if the holder is killed, so a
-    lock file a killed run left behind is simply taken over. The parent folder is created if needed."""
-    try:
-        import fcntl
-    except ImportError:                     # no flock (Windows): writes are still atomic, runs are not serialised
-        yield
-        return
+    """Hold ``.NAME.lock`` next to the output ``path`` (``filelock.FileLock``, an OS lock; the file holds the PID)
+    while a run or a save writes it. A second process gets an :class:`OutputBusyError` naming the holder's PID at
+    once. Re-entrant in one process (the run holds it, its final save takes it again); the OS releases it if the
+    holder is killed, so a lock file a killed run left behind is simply taken over, and the holder removes the file
+    before releasing it (filelock notices a lock file unlinked under it and takes a new one). The parent folder is
+    created if needed."""
+    from filelock import FileLock, Timeout
+
     lock = _lock_file(path)
     held = _HELD_LOCKS.get(str(lock))
     if held is not None:
-        held[1] += 1
-        try:
+        with held:                              # FileLock counts nested acquisitions
             yield
-        finally:
-            held[1] -= 1
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    file_lock = FileLock(str(lock), timeout=0, on_acquired=_write_pid)
+    try:
+        file_lock.acquire()
+    except Timeout:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise OutputBusyError(f"output {Path(path)} is being written by another castle-convert process (PID "
-                                  f"{holder}, lock {lock}): wait for it to finish, or choose another --output") from None
-        try:                                # the holder before us may have removed the file we opened: retry
-            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _HELD_LOCKS[str(lock)] = [fd, 1]
+            holder = lock.read_text(errors="replace").strip() or "?"
+        except OSError:
+            holder = "?"
+        raise OutputBusyError(f"output {Path(path)} is being written by another castle-convert process (PID "
+                              f"{holder}, lock {lock}): wait for it to finish, or choose another --output") from None
+    _HELD_LOCKS[str(lock)] = file_lock
     try:
         yield
     finally:
         del _HELD_LOCKS[str(lock)]
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)                 # while still holding it: a waiting process then retries on a new file
-        os.close(fd)
+            os.unlink(lock)                     # while still holding it: a waiting process then takes a new file
+        file_lock.release(force=True)
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
