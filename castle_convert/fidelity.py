@@ -24,6 +24,9 @@ from torch import nn
 from castle_convert import adapters
 
 DEFAULT_RESOLUTIONS = (224, 448, 518)
+# images per resolution, one default for `castle-convert eval` and the main job's block (recipe fidelity.max_images):
+# the natural set's first 12 views are the centre squares of its 12 held-out photos (views are ordered view by view)
+DEFAULT_MAX_IMAGES = 12
 
 
 @dataclass
@@ -38,6 +41,8 @@ class FidelityRow:
     macs_ratio: Optional[float] = None       # student / teacher, batch 1
     teacher_ms: Optional[float] = None       # batch-1 median latency, interleaved
     student_ms: Optional[float] = None
+    teacher_iqr_ms: Optional[float] = None   # interquartile range of those latencies: how noisy the ratio is
+    student_iqr_ms: Optional[float] = None
 
     @property
     def latency_ratio(self) -> Optional[float]:
@@ -64,7 +69,7 @@ class FidelityReport:
         classify = any(r.agree is not None for r in self.rows)
         head = f"{'res':>5} {'images':>6} {'patch cos':>9} {'CLS cos':>8}"
         head += f" {'agree %':>8} {'top-1 t/s':>13}" if classify else ""
-        head += f" {'MACs ratio':>10} {'latency ms teacher/student':>27} {'ratio':>6}"
+        head += f" {'MACs ratio':>10} {'latency ms teacher/student (±IQR/2)':>35} {'ratio':>6}"
         lines = [f"fidelity to the teacher on held-out images ({self.data}), {self.device}, {self.threads} threads",
                  head]
         for r in self.rows:
@@ -72,14 +77,20 @@ class FidelityReport:
             if classify:
                 top = f"{f(r.top1_teacher, '.1f')}/{f(r.top1_student, '.1f')}"
                 line += f" {f(r.agree, '.1f'):>8} {top:>13}"
-            lat = f"{f(r.teacher_ms, '.1f')}/{f(r.student_ms, '.1f')}"
-            line += f" {f(r.macs_ratio):>10} {lat:>27} {f(r.latency_ratio):>6}"
+            lat = f"{_ms(r.teacher_ms, r.teacher_iqr_ms)}/{_ms(r.student_ms, r.student_iqr_ms)}"
+            line += f" {f(r.macs_ratio):>10} {lat:>35} {f(r.latency_ratio):>6}"
             lines.append(line)
         return "\n".join(lines)
 
     def write_json(self, path) -> None:
         from pathlib import Path
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def _ms(median: Optional[float], iqr: Optional[float]) -> str:
+    if median is None:
+        return "-"
+    return f"{median:.1f}" + (f"±{iqr / 2:.1f}" if iqr is not None else "")
 
 
 # -- images ----------------------------------------------------------------------------------------
@@ -136,7 +147,7 @@ def outputs(model: nn.Module, x: torch.Tensor) -> dict[str, Optional[torch.Tenso
 
 @torch.no_grad()
 def compare(teacher: nn.Module, student: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
-            batch_size: int = 8) -> dict:
+            batch_size: int = 8, bar=None) -> dict:
     """Patch-token and CLS cosines (and top-1 agreement / accuracy for classifiers) of student vs teacher."""
     teacher.eval()
     student.eval()
@@ -149,6 +160,8 @@ def compare(teacher: nn.Module, student: nn.Module, images: torch.Tensor, labels
         t, s = outputs(teacher, x), outputs(student, x)
         cls_sum += F.cosine_similarity(s["embedding"].float(), t["embedding"].float(), -1).sum().item()
         n += len(x)
+        if bar is not None:
+            bar.update(len(x))
         if t["tokens"] is not None and s["tokens"] is not None and t["tokens"].shape[1] > prefix:
             cos = F.cosine_similarity(s["tokens"][:, prefix:].float(), t["tokens"][:, prefix:].float(), -1)  # (B, P)
             patch_sum += cos.sum().item()
@@ -199,32 +212,49 @@ def _at(model: nn.Module, resolution: int) -> nn.Module:
 
 
 def measure(teacher: nn.Module, student: nn.Module, data_spec: str = "natural",
-            resolutions: Sequence[int] = DEFAULT_RESOLUTIONS, *, max_images: Optional[int] = None,
+            resolutions: Sequence[int] = DEFAULT_RESOLUTIONS, *, max_images: Optional[int] = DEFAULT_MAX_IMAGES,
             latency: bool = True, latency_budget_s: float = 10.0, progress: bool = True) -> FidelityReport:
     """The fidelity block: :func:`compare` at every resolution, with MACs and batch-1 latency ratios.
-    Every resolution must be a multiple of the model's patch size (:func:`on_grid` rounds them)."""
+    Every resolution must be a multiple of the model's patch size (:func:`on_grid` rounds them); ``max_images``
+    per resolution (None: every image). The progress bar counts images (teacher and student each see them) and
+    says when latency is being measured."""
     from tqdm.auto import tqdm
 
     from castle_convert.bench import benchmark
     bad = [r for r in resolutions if adapters.off_patch_grid(teacher, int(r))]
     if bad:
         p, near = adapters.off_patch_grid(teacher, int(bad[0]))
-        raise ValueError(f"resolution {bad[0]} px is not a multiple of the model's patch size ({p} px): use e.g. {near}")
+        raise FidelityError(f"resolution {bad[0]} px is not a multiple of the model's patch size ({p} px): use e.g. "
+                            f"{near}")
     report = FidelityReport(data=data_spec, device=str(next(student.parameters()).device),
                             threads=torch.get_num_threads())
-    for res in tqdm(list(resolutions), desc="fidelity", unit="res", disable=not progress, dynamic_ncols=True):
-        images, labels = eval_images(data_spec, teacher, int(res), max_images)
-        images = images.to(report.device)
-        row = FidelityRow(resolution=int(res), **compare(_at(teacher, int(res)), _at(student, int(res)), images,
-                                                          None if labels is None else labels.to(report.device)))
-        if not latency:                          # MACs only, counted on the meta device as bench counts them
-            one = torch.empty(images[:1].shape, device="meta")
-            row.macs_ratio = adapters.count_macs(_at(student, int(res)).to("meta"), one) / \
-                adapters.count_macs(_at(teacher, int(res)).to("meta"), one)
-        else:
-            cell = benchmark(teacher, converted=student, resolutions=[int(res)], batches=[1], repeats=10,
-                             min_repeats=2, warmup=1, time_budget_s=latency_budget_s, progress=False,
-                             device=report.device.split(":")[0]).cells[0]
-            row.macs_ratio, row.teacher_ms, row.student_ms = cell.macs_ratio, cell.original_ms, cell.castling_ms
-        report.rows.append(row)
+    with tqdm(desc="fidelity", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for res in resolutions:
+            images, labels = eval_images(data_spec, teacher, int(res), max_images)
+            if bar.total is None:
+                bar.total = len(images) * len(resolutions)
+                bar.refresh()
+            bar.set_postfix_str(f"{res} px: teacher vs student")
+            images = images.to(report.device)
+            row = FidelityRow(resolution=int(res), **compare(_at(teacher, int(res)), _at(student, int(res)), images,
+                                                              None if labels is None else labels.to(report.device),
+                                                              bar=bar))
+            if not latency:                          # MACs only, counted on the meta device as bench counts them
+                one = torch.empty(images[:1].shape, device="meta")
+                row.macs_ratio = adapters.count_macs(_at(student, int(res)).to("meta"), one) / \
+                    adapters.count_macs(_at(teacher, int(res)).to("meta"), one)
+            else:
+                bar.set_postfix_str(f"{res} px: latency, batch 1, interleaved")
+                cell = benchmark(teacher, converted=student, resolutions=[int(res)], batches=[1], repeats=10,
+                                 min_repeats=2, warmup=1, time_budget_s=latency_budget_s, progress=False,
+                                 device=report.device.split(":")[0]).cells[0]
+                row.macs_ratio, row.teacher_ms, row.student_ms = cell.macs_ratio, cell.original_ms, cell.castling_ms
+                row.teacher_iqr_ms = cell.original_spread_ms[1] - cell.original_spread_ms[0]
+                row.student_iqr_ms = cell.castling_spread_ms[1] - cell.castling_spread_ms[0]
+            report.rows.append(row)
     return report
+
+
+class FidelityError(ValueError):
+    """The fidelity block cannot be measured as asked (a resolution off the patch grid); the message says what to
+    use."""

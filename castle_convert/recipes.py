@@ -124,7 +124,8 @@ class FidelitySection:
     data: str = "natural"               # natural (held-out photos, castle_convert/natural.py) | val (the run's
                                         # validation split) | none (no block)
     resolutions: str = "224,448,518"    # px; each rounded to a multiple of the model's patch size
-    max_images: Optional[int] = 24      # per resolution (natural: 5 views of each held-out photo, in order)
+    max_images: Optional[int] = 12      # per resolution (natural: views ordered view by view, so 12 = the centre
+                                        # square of each held-out photo; null: all 60); castle-convert eval's too
     latency: bool = True                # batch-1 latency of teacher and student beside the cosines
 
     def resolution_list(self) -> list[int]:
