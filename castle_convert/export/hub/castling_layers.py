@@ -86,6 +86,9 @@ class CastlingAttention(_CastlingAttentionBase):
     """Linear-angular attention, inference form. Keys: qkv, q_norm, k_norm, gamma, dw.conv, norm,
     out_gate, proj."""
 
+    def extra_repr(self) -> str:                  # what print(model) shows where PEFT finds no query/value
+        return "qkv: query, key and value fused (PEFT / LoRA: target_modules=['qkv', 'proj'])"
+
     def __init__(self, dim: int, num_heads: int, head_dim: int, num_prefix_tokens: int, castling: dict, *,
                  qkv_bias: bool = True, proj_bias: bool = True, dim_out: Optional[int] = None,
                  qk_norm_eps: Optional[float] = None, out_norm_eps: Optional[float] = None,
@@ -126,6 +129,9 @@ class CastlingSeparableAttention(_CastlingAttentionBase):
     """Separable self-attention (MobileViTv2), inference form. Keys: in_proj ([values | context
     logits], or [values | keys] + k_norm + context_query with qk-norm), context_gain, relu_gain,
     dw.conv, norm, out_gate, proj."""
+
+    def extra_repr(self) -> str:                  # what print(model) shows where PEFT finds no query/value
+        return "in_proj: values and context fused (PEFT / LoRA: target_modules=['in_proj', 'proj'])"
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, num_prefix_tokens: int, castling: dict, *,
                  qkv_bias: bool = True, proj_bias: bool = True, dim_out: Optional[int] = None,

@@ -235,6 +235,46 @@ def _hf_class(name: str):
         "__doc__": f"transformers {name} with castling linear-angular attention (keys as castle-convert writes)."})
 
 
+def _hf_head_class(base_name: str):
+    """``Castling<Base>ForImageClassification`` for a transformers backbone without a classification class of its
+    own config (CLIP / SigLIP / SigLIP2 vision towers, DINOv3): the castling backbone under ``backbone`` (a backbone
+    directory's keys load into it, as transformers loads a base model's checkpoint into a model with a head) and a
+    new linear head of ``config.num_labels`` on its pooled output (``pooler_output``: CLS after the final norm, or the
+    MAP head; the mean token where there is none)."""
+    from transformers.modeling_outputs import ImageClassifierOutput
+    backbone_cls = globals()[f"Castling{base_name}"]
+
+    def __init__(self, config):
+        PreTrainedModel.__init__(self, config)
+        self.num_labels = int(config.num_labels)
+        self.backbone = backbone_cls(config)
+        width = int(getattr(config, "hidden_size", 0) or self.backbone.config.hidden_size)
+        self.classifier = nn.Linear(width, self.num_labels) if self.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def _init_weights(self, module):
+        if module is self.classifier and isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=float(getattr(self.config, "initializer_range", 0.02)))
+            nn.init.zeros_(module.bias)
+        elif module is not self:
+            self.backbone._init_weights(module)
+
+    def forward(self, pixel_values=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+        out = self.backbone(pixel_values, output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
+        pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None \
+            else out.last_hidden_state.mean(dim=1)
+        logits = self.classifier(pooled)
+        loss = None if labels is None else nn.functional.cross_entropy(logits.float(), labels.to(logits.device))
+        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        return output if use_dict else output.to_tuple()
+
+    return type(f"Castling{base_name}ForImageClassification", (PreTrainedModel,), {
+        "config_class": CastlingViTConfig, "base_model_prefix": "backbone", "main_input_name": "pixel_values",
+        "__init__": __init__, "_init_weights": _init_weights, "forward": forward, "__module__": __name__,
+        "__doc__": f"transformers {base_name} with castling attention and a new image-classification head."})
+
+
 HF_CLASSES = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
               "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification",
               "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification",
@@ -242,3 +282,14 @@ HF_CLASSES = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImag
 for _name in HF_CLASSES:
     if hasattr(transformers, _name):
         globals()[f"Castling{_name}"] = _hf_class(_name)
+
+# a backbone's directory loaded with AutoModelForImageClassification(..., num_labels=N): transformers' own classification
+# class of that config where there is one (DINOv2: CLS + mean patch token, as transformers' Dinov2ForImageClassification),
+# else a new head on the pooled output
+HF_HEADS = {"ViTModel": "ViTForImageClassification", "DeiTModel": "DeiTForImageClassification",
+            "Dinov2Model": "Dinov2ForImageClassification",
+            "Dinov2WithRegistersModel": "Dinov2WithRegistersForImageClassification"}
+for _name in ("CLIPVisionModel", "SiglipVisionModel", "Siglip2VisionModel", "DINOv3ViTModel"):
+    if f"Castling{_name}" in globals():
+        globals()[f"Castling{_name}ForImageClassification"] = _hf_head_class(_name)
+        HF_HEADS[_name] = f"{_name}ForImageClassification"

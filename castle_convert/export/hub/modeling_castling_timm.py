@@ -108,6 +108,7 @@ class CastlingTimmViTPreTrainedModel(PreTrainedModel):
 
     config_class = CastlingViTConfig
     base_model_prefix = "castling_timm_vit"          # never a key prefix: keys are timm's
+    _castle_head = False                             # ForImageClassification: a head of config.num_labels classes
     main_input_name = "pixel_values"
     _no_split_modules = ["_Block"]
     supports_gradient_checkpointing = True
@@ -144,7 +145,9 @@ class CastlingTimmViTPreTrainedModel(PreTrainedModel):
             else nn.Identity()
         self.fc_norm = nn.LayerNorm(D, eps=eps) if spec.get("final_norm", True) and spec.get("fc_norm") \
             else nn.Identity()
-        n = spec.get("num_classes", 0)
+        # a classifier: config.num_labels (a backbone's directory loaded with AutoModelForImageClassification(...,
+        # num_labels=N) gets a new head of N classes, as transformers' own backbones do)
+        n = int(config.num_labels) if self._castle_head else spec.get("num_classes", 0)
         self.head = nn.Linear(D, n) if n > 0 else nn.Identity()
         if spec.get("distilled"):
             self.head_dist = nn.Linear(D, n) if n > 0 else nn.Identity()
@@ -229,7 +232,9 @@ def _return(return_dict: Optional[bool], config, output):
 
 
 class CastlingTimmViTForImageClassification(CastlingTimmViTPreTrainedModel):
-    """Logits equal the timm model's ``model(x)``."""
+    """Logits equal the timm model's ``model(x)``; on a backbone's directory, a new head of ``num_labels``."""
+
+    _castle_head = True
 
     def forward(self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 return_dict: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
@@ -330,6 +335,14 @@ def _build_timm(config, spec: dict) -> nn.Module:
     return model
 
 
+def _head_for_labels(owner: nn.Module, model: nn.Module, config) -> None:
+    """A timm-built classifier (``owner._castle_head``) has ``config.num_labels`` classes: timm's
+    ``reset_classifier`` when the source's head has another count (a backbone's directory given a head)."""
+    n = int(config.num_labels)
+    if getattr(owner, "_castle_head", False) and int(getattr(model, "num_classes", 0) or 0) != n:
+        model.reset_classifier(n)
+
+
 def _build_timm_eva(config) -> nn.Module:
     """The timm Eva of ``config`` (see :func:`_build_timm`), every block taking the call's RoPE and grid."""
     eva = _build_timm(config, config.timm_eva or {})
@@ -395,6 +408,7 @@ class CastlingTimmEvaPreTrainedModel(PreTrainedModel):
 
     config_class = CastlingViTConfig
     base_model_prefix = "castling_timm_eva"          # never a key prefix: keys are timm's
+    _castle_head = False
     main_input_name = "pixel_values"
     _no_split_modules = ["GridEvaBlock", "GridEvaBlockPostNorm"]
     supports_gradient_checkpointing = True
@@ -405,6 +419,7 @@ class CastlingTimmEvaPreTrainedModel(PreTrainedModel):
             raise ValueError("config.json has no 'timm_eva' section: this directory was not written for a timm Eva "
                              "source model")
         eva = _build_timm_eva(config)
+        _head_for_labels(self, eva, config)
         self._timm_eva_class = type(eva)
         _adopt_timm(self, eva)
         self.gradient_checkpointing = False          # transformers' gradient_checkpointing_enable() sets it
@@ -450,7 +465,9 @@ class CastlingTimmEvaPreTrainedModel(PreTrainedModel):
 
 
 class CastlingTimmEvaForImageClassification(CastlingTimmEvaPreTrainedModel):
-    """Logits equal the timm model's ``model(x)``."""
+    """Logits equal the timm model's ``model(x)``; on a backbone's directory, a new head of ``num_labels``."""
+
+    _castle_head = True
 
     forward = CastlingTimmViTForImageClassification.forward
 
@@ -542,6 +559,7 @@ class CastlingTimmNaFlexVitPreTrainedModel(PreTrainedModel):
 
     config_class = CastlingViTConfig
     base_model_prefix = "castling_timm_naflexvit"    # never a key prefix: keys are timm's
+    _castle_head = False
     main_input_name = "pixel_values"
     _no_split_modules = ["GridBlock"]
     supports_gradient_checkpointing = True
@@ -557,6 +575,7 @@ class CastlingTimmNaFlexVitPreTrainedModel(PreTrainedModel):
                              "this directory's config.json was edited; save the model again")
         for blk in model.blocks:                             # every block takes grid= / token_mask=, keys unchanged
             blk.__class__ = _grid_naflex_block(type(blk))
+        _head_for_labels(self, model, config)
         self._timm_naflex_class = type(model)
         _adopt_timm(self, model)
         self.gradient_checkpointing = False          # transformers' gradient_checkpointing_enable() sets it
@@ -619,7 +638,10 @@ class CastlingTimmNaFlexVitPreTrainedModel(PreTrainedModel):
 
 
 class CastlingTimmNaFlexVitForImageClassification(CastlingTimmNaFlexVitPreTrainedModel):
-    """Logits equal the timm model's ``model(x)`` — images, or a NaFlex batch (its dict as ``pixel_values``)."""
+    """Logits equal the timm model's ``model(x)`` — images, or a NaFlex batch (its dict as ``pixel_values``); on a
+    backbone's directory, a new head of ``num_labels``."""
+
+    _castle_head = True
 
     def forward(self, pixel_values=None, patch_coord: Optional[torch.Tensor] = None,
                 patch_valid: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
