@@ -55,7 +55,9 @@ def _calibration_batch(dataset, n: int = 32) -> torch.Tensor:
 
 def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] = None,
         output: Optional[Path] = None, arch: Optional[str] = None, resume: bool = False,
-        overwrite: bool = False, progress: bool = True, on_step=None) -> RunResult:
+        overwrite: bool = False, progress: bool = True, on_step=None, image_size: Optional[int] = None) -> RunResult:
+    """The main job. ``image_size``: the square size the published preprocessing produces (default: the teacher's
+    own, whatever ``data.resolution`` the model is distilled at)."""
     model_spec = model_spec or recipe.model
     if not model_spec:
         raise DataError(f"no MODEL given and recipe '{recipe.name}' names none: e.g. castle-convert deit_small")
@@ -71,11 +73,11 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
     # One run (or save) at a time per output: a second one is told which process holds it, before any work.
     with output_lock(output) if state.is_main_process else contextlib.nullcontext():
         return _run(model_spec, recipe, data_spec=data_spec, output=output, arch=arch, resume=resume,
-                    overwrite=overwrite, progress=progress, on_step=on_step, state=state)
+                    overwrite=overwrite, progress=progress, on_step=on_step, state=state, image_size=image_size)
 
 
 def _run(model_spec: str, recipe: Recipe, *, data_spec: str, output: Path, arch: Optional[str], resume: bool,
-         overwrite: bool, progress: bool, on_step, state) -> RunResult:
+         overwrite: bool, progress: bool, on_step, state, image_size: Optional[int] = None) -> RunResult:
     work_dir = output.with_name(output.name + ".run")
     if not resume:
         check_output_dir(output, overwrite)                     # before any work
@@ -95,6 +97,9 @@ def _run(model_spec: str, recipe: Recipe, *, data_spec: str, output: Path, arch:
     teacher.eval()
     d = recipe.data
     _check_resolution(teacher, d.resolution, recipe)
+    if image_size:                                              # the published size, before any training
+        from castle_convert.export.save import check_image_size
+        check_image_size(teacher, image_size)
     data = build_data(data_spec, teacher, resolution=d.resolution, augmentation=d.augmentation,
                       max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples,
                       seed=recipe.seed)
@@ -132,11 +137,12 @@ def _run(model_spec: str, recipe: Recipe, *, data_spec: str, output: Path, arch:
     if state.is_main_process:
         report["latency"] = _latency(teacher, result.student, int(size[0]))
         report["fidelity"] = _fidelity(teacher, result.student, recipe, data_spec, progress)
+        pictures = _pictures(report, work_dir / "pictures", model_spec)
         try:
             save_pretrained(result.student, output, recipe=recipe.to_yaml(), report=report,
                             source=_source(model_spec, arch), labels=data.classes if head_classes(teacher) else None,
-                            extra_files={"logs": work_dir / "tensorboard"}, overwrite=overwrite or resume,
-                            resolution=int(size[0]) if d.resolution else None)
+                            extra_files={"logs": work_dir / "tensorboard", **pictures}, overwrite=overwrite or resume,
+                            resolution=int(size[0]) if d.resolution else None, image_size=image_size)
         except ExportError as e:                # e.g. disk full: the run's checkpoints stay for --resume
             kept = f"; the run's last checkpoint is kept in {work_dir}: continue with --resume" \
                 if resumable(work_dir) else ""
@@ -202,6 +208,30 @@ def _fidelity(teacher: nn.Module, student: nn.Module, recipe: Recipe, data_spec:
     finally:
         student.cpu()
     return report.to_dict()
+
+
+def _pictures(report: dict, folder: Path, model_spec: str) -> dict[str, Path]:
+    """The PNGs the output directory and its model card show (castle_convert/plots.py): ``fidelity.png`` (fidelity
+    and latency against resolution) and ``stage1.png`` (per-layer error before / after stage 1). Without matplotlib,
+    or on any failure, none: the trained model is written all the same."""
+    from castle_convert import plots
+    if not plots.available():
+        warnings.warn("no pictures in the output (fidelity.png, stage1.png): pip install matplotlib")
+        return {}
+    out: dict[str, Path] = {}
+    name = Path(model_spec).name
+    block, stage1 = report.get("fidelity"), report.get("stage1")
+    try:
+        if block and block.get("rows"):
+            out["fidelity.png"] = Path(plots.fidelity_plot(block, str(folder / "fidelity.png"),
+                                                           title=f"{name}: converted vs teacher"))
+        if stage1 and stage1.get("errors"):
+            out["stage1.png"] = Path(plots.stage1_plot({**stage1, "kept_softmax": report.get("keep_softmax")},
+                                                       str(folder / "stage1.png")))
+    except Exception as e:                       # noqa: BLE001 - the trained model must still be written
+        from castle_convert.config import error_line
+        warnings.warn(f"pictures not drawn ({error_line(e)})")
+    return out
 
 
 def format_fidelity(block: Optional[dict]) -> str:

@@ -112,7 +112,7 @@ def config_from_metadata(metadata: dict[str, str], file: Path) -> dict:
 # config.json keys castle-convert adds around a transformers source's own config fields
 _CASTLE_KEYS = ("model_type", "format_version", "castle_convert_version", "castling", "converted_modules", "source",
                 "castle_headless", "dtype", "architectures", "auto_map", "transformers_version", "timm_vit", "timm_eva",
-                "timm_naflex", "architecture")
+                "timm_naflex", "architecture", "deploy_resolution")
 
 
 def full_source(config: dict) -> dict:

@@ -230,16 +230,15 @@ def _labels(model: nn.Module, labels: Optional[list[str]]) -> Optional[list[str]
 
 def _hub_classes(model: nn.Module, source: dict, headless: bool) -> tuple[str, dict]:
     """(architectures[0], auto_map) for config.json; raises RemoteCodeUnsupported."""
-    from castle_convert.export.hub.modeling_castling import HF_CLASSES
+    from castle_convert.export.hub.modeling_castling import HF_CLASSES, HF_HEADS
     cfg = "configuration_castling.CastlingViTConfig"
     if source["library"] == "timm":
         # Eva, NaFlexVit: built with timm on the loading side
         family = "Eva" if is_timm_eva(model) else "NaFlexVit" if is_timm_naflex(model) else "ViT"
-        auto = {"AutoConfig": cfg, "AutoModel": f"modeling_castling_timm.CastlingTimm{family}Model"}
-        if headless:
-            return f"CastlingTimm{family}Model", auto
-        auto["AutoModelForImageClassification"] = f"modeling_castling_timm.CastlingTimm{family}ForImageClassification"
-        return f"CastlingTimm{family}ForImageClassification", auto
+        # a backbone too: AutoModelForImageClassification(..., num_labels=N) puts a new head on it
+        auto = {"AutoConfig": cfg, "AutoModel": f"modeling_castling_timm.CastlingTimm{family}Model",
+                "AutoModelForImageClassification": f"modeling_castling_timm.CastlingTimm{family}ForImageClassification"}
+        return f"CastlingTimm{family}{'Model' if headless else 'ForImageClassification'}", auto
     name = type(model).__name__
     if name not in HF_CLASSES:
         raise RemoteCodeUnsupported(f"transformers {name} is not one of the classes modeling_castling.py "
@@ -247,6 +246,8 @@ def _hub_classes(model: nn.Module, source: dict, headless: bool) -> tuple[str, d
     auto = {"AutoConfig": cfg}
     if headless:
         auto["AutoModel"] = f"modeling_castling.Castling{name}"
+        if name in HF_HEADS:                 # AutoModelForImageClassification(..., num_labels=N): a new head
+            auto["AutoModelForImageClassification"] = f"modeling_castling.Castling{HF_HEADS[name]}"
     else:
         auto["AutoModelForImageClassification"] = f"modeling_castling.Castling{name}"
         base = _HF_BASE.get(source.get("model_type"))
@@ -437,11 +438,42 @@ def verify_directory(model: nn.Module, path: Path, config: dict, *, remote_code:
 
 # -- save_pretrained -----------------------------------------------------------------------------
 
+def check_image_size(model: nn.Module, size: int) -> None:
+    """An :class:`ExportError` when ``model`` cannot take ``size``×``size`` images the way its loaders call it
+    (``model(pixel_values)`` for transformers: ``pipeline()`` and ``AutoModel`` pass nothing else; a timm model as
+    built): publishing a processor at that size would give every user a failing first call."""
+    from castle_convert import adapters
+    off = adapters.off_patch_grid(model, size)
+    if off:
+        raise ExportError(f"image_size={size} is not a multiple of the model's patch size ({off[0]} px): use e.g. "
+                          f"{off[1]}")
+    x = adapters.example_inputs(model, batch=1, img_size=(size, size))
+    p = next(model.parameters())
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            from castle_convert.adapters import hf_siglip2
+            if getattr(model, "config", None) is not None and not hasattr(model, "pretrained_cfg") \
+                    and hf_siglip2.tower(model) is None:
+                model(pixel_values=x.to(p.device, p.dtype))
+            else:
+                adapters.forward(model, x.to(p.device, p.dtype) if isinstance(x, torch.Tensor) else x)
+    except Exception as e:  # noqa: BLE001 - each family words its size check differently
+        native = adapters.adapter_for(model).input_size(model) if adapters.adapter_for(model) else ("?", "?", "?")
+        raise ExportError(f"image_size={size}: {type(model).__name__} does not take {size}x{size} images as its "
+                          f"loaders call it ({type(e).__name__}); publish at its own {native[1]}x{native[2]} "
+                          "(image_size=None) and resize at call time where the model interpolates (transformers: "
+                          "interpolate_pos_encoding=True)") from None
+    finally:
+        model.train(was)
+
+
 def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = None, report: Optional[dict] = None,
                     overwrite: bool = False, labels: Optional[list[str]] = None, base_model: Optional[str] = None,
                     source: Optional[dict] = None, remote_code: Optional[bool] = None, verify: bool = True,
                     repo_id: Optional[str] = None, extra_files: Optional[dict[str, Path]] = None,
-                    resolution: Optional[int] = None) -> Path:
+                    resolution: Optional[int] = None, image_size: Optional[int] = None) -> Path:
     """Write a finalized castling model to ``path`` as a publishable directory (atomically).
 
     Args:
@@ -459,11 +491,16 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
         verify: load the directory back (castle_convert and remote code) and compare outputs
             with ``model`` before it appears (max |Δ| ≤ 1e-5 in fp32).
         repo_id: Hub repo id used in the model card's usage snippets.
-        resolution: the square input size (px) the model was distilled and evaluated at, when not
-            the architecture's own: ``preprocessor_config.json`` and timm's ``input_size`` describe it,
-            ``config.json`` records it as ``distilled_resolution``.
+        resolution: the square input size (px) the model was distilled at, when not the architecture's own:
+            ``config.json`` records it as ``distilled_resolution`` and the model card says so. The published
+            preprocessing does not change with it: the model is deployed at ``image_size``.
+        image_size: the square input size (px) the published preprocessing produces (``preprocessor_config.json``,
+            timm's ``input_size``, the timm route's equivalent of a transformers source); default: the source's own
+            (its processor's, or timm's data config). A size the model cannot take as ``pipeline()`` calls it
+            (transformers ViT / DeiT / CLIP / SigLIP interpolate only with ``interpolate_pos_encoding=True``) is an
+            ``ExportError``.
     """
-    from castle_convert.export.processor import image_processor_config
+    from castle_convert.export.processor import image_processor, output_size, processor_dict
     from castle_convert.export.source import features_net
 
     path = Path(path)
@@ -477,12 +514,14 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
     src.update({k: v for k, v in (getattr(model, "castle_source", None) or {}).items()
                 if k in _PROVENANCE and k not in src})
     src.update(source or {})
-    if resolution:
-        if not (isinstance(resolution, int) and resolution > 0):
-            raise ExportError(f"resolution={resolution!r}: use a positive input size in pixels")
+    for name, value in (("resolution", resolution), ("image_size", image_size)):
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise ExportError(f"{name}={value!r}: use a positive input size in pixels")
+    if image_size:
+        check_image_size(model, image_size)
         if src.get("library") == "timm":
             channels = (src.get("pretrained_cfg") or {}).get("input_size", (3,))[0]
-            src["pretrained_cfg"] = {**(src.get("pretrained_cfg") or {}), "input_size": [channels, resolution, resolution]}
+            src["pretrained_cfg"] = {**(src.get("pretrained_cfg") or {}), "input_size": [channels, image_size, image_size]}
     if base_model:
         src["base_model"] = base_model
     elif base_model == "":                      # explicitly none (e.g. the weights are not the Hub model's)
@@ -506,10 +545,13 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
                           "for timm, timm.create_model('castle_<arch>') still load it).") from e
     if resolution:
         config["distilled_resolution"] = resolution
+    processor = image_processor(model, image_size)
+    deployed = output_size(processor_dict(processor))
+    if deployed and deployed[0] == deployed[1]:
+        config["deploy_resolution"] = deployed[0]         # what the processor produces: the timm equivalent's size
     architecture = timm_architecture_field(config)        # transformers sources: timm's local-dir:/hf-hub: entry
     if architecture:
         config["architecture"] = architecture
-    processor = image_processor_config(model, resolution)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -524,11 +566,12 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
 
 
 def _write_directory(model: nn.Module, path: Path, *, config: dict, recipe_yaml: Optional[str],
-                     processor: Optional[dict], remote_code: bool, report: Optional[dict], repo_id: Optional[str],
+                     processor: Any, remote_code: bool, report: Optional[dict], repo_id: Optional[str],
                      extra_files: Optional[dict[str, Path]], verify: bool) -> None:
     """Write the directory into a temp folder next to ``path``, verify it, swap it in (the caller holds the lock).
     An OSError (disk full, ...) is an :class:`ExportError` naming it; nothing is left behind."""
     from castle_convert.export.card import render_card
+    from castle_convert.export.processor import processor_dict
     from safetensors.torch import save_file
 
     try:
@@ -541,8 +584,10 @@ def _write_directory(model: nn.Module, path: Path, *, config: dict, recipe_yaml:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata=_metadata(config, recipe_yaml))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
-        if processor:
+        if isinstance(processor, dict):          # a processor class this transformers lacks: its config as it is
             (tmp / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+        elif processor is not None:              # transformers writes what AutoImageProcessor reads
+            processor.save_pretrained(tmp)
         if remote_code:
             for name, src_file in HUB_FILES.items():
                 shutil.copyfile(src_file, tmp / name)
@@ -550,12 +595,15 @@ def _write_directory(model: nn.Module, path: Path, *, config: dict, recipe_yaml:
             (tmp / "recipe.yaml").write_text(recipe_yaml)
         if report is not None:
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        (tmp / "README.md").write_text(render_card(config, report, recipe_yaml, repo_id=repo_id, processor=processor))
         for name, extra in (extra_files or {}).items():
             if Path(extra).is_dir():
                 shutil.copytree(extra, tmp / name)
             elif Path(extra).exists():
                 shutil.copy2(extra, tmp / name)
+        from castle_convert.export.card import PICTURES
+        (tmp / "README.md").write_text(render_card(config, report, recipe_yaml, repo_id=repo_id,
+                                                   processor=processor_dict(processor),
+                                                   pictures=tuple(n for n in PICTURES if (tmp / n).is_file())))
         _publish_permissions(tmp)
         if verify:
             diffs = verify_directory(model, tmp, config, remote_code=remote_code)
