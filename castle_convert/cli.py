@@ -19,21 +19,31 @@ from castle_convert.export.load import CheckpointError
 from castle_convert.export.onnx import OnnxExportError
 from castle_convert.export.push import PushError
 from castle_convert.export.save import ExportError, OutputExistsError
+from castle_convert.fidelity import FidelityError
 from castle_convert.models import ModelLoadError
+from castle_convert.plots import PlotError
 
 USER_ERRORS = (ModelLoadError, ConversionError, FinalizeError, ConfigError, DataError, ResumeError, DivergenceError,
-               CheckpointWriteError, OutputExistsError, BenchError, CheckpointError, ExportError, CardError, PushError)
+               CheckpointWriteError, OutputExistsError, BenchError, CheckpointError, ExportError, CardError, PushError,
+               FidelityError, PlotError)
 
 
 class _Group(click.Group):
-    """``castle-convert MODEL ...`` (no sub-command) runs ``distill``; the library's user-facing
-    errors become one-line messages instead of tracebacks."""
+    """``castle-convert MODEL ...`` and ``castle-convert --recipe ...`` (no sub-command) run ``distill``; a bare
+    ``castle-convert`` prints the help and what to run; a word close to a command that names no model or path is
+    a mistyped command ("no such command 'evaluate': did you mean 'eval'?"), not a model name. The library's
+    user-facing errors become one-line messages instead of tracebacks."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("-h", "--help", "--version"):
+        if not args:
+            click.echo(ctx.get_help())
+            click.echo("\nNothing was run. The main job: castle-convert --recipe quick  (a real DINOv2-S, about 10 "
+                       "minutes on a 2-core CPU); your own model: castle-convert MODEL --recipe distill-10ep --data DIR")
+            ctx.exit(0)
+        if args[0] not in self.commands and args[0] not in ("-h", "--help", "--version"):
+            if not args[0].startswith("-"):
+                _refuse_mistyped_command(args[0], sorted(self.commands))
             args = ["distill", *args]
-        elif not args:
-            args = ["distill"]
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
@@ -41,6 +51,24 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except USER_ERRORS as e:
             raise click.ClickException(_one_line(str(e))) from e
+
+
+def _refuse_mistyped_command(word: str, commands: list[str]) -> None:
+    """A first argument close to a command name, that is no file, directory or known model: a usage error naming
+    the command meant (``castle-convert evaluate DIR`` was read as the model name 'evaluate')."""
+    import difflib
+    close = difflib.get_close_matches(word.lower(), commands, n=2, cutoff=0.6)
+    if not close or Path(word).expanduser().exists() or "/" in word or "." in word:
+        return
+    from castle_convert import zoo
+    from castle_convert.models import ALIASES, resolve_name
+    if word in zoo.BUILTINS or word in ALIASES:
+        return
+    import timm
+    if timm.is_model(resolve_name(word)):
+        return
+    raise click.UsageError(f"no such command '{word}': did you mean {' or '.join(repr(c) for c in close)}? "
+                           f"(commands: {', '.join(commands)}; castle-convert MODEL runs the main job on MODEL)")
 
 
 def _one_line(message: str) -> str:
@@ -84,10 +112,13 @@ def main() -> None:
               help="Attention kind: linear_angular or separable (overrides castling.kind).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="PX",
+              help="Square size the published preprocessor produces (default: the teacher's own, whatever size it is "
+                   "distilled at).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def distill_cmd(model: Optional[str], recipe_name: str, overrides: tuple[str, ...], data_spec: Optional[str],
                 output: Optional[Path], arch: Optional[str], kind: Optional[str], resume: bool, overwrite: bool,
-                no_progress: bool) -> None:
+                image_size: Optional[int], no_progress: bool) -> None:
     """Convert MODEL, distil it against the original, write the inference-only checkpoint.
 
     MODEL: a timm name or alias, a local Hugging Face model directory, a checkpoint file (with
@@ -100,14 +131,15 @@ def distill_cmd(model: Optional[str], recipe_name: str, overrides: tuple[str, ..
     sets = list(overrides) + ([f"castling.kind={kind}"] if kind else [])
     recipe = load_recipe(recipe_name, sets)
     result = run(model, recipe, data_spec=data_spec, output=output, arch=arch, resume=resume,
-                 overwrite=overwrite, progress=not no_progress)
+                 overwrite=overwrite, progress=not no_progress, image_size=image_size)
     from castle_convert.distill.loop import process_state
     if process_state().is_main_process:
         click.echo("\n" + format_table(result.report))
         from castle_convert.export.load import load_routes
         routes = load_routes(result.output)
+        pictures = "".join(f", {n}" for n in ("fidelity.png", "stage1.png") if (result.output / n).is_file())
         click.echo(f"\nwrote {result.output}/ (model.safetensors, config.json, remote code, README.md model card, "
-                   f"recipe.yaml, report.json): load it with {', '.join(routes[:-1])}"
+                   f"recipe.yaml, report.json{pictures}): load it with {', '.join(routes[:-1])}"
                    f"{' or ' if len(routes) > 1 else ''}{routes[-1]}; publish it with castle-convert push")
 
 
@@ -134,6 +166,9 @@ def inspect_cmd(model: str, arch: Optional[str], img_size: Optional[int], kind: 
     from castle_convert.models import load_model
 
     keep = _keep_softmax(keep_softmax)
+    if _is_output(model):                       # a finished conversion: show it, do not convert it again
+        _inspect_output(Path(model), img_size, as_json)
+        return
     net = load_model(model, arch=arch, pretrained=False, img_size=img_size)
     if img_size is not None:
         _check_img_size(net, img_size)
@@ -146,6 +181,48 @@ def inspect_cmd(model: str, arch: Optional[str], img_size: Optional[int], kind: 
         raise click.ClickException(f"cannot convert {model}: {report.error}")
     else:
         click.echo(report.format())
+
+
+def _is_output(model: str) -> bool:
+    from castle_convert.export.save import written_by_castle_convert
+    return written_by_castle_convert(Path(model).expanduser())
+
+
+def _inspect_output(path: Path, img_size: Optional[int], as_json: bool) -> None:
+    """``inspect`` of a castle-convert output directory: its kind, converted and kept layers, and the MACs of each
+    layer either way, against the source architecture it was converted from (shapes only: no weights are read)."""
+    import torch
+
+    from castle_convert import adapters
+    from castle_convert.config import CastlingConfig
+    from castle_convert.convert import inspect
+    from castle_convert.export.load import full_source, read_config
+    from castle_convert.export.source import build_source
+
+    config = read_config(path)
+    with torch.device("meta"):
+        source = build_source(full_source(config))
+    if img_size is not None:
+        _check_img_size(source, img_size)
+    adapter = adapters.adapter_for(source)
+    names = [c.name for c in adapter.scan(source).candidates] if adapter else []
+    converted = set(config.get("converted_modules") or [])
+    kept = [i for i, n in enumerate(names) if converted and n not in converted]
+    castling = CastlingConfig.from_dict(config["castling"])
+    report = inspect(source, castling, img_size=(img_size, img_size) if img_size else None, keep_softmax=kept or None)
+    report.model = f"{path} (converted from {report.model})"
+    if as_json:
+        click.echo(json.dumps({**report.to_dict(), "output": str(path), "kind": castling.kind}, indent=2))
+        return
+    lines = [report.format(), f"attention layers at {report.tokens} tokens (token-mixing MACs):"]
+    for m in report.layer_macs:
+        form = "softmax (kept)" if m["castling"] is None or m["name"] not in converted and converted else castling.kind
+        macs = m["softmax"] if form.startswith("softmax") else m["castling"]
+        lines.append(f"  {m['name']:<40} {form:<16} {macs / 1e6:10.2f}M   (softmax {m['softmax'] / 1e6:.2f}M)")
+    lines.append(f"{path} is a finished castle-convert output ({castling.kind}, {len(names) - len(kept)} of "
+                 f"{len(names)} attentions converted): measure it where you deploy with castle-convert eval {path} "
+                 f"--resolutions 224,448,518, its speed with castle-convert bench {path}")
+    click.echo("\n".join(lines))
 
 
 def _check_img_size(net, img_size: int) -> None:
@@ -252,12 +329,17 @@ def bench_cmd(model: str, resolutions: list[int], batches: list[int], device: st
               help="natural (held-out photos), DIR (its val/ split), hf:NAME[:CONFIG] or fashion-mnist.")
 @click.option("--resolutions", default="224,448,518", show_default=True,
               help="Comma-separated sizes in pixels (multiples of the patch size).")
-@click.option("--max-images", type=click.IntRange(min=1), default=None, help="Images per resolution (default: all).")
+@click.option("--max-images", type=click.IntRange(min=0), default=12, show_default=True,
+              help="Images per resolution, as the main job's block: natural = the centre views of the 12 held-out "
+                   "photos; 0 = every image (natural: 60 views).")
 @click.option("--no-latency", is_flag=True, help="Fidelity only: no latency measurement.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the results as JSON.")
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path),
+              help="Write fidelity and latency against resolution as PNG (needs matplotlib).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def eval_cmd(output: Path, teacher_spec: Optional[str], arch: Optional[str], data_spec: str, resolutions: str,
-             max_images: Optional[int], no_latency: bool, json_out: Optional[Path], no_progress: bool) -> None:
+             max_images: Optional[int], no_latency: bool, json_out: Optional[Path], plot_out: Optional[Path],
+             no_progress: bool) -> None:
     """Fidelity where you deploy: OUTPUT (a castle-convert output directory) against its teacher.
 
     Per resolution: mean patch-token cosine and CLS cosine to the teacher (top-1 agreement, and accuracy
@@ -267,21 +349,37 @@ def eval_cmd(output: Path, teacher_spec: Optional[str], arch: Optional[str], dat
     from castle_convert.recipes import parse_resolutions
     from castle_convert.export.load import load
 
+    from castle_convert.adapters import off_patch_grid
     try:
         sizes = parse_resolutions(resolutions)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--resolutions") from None
-    if json_out is not None:
-        _check_writable(json_out, "--json")
+    for path, option in ((json_out, "--json"), (plot_out, "--plot")):     # before minutes of measuring
+        if path is not None:
+            _check_writable(path, option)
+    if plot_out is not None:
+        from castle_convert import plots
+        if not plots.available():
+            raise PlotError("--plot needs matplotlib: pip install matplotlib")
     student = load(output)
+    off = [(r, off_patch_grid(student, r)) for r in sizes]
+    bad = [(r, o) for r, o in off if o]
+    if bad:                                                     # before the teacher is loaded
+        raise click.BadParameter(f"{bad[0][0]} px is not a multiple of the model's patch size ({bad[0][1][0]} px): "
+                                 f"use e.g. --resolutions {','.join(str(o[1] if o else r) for r, o in off)}",
+                                 param_hint="--resolutions")
     teacher = _eval_teacher(output, teacher_spec, arch)
-    report = measure(teacher, student, data_spec, sizes, max_images=max_images, latency=not no_latency,
+    report = measure(teacher, student, data_spec, sizes, max_images=max_images or None, latency=not no_latency,
                      progress=not no_progress)
     click.echo(report.format())
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         report.write_json(json_out)
         click.echo(f"wrote {json_out}")
+    if plot_out:
+        from castle_convert.plots import fidelity_plot
+        fidelity_plot(report.to_dict(), str(plot_out), title=f"{output.name}: converted vs teacher")
+        click.echo(f"wrote {plot_out}")
 
 
 def _eval_teacher(output: Path, teacher_spec: Optional[str], arch: Optional[str]):
