@@ -536,7 +536,8 @@ def test_directory_contents_and_config(published):
         "castle_convert"])
     assert meta_cfg["source"]["model_args"] == args and meta_cfg["castling"] == cfg["castling"]
     headless = json.loads((Path(cases["hf-dinov2-registers"]["dir"]) / "config.json").read_text())
-    assert set(headless["auto_map"]) == {"AutoConfig", "AutoModel"} and headless["castle_headless"]
+    assert set(headless["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageClassification"}  # + a head
+    assert headless["architectures"] == ["CastlingDinov2WithRegistersModel"] and headless["castle_headless"]
 
 
 def test_model_card(published):
