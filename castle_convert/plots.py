@@ -67,11 +67,15 @@ def fidelity_plot(block: dict, path: str, title: Optional[str] = None) -> str:
             ax.errorbar(x, ms, yerr=iqr, marker=marker, capsize=3, label=label)
         for r in timed:
             ratio = r["student_ms"] / r["teacher_ms"]
-            macs = f", MACs {r['macs_ratio']:.2f}" if isinstance(r.get("macs_ratio"), (int, float)) else ""
-            ax.annotate(f"×{ratio:.2f}{macs}", (r["resolution"], r["student_ms"]), textcoords="offset points",
+            macs = f", MACs ×{r['macs_ratio']:.2f}" if isinstance(r.get("macs_ratio"), (int, float)) else ""
+            ax.annotate(f"time ×{ratio:.2f}{macs}", (r["resolution"], r["student_ms"]), textcoords="offset points",
                         xytext=(0, -14), ha="center", fontsize=7)
         ax.set_xticks(x, [str(v) for v in x])
         ax.set_yscale("log")
+        import matplotlib.ticker
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.margins(x=0.08, y=0.25)                      # room for the ratio labels below the points
         ax.set_xlabel("input resolution (px)")
         ax.set_ylabel("latency, batch 1 (ms, median ± IQR/2)")
         ax.set_title(f"speed, {block.get('device', 'cpu')}, {block.get('threads', '?')} threads")
@@ -113,3 +117,29 @@ def stage1_plot(stage1: dict, path: str, title: Optional[str] = None) -> str:
     path = _save(fig, path)
     plt.close(fig)
     return path
+
+
+def draw_report(report: dict, folder: str, name: str = "") -> list[str]:
+    """Every picture a report (``report.json`` of an output directory) has data for, into ``folder``:
+    ``fidelity.png`` and ``stage1.png``, as the main job draws them."""
+    out = []
+    if ((report or {}).get("fidelity") or {}).get("rows"):
+        out.append(fidelity_plot(report["fidelity"], os.path.join(folder, "fidelity.png"),
+                                 title=f"{name}: converted vs teacher" if name else None))
+    if ((report or {}).get("stage1") or {}).get("errors"):
+        out.append(stage1_plot({**report["stage1"], "kept_softmax": report.get("keep_softmax")},
+                               os.path.join(folder, "stage1.png")))
+    if not out:
+        raise PlotError("the report has no fidelity block and no stage-1 errors to draw")
+    return out
+
+
+if __name__ == "__main__":       # python -m castle_convert.plots REPORT.json FOLDER: e.g. an output written before
+    import json                  # pictures existed
+    import sys
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m castle_convert.plots REPORT.json FOLDER")
+    with open(sys.argv[1]) as f:
+        data = json.load(f)
+    for written in draw_report(data, sys.argv[2], str(data.get("model") or "")):
+        print(f"wrote {written}")
