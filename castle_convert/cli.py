@@ -425,7 +425,7 @@ def push_cmd(directory: Path, repo_id: str, private: bool, dry_run: bool, token:
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="ONNX file to write.")
 @click.option("--opset", type=click.IntRange(min=9), default=17, show_default=True, help="ONNX opset.")
 @click.option("--atol", "--tolerance", "atol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
-              help="Largest max-abs difference onnxruntime vs PyTorch that passes.")
+              help="Largest max-abs difference onnxruntime vs PyTorch that passes, times max(1, largest |output|).")
 @click.option("--batch", type=click.IntRange(min=1), default=3, show_default=True,
               help="Batch size of the parity check (the export itself traces batch 1; the batch axis is dynamic).")
 @click.option("--dynamic-size/--fixed-size", default=None,
