@@ -84,8 +84,9 @@ def _one_line(message: str) -> str:
 def main() -> None:
     """Convert pretrained Vision Transformers' softmax attention to linear attention.
 
-    Attention kinds (--attention / --kind, recipe castling.kind): linear_angular (Castling-ViT,
-    default), separable (MobileViTv2 separable self-attention).
+    Attention kinds (--attention / --kind, recipe castling.kind): local_global (exact softmax over a
+    local window, the prefix and top tokens and pooled regions; the main job's), linear_angular
+    (Castling-ViT), separable (MobileViTv2 separable self-attention).
 
     \b
     castle-convert [MODEL] --recipe quick|toy|distill-10ep|distill-30ep [--data ...] [--output ...]
@@ -96,7 +97,12 @@ def main() -> None:
         latency / memory / MACs of the original and the converted model, side by side.
     castle-convert eval OUTPUT --resolutions 224,448,518
         fidelity to the teacher (patch / CLS cosine, top-1 agreement) beside latency and MACs.
+
+    Every command keeps glibc malloc's large freed blocks for reuse (castle_convert/runtime.py;
+    CASTLE_MALLOC=default to leave it alone).
     """
+    from castle_convert.runtime import tune_malloc
+    tune_malloc()
 
 
 @main.command("distill")
@@ -109,7 +115,7 @@ def main() -> None:
 @click.option("--output", type=click.Path(path_type=Path), help="Output directory (default runs/MODEL-RECIPE).")
 @click.option("--arch", help="timm architecture of a checkpoint file MODEL.")
 @click.option("--attention", "kind", metavar="KIND",
-              help="Attention kind: linear_angular or separable (overrides castling.kind).")
+              help="Attention kind: local_global, linear_angular or separable (overrides castling.kind).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="PX",
@@ -149,7 +155,7 @@ def distill_cmd(model: Optional[str], recipe_name: str, overrides: tuple[str, ..
 @click.option("--img-size", type=click.IntRange(min=1), default=None,
               help="Input resolution (default: the model's own).")
 @click.option("--kind", default=None, metavar="KIND",
-              help="Attention kind: linear_angular (default) or separable.")
+              help="Attention kind: local_global, linear_angular or separable (default: the config's).")
 @click.option("--dw", type=click.Choice(["2d", "1d", "none"]), default=None, help="Depthwise-conv branch.")
 @click.option("--keep-softmax", default="", metavar="I,J",
               help="Hybrid: attention layers (indices as listed) that stay softmax, e.g. 0,11.")

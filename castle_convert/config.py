@@ -70,6 +70,13 @@ class CastlingConfig:
             does not drift with the resolution. None (default): ``convert()`` sets it to the token
             count of the calibration images (the resolution the model is fitted at); 0 = plain sum
             (what checkpoints written before this option compute).
+        block, halo, pool: ``local_global`` only (other kinds ignore them): each patch query attends exactly to
+            the keys of its ``block``×``block`` block of the patch grid widened by ``halo`` on each side, to the
+            prefix tokens, and to ``pool``×``pool`` pooled regions of the grid (one softmax over all of them).
+        topk: ``local_global`` only: the ``topk`` patch tokens the first prefix token (CLS) attends to most, per
+            head, are exact keys of every query too (0: none; models without prefix tokens have none).
+        exact_tokens: ``local_global`` only: an image of at most this many tokens gets plain softmax attention
+            (below about 600 tokens it is both cheaper on a CPU and closer to the teacher; 0: never).
     """
 
     kind: str = "linear_angular"
@@ -82,6 +89,11 @@ class CastlingConfig:
     aux: str = "student"
     eps: float = 1e-6
     ref_tokens: Optional[int] = None
+    block: int = 8
+    halo: int = 0
+    pool: int = 8
+    topk: int = 32
+    exact_tokens: int = 600
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -115,6 +127,11 @@ class CastlingConfig:
         if self.ref_tokens is not None and (not isinstance(self.ref_tokens, int) or isinstance(self.ref_tokens, bool)
                                             or self.ref_tokens < 0):
             raise bad("ref_tokens", self.ref_tokens, "use 0 (plain sum) or a positive token count")
+        for name, low, high in (("block", 1, 64), ("halo", 0, 64), ("pool", 1, 64), ("topk", 0, 1024),
+                                ("exact_tokens", 0, 1 << 20)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise bad(name, value, f"use an integer from {low} to {high}")
         if not (0.0 < float(self.eps) < 1e-2):
             raise bad("eps", self.eps, "use a small positive value such as 1e-6")
         problem = KINDS[self.kind].config_problem(self)

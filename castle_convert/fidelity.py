@@ -211,6 +211,12 @@ def _at(model: nn.Module, resolution: int) -> nn.Module:
     return model
 
 
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A shape-only copy of ``model`` on the meta device (``Module.to`` moves in place: never the caller's model)."""
+    import copy
+    return copy.deepcopy(model).to("meta")
+
+
 def measure(teacher: nn.Module, student: nn.Module, data_spec: str = "natural",
             resolutions: Sequence[int] = DEFAULT_RESOLUTIONS, *, max_images: Optional[int] = DEFAULT_MAX_IMAGES,
             latency: bool = True, latency_budget_s: float = 10.0, progress: bool = True) -> FidelityReport:
@@ -241,8 +247,8 @@ def measure(teacher: nn.Module, student: nn.Module, data_spec: str = "natural",
                                                               bar=bar))
             if not latency:                          # MACs only, counted on the meta device as bench counts them
                 one = torch.empty(images[:1].shape, device="meta")
-                row.macs_ratio = adapters.count_macs(_at(student, int(res)).to("meta"), one) / \
-                    adapters.count_macs(_at(teacher, int(res)).to("meta"), one)
+                row.macs_ratio = adapters.count_macs(_meta_copy(_at(student, int(res))), one) / \
+                    adapters.count_macs(_meta_copy(_at(teacher, int(res))), one)
             else:
                 bar.set_postfix_str(f"{res} px: latency, batch 1, interleaved")
                 cell = benchmark(teacher, converted=student, resolutions=[int(res)], batches=[1], repeats=10,

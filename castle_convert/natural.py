@@ -54,7 +54,10 @@ HELD_OUT = ("Dragonfly_by_Bolly", "Wine_by_Jakkub_Mede", "friends_by_Aitzol_Bera
             "life_by_Aitzol_Berasategi", "picosdeeuropa_by_Aitzol_Berasategi", "Picture_0B_by_freespace",
             "LadyBird", "Storm", "EveningGlow", "FallenLeaf", "Path", "OneStandsOut")
 MIN_HELD_OUT = 6
-VERSION = 1                  # bump when the crops or generators change: the cache key includes it
+VERSION = 2                  # bump when the crops or generators change: the cache key includes it
+# Smallest crop box relative to the crop's own size: a box much smaller than its output is only an upsampled blur
+# (at 448 px, boxes of at least 224 px of the source photo; at 112 px the 6 % floor of the short side rules).
+MIN_BOX = 0.5
 
 
 class NaturalDataError(ValueError):
@@ -168,7 +171,7 @@ def _make_training_images(n: int, size: int, seed: int, procedural_fraction: flo
         image = _load(source)
         made = tries = 0
         while made < count and tries < 20 * count:           # flat crops are drawn again (then the picture is skipped)
-            box, = _crop_boxes(rng, image.size, 1, min_scale=0.06)
+            box, = _crop_boxes(rng, image.size, 1, min_scale=min(1.0, max(0.06, MIN_BOX * size / min(image.size))))
             tries += 1
             crop = image.resize((size, size), Image.BICUBIC, box=box, reducing_gap=3.0)
             if not _informative(crop):
@@ -243,7 +246,8 @@ def held_out_views(resolution: int, max_images: Optional[int] = None) -> np.ndar
 
 
 DEFAULT_TRAIN_IMAGES = 4000
-CACHE_SIZE = 224             # px of the cached training crops (resized to the recipe's resolution by the transform)
+CACHE_SIZE = 448             # px of the cached training crops (resized to the recipe's resolution by the transform):
+                             # real detail up to the resolutions the main job trains at
 VAL_SIZE = 256               # px of the held-out views given to the teacher's eval transform
 
 

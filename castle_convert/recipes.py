@@ -27,10 +27,16 @@ class RecipeError(ConfigError):
 class DataSection:
     name: Optional[str] = None          # dataset used when --data is not given (e.g. fashion-mnist)
     resolution: Optional[int] = None    # input size; None = the teacher's own
+    mix_resolutions: str = ""           # e.g. "224,448": training steps cycle through these sizes (images are made
+                                        # at `resolution`, the largest, and resized down per step); "" = resolution
     augmentation: str = "light"         # none | light (random crop/flip as timm's) | strong (rand-aug)
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     workers: int = 2
+
+    def mix_list(self) -> list[int]:
+        """``mix_resolutions`` as sizes ([] when unset); raises ValueError on a malformed value."""
+        return parse_resolutions(self.mix_resolutions) if str(self.mix_resolutions).strip() else []
 
 
 @dataclass
@@ -95,15 +101,21 @@ class CastlingSection:
     keep_softmax: str = ""              # hybrid: layers that stay softmax: "" (none), "0,11" (indices in
                                         # the model's attention order), "auto:K" (the K layers with the
                                         # largest stage-1 error; needs transfer.steps > 0)
+    block: int = CastlingConfig.block   # local_global: the window (b×b blocks widened by halo), the pooled
+    halo: int = CastlingConfig.halo     # regions (pool × pool), the CLS row's top-k tokens, and the token count
+    pool: int = CastlingConfig.pool     # at or below which a layer is plain softmax (CastlingConfig)
+    topk: int = CastlingConfig.topk
+    exact_tokens: int = CastlingConfig.exact_tokens
     anneal: AnnealSection = field(default_factory=AnnealSection)
 
     def keep_softmax_spec(self) -> tuple[list[int], int]:
         """(explicit layer indices, K of ``auto:K``); raises RecipeError on a malformed value."""
         return parse_keep_softmax(self.keep_softmax)
 
-    def to_config(self) -> CastlingConfig:
+    def to_config(self) -> CastlingConfig:  # noqa: D102
         return CastlingConfig(kind=self.kind, combine=self.combine, dw=self.dw, dw_kernel=self.dw_kernel,
-                              gamma_init=self.gamma_init, aux=self.aux, gate=1.0, threshold=0.0)
+                              gamma_init=self.gamma_init, aux=self.aux, gate=1.0, threshold=0.0, block=self.block,
+                              halo=self.halo, pool=self.pool, topk=self.topk, exact_tokens=self.exact_tokens)
 
 
 def parse_resolutions(text: str) -> list[int]:
@@ -175,7 +187,9 @@ class Recipe:
         for path, value in flatten(self.to_dict()).items():         # NaN / inf read from YAML (.nan, .inf, 1e999)
             if isinstance(value, float) and not math.isfinite(value):
                 raise bad(path, value, "use a finite number")
-        positive = ["epochs", "optim.lr", "optim.batch_size", "optim.grad_accum", "distill.temperature",
+        if not self.epochs >= 0:
+            raise bad("epochs", self.epochs, "use 0 (stage 1 only, no end-to-end distillation) or a positive number")
+        positive = ["optim.lr", "optim.batch_size", "optim.grad_accum", "distill.temperature",
                     "save_every", "eval_every", "log_every", "transfer.batch_size", "transfer.lr", "transfer.reuse"]
         for path in positive:
             if not _get(self, path) > 0:
@@ -204,6 +218,15 @@ class Recipe:
         if self.data.resolution is not None and self.data.resolution < 1:
             raise bad("data.resolution", self.data.resolution,
                       "use null (the model's own input size) or a positive size in pixels, a multiple of its patch size")
+        try:
+            mix = self.data.mix_list()
+        except ValueError:
+            raise bad("data.mix_resolutions", self.data.mix_resolutions,
+                      "give pixel sizes separated by commas, e.g. 224,448") from None
+        if mix and (self.data.resolution is None or max(mix) != self.data.resolution):
+            raise bad("data.mix_resolutions", self.data.mix_resolutions,
+                      f"the largest size must be data.resolution ({self.data.resolution}): images are made at "
+                      "data.resolution and resized down for the smaller sizes")
         if self.optim.min_lr > self.optim.lr:
             raise bad("optim.min_lr", self.optim.min_lr, f"must not exceed optim.lr ({self.optim.lr:g})")
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,6 +30,7 @@ INFERENCE_STATE = {
     "linear_angular": ("qkv.", "q_norm.", "k_norm.", "norm.", "proj.", "out_gate.", "gamma", "dw.conv.weight"),
     "separable": ("in_proj.", "k_norm.", "norm.", "proj.", "out_gate.", "context_query", "context_gain",
                   "relu_gain", "dw.conv.weight"),
+    "local_global": ("qkv.", "q_norm.", "k_norm.", "norm.", "proj.", "out_gate.", "dw.conv.weight"),
 }
 # Kinds whose inference form has a softmax over the N tokens' context scores (never over N×N).
 SOFTMAX_OVER_SCORES = {"separable"}
@@ -136,6 +139,16 @@ def test_inference_form_is_clean(family, kind):
         softmaxes.remove(pooled[0])
     if kind in SOFTMAX_OVER_SCORES:                 # one softmax over N context scores per layer
         assert softmaxes == [(1, heads, n_tokens)] * 2, softmaxes
+    elif kind == "local_global":                    # the prefix queries' exact rows over the N keys (P×N) and,
+        P = family.prefix_tokens                     # in a padded batch, each query's own pattern keys
+        from conftest import TINY_PATTERN
+        w, G = TINY_PATTERN["block"] + 2 * TINY_PATTERN["halo"], TINY_PATTERN["pool"]
+        pattern = w * w + P + (min(TINY_PATTERN["topk"], n_tokens - P) if P else 0) + G * G
+        prefix = [s for s in softmaxes if s == (1, heads, P, n_tokens)]
+        rows = [s for s in softmaxes if s not in prefix]   # the patch queries' rows, in whatever block layout
+        assert all(s[-1] == pattern for s in rows), softmaxes
+        assert sum(math.prod(s[:-1]) for s in rows) == 2 * heads * (n_tokens - P), softmaxes   # 2 layers
+        assert len(prefix) == (2 if P else 0), softmaxes
     else:
         assert not softmaxes, rec.ops
     assert not [s for s in rec.shapes if len(s) >= 2 and s[-1] == n_tokens and s[-2] == n_tokens], \

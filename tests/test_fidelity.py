@@ -91,6 +91,20 @@ def test_hf_model_tokens_and_cls():
     assert "agree" not in out
 
 
+def test_macs_only_leaves_a_transformers_model_where_it_was(tmp_path):
+    """``latency=False`` counts MACs on shape-only copies: a transformers model (no fixed input size, so not copied
+    per resolution) stays on its device and keeps its weights for the next resolution (it went to "meta")."""
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                                    patch_size=8, mlp_ratio=2)
+    teacher = transformers.Dinov2Model(cfg).eval()
+    student = cc.finalize(cc.convert(teacher), force=True)
+    r = fidelity.measure(teacher, student, str(_folder(tmp_path)), [32, 48], latency=False, progress=False)
+    assert [row.resolution for row in r.rows] == [32, 48] and all(0 < row.macs_ratio < 2 for row in r.rows)
+    assert {p.device.type for p in (*teacher.parameters(), *student.parameters())} == {"cpu"}
+
+
 def test_off_grid_resolution_is_an_error_and_on_grid_rounds():
     teacher = _timm(num_classes=0, dynamic_img_size=True)
     with pytest.raises(ValueError, match="patch size \\(8 px\\).*use e.g. 48"):

@@ -6,7 +6,7 @@ output directory, next to the Hugging Face remote-code files, so a checkpoint lo
 """
 
 import math
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -254,3 +254,338 @@ def separable_context(scores: torch.Tensor, v: torch.Tensor, context_gain: torch
     s = s.softmax(dim=-1).to(v.dtype).unsqueeze(-2)                    # (B, h, 1, N)
     c = s @ v                                                          # (B, h, 1, d)
     return c * (context_gain.unsqueeze(1) + relu_gain.unsqueeze(1) * F.relu(v))  # (B, h, N, d)
+
+
+# -- local-global softmax: exact softmax over a sparse key pattern at linear cost ----------------------------
+#
+# Each patch query i attends, in ONE softmax, to
+#   * the prefix tokens (CLS, distillation, registers): exact;
+#   * the keys of a local window: the query's b×b block of the patch grid widened by ``halo`` on each side
+#     ((b + 2·halo)² keys; every query of a block shares its window): exact;
+#   * G×G pooled regions of the patch grid (rows split as floor(y·G/H), columns likewise): each region is one key,
+#     the mean of its keys and values, whose logit gets + log(number of the region's keys outside the window).
+#     That is the region's softmax mass if its keys were all equal to their mean (Σ_j e^{q·k_j} ≈ n·e^{q·k̄}), so
+#     exact, pooled and window terms share one normaliser, and no key is counted twice.
+#   * optionally the T patch tokens the first prefix token (CLS) attends to most (per head): exact for every query.
+# Prefix queries attend to every key exactly (P·N: linear). For a fixed block, halo, G and T the cost is
+# O(N·((b+2·halo)² + P + T + G²)·d) and no tensor is N×N. At or below ``exact_tokens`` tokens (where exact softmax
+# is both cheaper and closer to the teacher) the layer computes plain softmax attention instead.
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _neg(dtype: torch.dtype) -> float:
+    """The most negative finite value of ``dtype`` (a masked logit: exp() of it is 0, never NaN)."""
+    if dtype == torch.float16:
+        return -65504.0
+    if dtype == torch.bfloat16:
+        return -3.3895313892515355e38
+    return -3.4028234663852886e38
+
+
+def lg_region_bounds(n: torch.Tensor, G: torch.Tensor, slots: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """First and last row of each of ``slots`` regions when ``n`` rows are split into ``G`` regions as
+    floor(y·G/n); n, G (..., 1) integer tensors; returns (..., slots) each (empty where g ≥ G: hi < lo)."""
+    g = torch.arange(slots, device=n.device)
+    lo = (g * n + G - 1) // G
+    hi = torch.where(g < G, ((g + 1) * n + G - 1) // G - 1, lo - 1)
+    return lo, hi
+
+
+def _lg_axis(n: int, Gn: int, nbl: int, block: int, halo: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Along one axis of n rows split into Gn regions: each region's size (Gn,) and its overlap with the rows of each
+    of the nbl blocks' windows (nbl, Gn)."""
+    lo, hi = lg_region_bounds(torch.full((1,), n, device=device), torch.full((1,), Gn, device=device), Gn)
+    i = torch.arange(nbl, device=device)
+    w0 = (i * block - halo).clamp_min(0)
+    w1 = (i * block + block - 1 + halo).clamp_max(n - 1)                                      # (nbl,)
+    ov = (torch.minimum(hi.unsqueeze(0), w1.unsqueeze(1)) - torch.maximum(lo.unsqueeze(0), w0.unsqueeze(1))
+          + 1).clamp_min(0)                                                                  # (nbl, Gn)
+    return hi - lo + 1, ov
+
+
+def lg_rest_counts(hw: Tuple[int, int], block: int, halo: int, pool: int, device: torch.device) -> torch.Tensor:
+    """(nb, Gh·Gw): how many patch keys of each pooled region lie outside each block's window (uniform grid)."""
+    H, W = hw
+    Gh, Gw = min(pool, H), min(pool, W)
+    nbh, nbw = _cdiv(H, block), _cdiv(W, block)
+    cy, oy = _lg_axis(H, Gh, nbh, block, halo, device)
+    cx, ox = _lg_axis(W, Gw, nbw, block, halo, device)
+    rest = cy.view(1, 1, Gh, 1) * cx.view(1, 1, 1, Gw) - oy.view(nbh, 1, Gh, 1) * ox.view(1, nbw, 1, Gw)
+    return rest.reshape(nbh * nbw, Gh * Gw)                                                  # (nb, R)
+
+
+def _lg_softmax(logits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim in fp32 for half-precision inputs, returned in ``like``'s dtype."""
+    if logits.dtype == torch.float16 or logits.dtype == torch.bfloat16:
+        return logits.float().softmax(-1).to(like.dtype)
+    return logits.softmax(-1)
+
+
+def _lg_geometry(hw: Tuple[int, int], block: int, halo: int, pool: int, num_prefix_tokens: int,
+                 device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Logit offsets of a uniform grid: (nb, 1, w²) for the window keys (0, or a large negative number where the
+    window reaches past the grid) and (nb, 1, P + R) for the global keys (0 for prefix keys, log of each region's
+    keys outside the block's window, a large negative number where none is left)."""
+    H, W = hw
+    neg = _neg(dtype)
+    nbh, nbw = _cdiv(H, block), _cdiv(W, block)
+    w = block + 2 * halo
+    off = torch.arange(w, device=device)
+    ys = (torch.arange(nbh, device=device) * block - halo).view(-1, 1, 1, 1) + off.view(1, 1, -1, 1)
+    xs = (torch.arange(nbw, device=device) * block - halo).view(1, -1, 1, 1) + off.view(1, 1, 1, -1)
+    inside = (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)                                     # (nbh, nbw, w, w)
+    wbias = torch.zeros(inside.shape, device=device, dtype=dtype).masked_fill(~inside, neg)
+    rest = F.pad(lg_rest_counts(hw, block, halo, pool, device).to(dtype), (num_prefix_tokens, 0), value=1.0)
+    gbias = rest.clamp_min(1.0).log().masked_fill(rest < 0.5, neg)                           # (nb, P + R)
+    return wbias.reshape(nbh * nbw, 1, w * w), gbias.unsqueeze(1)
+
+
+_LG_GEOMETRY: Dict[Tuple[int, int, int, int, int, int, str, str], Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+@torch.jit.unused
+def _lg_geometry_cached(hw: Tuple[int, int], block: int, halo: int, pool: int, P: int, device: torch.device,
+                        dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_lg_geometry`, remembered per concrete grid (eager calls only: traced and compiled calls compute it in
+    their graph)."""
+    if not (isinstance(hw[0], int) and isinstance(hw[1], int)) or torch.compiler.is_compiling() \
+            or torch.jit.is_tracing():
+        return _lg_geometry(hw, block, halo, pool, P, device, dtype)
+    key = (hw[0], hw[1], block, halo, pool, P, str(device), str(dtype))
+    got = _LG_GEOMETRY.get(key)
+    if got is None:
+        if len(_LG_GEOMETRY) > 64:
+            _LG_GEOMETRY.clear()
+        got = _LG_GEOMETRY[key] = _lg_geometry(hw, block, halo, pool, P, device, dtype)
+    return got
+
+
+def _prefix_rows(qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, P: int,
+                 real: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The prefix queries' exact attention over every (real) key: output (B, h, P, d) and logits (B, h, P, N)."""
+    lp = torch.matmul(qs[:, :, :P], k.transpose(-2, -1))                                     # (B, h, P, N)
+    if real is not None:
+        lp = lp.masked_fill(~real[:, None, None, :], _neg(lp.dtype))
+    return torch.matmul(_lg_softmax(lp, v), v), lp
+
+
+def _top_tokens(cls_logits: torch.Tensor, topk: int) -> torch.Tensor:
+    """(B, h, T) indices of the patch keys with the largest CLS logits (T = min(topk, M)), per head."""
+    return cls_logits.topk(min(topk, cls_logits.shape[-1]), dim=-1).indices
+
+
+def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, h, M, d), idx (B, h, T) -> (B, h, T, d)."""
+    return x.gather(2, idx.unsqueeze(-1).expand(idx.shape[0], idx.shape[1], idx.shape[2], x.shape[-1]))
+
+
+def _eager_inference(t: torch.Tensor) -> bool:
+    """Whether out= buffers may be used: eager, no autograd through ``t``."""
+    if torch.jit.is_scripting():
+        return False
+    return not torch.compiler.is_compiling() and not torch.jit.is_tracing() \
+        and not (t.requires_grad and torch.is_grad_enabled())
+
+
+def local_global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, num_prefix_tokens: int,
+                           grid: Optional[Tuple[int, int]], block: int, halo: int, pool: int, topk: int = 0,
+                           exact_tokens: int = 0, token_mask: Optional[torch.Tensor] = None,
+                           grid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Local-global softmax attention (see the comment above). q, k, v: (B, h, N, d) after q/k norms and RoPE (any
+    strides, e.g. views of the fused projection); ``grid``: the patch grid (rows, cols) of the N − P patch tokens;
+    ``topk``: the T patch tokens with the largest attention logits of the first prefix token (CLS), per head, are
+    exact global keys for every query (where they are not already in its window; their regions count them out);
+    an image of at most ``exact_tokens`` (real) tokens gets plain softmax attention. Returns the merged heads
+    (B, N, h·d).
+
+    Uniform grid: q, k, v are copied once into a (B, rows, cols, 3, h, d) buffer; the queries of each b×b block and
+    the keys and values of its window are views/copies of it; window and global logits share one softmax. A padded
+    batch of differently sized images (``token_mask`` (B, N), True/1 = real; ``grid_sizes`` (B, 2)) takes
+    :func:`local_global_padded`: each image's window and regions on its own grid, padding never a key.
+    """
+    B, h, N, d = q.shape
+    if token_mask is not None or grid_sizes is not None:
+        out = local_global_padded(q, k, v, scale, num_prefix_tokens, grid, block, halo, pool, topk, token_mask,
+                                  grid_sizes)                                                # (B, h, N, d)
+        if exact_tokens > 0:                        # per image: its real token count decides, not the padding
+            real = torch.ones(B, N, dtype=torch.bool, device=q.device)
+            if token_mask is not None:
+                real = token_mask.to(torch.bool)
+            exact = F.scaled_dot_product_attention(q, k, v, attn_mask=real[:, None, None, :], scale=scale)
+            out = torch.where((real.sum(-1) <= exact_tokens).view(B, 1, 1, 1), exact, out)
+        return merge_heads(out)
+    if N <= exact_tokens:                           # exact softmax is cheaper here, and is the teacher's form
+        return merge_heads(F.scaled_dot_product_attention(q, k, v, scale=scale))
+    P = num_prefix_tokens
+    H, W = resolve_grid(N - P, grid)
+    b, r = block, halo
+    nbh, nbw = _cdiv(H, b), _cdiv(W, b)
+    nb, bb, w = nbh * nbw, b * b, b + 2 * halo
+    half = q.dtype == torch.float16 or q.dtype == torch.bfloat16
+    ft = torch.float32 if half else q.dtype
+    neg = _neg(ft)
+    eager = _eager_inference(q)
+    if torch.jit.is_scripting():
+        wbias, gbias = _lg_geometry((H, W), b, r, pool, P, q.device, ft)                     # (nb, 1, w²), (nb, 1, P + R)
+    else:
+        wbias, gbias = _lg_geometry_cached((H, W), b, r, pool, P, q.device, ft)
+    # one copy of the patch tokens' q, k, v into a (B, rows, cols, 3, h, d) buffer: halo rows/cols around, blocks
+    # completed at the end (only those margins are zeroed)
+    Hb, Wb = nbh * b + 2 * r, nbw * b + 2 * r
+    buf = q.new_empty(B, Hb, Wb, 3, h, d)
+    if Hb > H or Wb > W:
+        buf[:, :r].zero_()
+        buf[:, r + H:].zero_()
+        buf[:, :, :r].zero_()
+        buf[:, :, r + W:].zero_()
+    inner = buf[:, r:r + H, r:r + W]                                                         # (B, H, W, 3, h, d)
+    inner[:, :, :, 0].copy_(q[:, :, P:].transpose(1, 2).reshape(B, H, W, h, d))
+    inner[:, :, :, 1].copy_(k[:, :, P:].transpose(1, 2).reshape(B, H, W, h, d))
+    inner[:, :, :, 2].copy_(v[:, :, P:].transpose(1, 2).reshape(B, H, W, h, d))
+    qb = buf[:, r:r + nbh * b, r:r + nbw * b, 0].reshape(B, nbh, b, nbw, b, h, d).permute(0, 5, 1, 3, 2, 4, 6)
+    if eager:                                       # scaled and laid out in one pass
+        qb = torch.mul(qb, scale, out=q.new_empty(B, h, nbh, nbw, b, b, d)).view(B * h * nb, bb, d)
+    else:
+        qb = (qb * scale).reshape(B * h * nb, bb, d)                                         # (B·h·nb, b², d)
+    if r == 0:
+        kv = buf[:, :, :, 1:].reshape(B, nbh, b, nbw, b, 2, h, d).permute(5, 0, 6, 1, 3, 2, 4, 7)
+    else:
+        kv = buf[:, :, :, 1:].unfold(1, w, b).unfold(2, w, b).permute(3, 0, 4, 1, 2, 6, 7, 5)   # (2, B, h, nbh, nbw, w, w, d)
+    kv = kv.reshape(2, B * h * nb, w * w, d)                                                 # (2, B·h·nb, w², d)
+    # global keys: the prefix tokens, the top-k tokens, then the pooled regions (separable means: rows, columns)
+    Gh, Gw = min(pool, H), min(pool, W)
+    ry = (torch.arange(H, device=q.device) * Gh // H == torch.arange(Gh, device=q.device).unsqueeze(1)).to(q.dtype)
+    rx = (torch.arange(W, device=q.device) * Gw // W == torch.arange(Gw, device=q.device).unsqueeze(1)).to(q.dtype)
+    ry = ry / ry.sum(1, keepdim=True)                                                        # (Gh, H) row means
+    rx = rx / rx.sum(1, keepdim=True)                                                        # (Gw, W)
+    t = torch.einsum("gy,byxchd->bgxchd", ry, inner[:, :, :, 1:])                            # (B, Gh, W, 2, h, d)
+    pooled = torch.einsum("fx,bgxchd->cbhgfd", rx, t).reshape(2, B, h, Gh * Gw, d)          # (2, B, h, R, d)
+    parts: List[torch.Tensor] = []
+    heads = q.new_empty(B, h, 0, d)
+    if P > 0:
+        parts.append(torch.stack([k[:, :, :P], v[:, :, :P]]))                                # (2, B, h, P, d)
+        heads, lp = _prefix_rows(q * scale, k, v, P)                                         # (B, h, P, d), (B, h, P, N)
+        if topk > 0:
+            idx = _top_tokens(lp[:, :, 0, P:], topk)                                         # (B, h, T)
+            T = idx.shape[-1]
+            parts.append(torch.stack([_gather_tokens(k[:, :, P:], idx), _gather_tokens(v[:, :, P:], idx)]))
+            ty, tx = idx // W, idx % W                                                       # (B, h, T)
+            i_y = torch.arange(nbh, device=q.device) * b
+            i_x = torch.arange(nbw, device=q.device) * b
+            in_y = (ty.unsqueeze(-1) >= i_y - r) & (ty.unsqueeze(-1) < i_y + b + r)          # (B, h, T, nbh)
+            in_x = (tx.unsqueeze(-1) >= i_x - r) & (tx.unsqueeze(-1) < i_x + b + r)          # (B, h, T, nbw)
+            inwin = (in_y.unsqueeze(-1) & in_x.unsqueeze(-2)).reshape(B, h, T, nb).transpose(-2, -1)   # (B, h, nb, T)
+            region = (ty * Gh // H) * Gw + tx * Gw // W                                      # (B, h, T)
+            onehot = (region.unsqueeze(-1) == torch.arange(Gh * Gw, device=q.device)).to(ft)   # (B, h, T, R)
+            taken = torch.matmul((~inwin).to(ft), onehot)                                    # (B, h, nb, R): top keys out
+            rest = lg_rest_counts((H, W), b, r, pool, q.device).to(ft) - taken               # (B, h, nb, R)
+            gbias = torch.cat([torch.zeros(B, h, nb, P, device=q.device, dtype=ft),
+                               torch.zeros(B, h, nb, T, device=q.device, dtype=ft).masked_fill(inwin, neg),
+                               rest.clamp_min(1.0).log().masked_fill(rest < 0.5, neg)], -1)
+    gbias = gbias.reshape(-1, nb, 1, gbias.shape[-1])                                        # (1 | B·h, nb, 1, G)
+    parts.append(pooled)
+    g = torch.cat(parts, 3).reshape(2, B * h, -1, d)                                         # (2, B·h, G, d)
+    G = g.shape[2]
+    # window and global logits in one softmax (fp32 for half-precision inputs)
+    ll = torch.bmm(qb, kv[0].transpose(1, 2))                                                # (B·h·nb, b², w²)
+    lg = torch.bmm(qb.view(B * h, nb * bb, d), g[0].transpose(1, 2))                         # (B·h, nb·b², G)
+    if half:
+        ll, lg = ll.float(), lg.float()
+    a = torch.cat([ll.view(B * h, nb, bb, w * w) + wbias, lg.view(B * h, nb, bb, G) + gbias], -1).softmax(-1)
+    if half:
+        a = a.to(v.dtype)                                                                    # (B·h, nb, b², w² + G)
+    o = torch.bmm(a[..., :w * w].reshape(B * h * nb, bb, w * w), kv[1]).view(B * h, nb * bb, d)
+    o = torch.baddbmm(o, a[..., w * w:].reshape(B * h, nb * bb, G), g[1])                    # (B·h, nb·b², d)
+    o = o.view(B, h, nbh, nbw, b, b, d).permute(0, 2, 4, 3, 5, 1, 6).reshape(B, nbh * b, nbw * b, h * d)
+    patches = o[:, :H, :W].reshape(B, H * W, h * d)                                          # (B, M, C)
+    if P == 0:
+        return patches
+    return torch.cat([merge_heads(heads), patches], 1)                                       # (B, N, C)
+
+
+def local_global_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, num_prefix_tokens: int,
+                        grid: Optional[Tuple[int, int]], block: int, halo: int, pool: int, topk: int = 0,
+                        token_mask: Optional[torch.Tensor] = None,
+                        grid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`local_global_attention` for a padded batch: image b's patch tokens are the first rows_b·cols_b after
+    the prefix, row-major on its own grid ``grid_sizes[b]`` (default: ``grid`` for every image), the rest padding
+    (``token_mask`` (B, N), True/1 = real). Each query gathers its own window's keys (tensor-only, no N×N); the
+    result for each image equals that image's alone. Returns (B, h, N, d)."""
+    B, h, N, d = q.shape
+    P = num_prefix_tokens
+    M = N - P
+    dev = q.device
+    neg = _neg(q.dtype)
+    if grid_sizes is None:
+        rows_cols = resolve_grid(M, grid)
+        grid_sizes = torch.tensor([rows_cols[0], rows_cols[1]], device=dev).view(1, 2).expand(B, 2)
+    grid_sizes = grid_sizes.to(dev)
+    real = torch.ones(B, N, dtype=torch.bool, device=dev)
+    if token_mask is not None:
+        real = token_mask.to(torch.bool)
+    rows, cols = grid_sizes[:, 0:1].long(), grid_sizes[:, 1:2].long()       # (B, 1)
+    pos = torch.arange(M, device=dev).unsqueeze(0)                            # (1, M)
+    y, x = pos // cols, pos % cols                                            # (B, M)
+    inside = (pos < rows * cols) & real[:, P:]                                # (B, M) a real patch of its image
+    qs = q * scale
+    outs: List[torch.Tensor] = []
+    kp, vp = k[:, :, P:], v[:, :, P:]                                         # (B, h, M, d)
+    # the window of each query: (b + 2·halo)² positions around its block, row-major
+    w = block + 2 * halo
+    off = torch.arange(w, device=dev)
+    ky = ((y // block) * block - halo).unsqueeze(-1) + off                    # (B, M, w)
+    kx = ((x // block) * block - halo).unsqueeze(-1) + off
+    ok = ((ky >= 0) & (ky < rows.unsqueeze(-1))).unsqueeze(-1) & ((kx >= 0) & (kx < cols.unsqueeze(-1))).unsqueeze(-2)
+    idx = (ky.unsqueeze(-1) * cols.view(B, 1, 1, 1) + kx.unsqueeze(-2)).clamp(0, M - 1).reshape(B, M, w * w)
+    bidx = torch.arange(B, device=dev).view(B, 1, 1)
+    ok = ok.reshape(B, M, w * w) & real[:, P:][bidx, idx]                     # (B, M, w²) a real key of the image
+    kw = kp.transpose(1, 2)[bidx, idx].permute(0, 3, 1, 2, 4)                 # (B, h, M, w², d)
+    vw = vp.transpose(1, 2)[bidx, idx].permute(0, 3, 1, 2, 4)
+    l_loc = torch.einsum("bhmd,bhmwd->bhmw", qs[:, :, P:], kw).masked_fill(~ok[:, None], neg)   # (B, h, M, w²)
+    # pooled regions on each image's own grid: G×G slots, region (gy, gx) valid when gy < min(G, rows) etc.
+    Gy, Gx = rows.clamp(max=pool), cols.clamp(max=pool)                       # (B, 1)
+    region = (y * Gy // rows) * pool + x * Gx // cols                         # (B, M)
+    R = pool * pool
+    onehot = (region.unsqueeze(1) == torch.arange(R, device=dev).view(1, R, 1)) & inside.unsqueeze(1)   # (B, R, M)
+    onehot = onehot.to(q.dtype)
+    count = onehot.sum(-1)                                                    # (B, R)
+    mean = onehot / count.clamp_min(1).unsqueeze(-1)
+    lo_y, hi_y = lg_region_bounds(rows, Gy, pool)                             # (B, G) each
+    lo_x, hi_x = lg_region_bounds(cols, Gx, pool)
+    wy0, wy1 = ky[..., 0].clamp_min(0), torch.minimum(ky[..., -1], rows - 1)  # (B, M) the window's rows
+    wx0, wx1 = kx[..., 0].clamp_min(0), torch.minimum(kx[..., -1], cols - 1)
+    oy = (torch.minimum(hi_y[:, None], wy1[..., None]) - torch.maximum(lo_y[:, None], wy0[..., None]) + 1).clamp_min(0)
+    ox = (torch.minimum(hi_x[:, None], wx1[..., None]) - torch.maximum(lo_x[:, None], wx0[..., None]) + 1).clamp_min(0)
+    rest = (count.unsqueeze(1) - (oy.unsqueeze(-1) * ox.unsqueeze(-2)).reshape(B, M, R).to(q.dtype)).unsqueeze(1)
+    gk: List[torch.Tensor] = []                                               # global keys, values, logit offsets
+    gv: List[torch.Tensor] = []
+    gb: List[torch.Tensor] = []
+    if P > 0:
+        head, lp = _prefix_rows(qs, k, v, P, real)                            # (B, h, P, d), (B, h, P, N)
+        outs.append(head)
+        gk.append(k[:, :, :P])
+        gv.append(v[:, :, :P])
+        gb.append(torch.zeros(B, 1, M, P, device=dev, dtype=q.dtype))
+        if topk > 0:
+            top = _top_tokens(lp[:, :, 0, P:].masked_fill(~inside[:, None], neg), topk)   # (B, h, T)
+            gk.append(_gather_tokens(kp, top))
+            gv.append(_gather_tokens(vp, top))
+            ty, tx = top // cols.unsqueeze(-1), top % cols.unsqueeze(-1)      # (B, h, T)
+            inwin = ((ty.unsqueeze(2) >= wy0[:, None, :, None]) & (ty.unsqueeze(2) <= wy1[:, None, :, None])
+                     & (tx.unsqueeze(2) >= wx0[:, None, :, None]) & (tx.unsqueeze(2) <= wx1[:, None, :, None]))
+            gb.append(torch.zeros(inwin.shape, device=dev, dtype=q.dtype).masked_fill(inwin, neg))   # (B, h, M, T)
+            t_region = region[:, None].expand(B, h, M).gather(2, top)         # (B, h, T)
+            t_onehot = (t_region.unsqueeze(-1) == torch.arange(R, device=dev)).to(q.dtype)   # (B, h, T, R)
+            rest = rest - torch.matmul((~inwin).to(q.dtype), t_onehot)        # (B, h, M, R)
+    gk.append(mean.unsqueeze(1) @ kp)                                         # (B, h, R, d)
+    gv.append(mean.unsqueeze(1) @ vp)
+    gb.append(rest.clamp_min(1).log().masked_fill(rest < 0.5, neg))
+    kg, vg = torch.cat(gk, 2), torch.cat(gv, 2)                               # (B, h, G, d)
+    bias = torch.cat([t.expand(B, h, M, t.shape[-1]) for t in gb], -1)        # (B, h, M, G)
+    l_glob = (qs[:, :, P:] @ kg.transpose(-2, -1) + bias).masked_fill(bias < neg / 2, neg)   # (B, h, M, G)
+    a = _lg_softmax(torch.cat([l_loc, l_glob], -1), v)                        # (B, h, M, w² + G)
+    out = torch.einsum("bhmw,bhmwd->bhmd", a[..., :w * w], vw) + a[..., w * w:] @ vg   # (B, h, M, d)
+    outs.append(out)
+    return torch.cat(outs, 2) if P > 0 else outs[0]

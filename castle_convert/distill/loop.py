@@ -26,6 +26,7 @@ from castle_convert.distill.checkpoint import CheckpointWriteError, ResumeError 
 from castle_convert.distill.losses import DivergenceError
 from castle_convert.distill.evaluate import embeddings, evaluate, head_classes
 from castle_convert.distill.schedule import AnnealSchedule, lr_scheduler
+from castle_convert.distill.transfer import resize_batch
 from castle_convert.recipes import Recipe
 
 
@@ -212,7 +213,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
 
     batches_per_epoch = len(train_loader)                       # per process, after sharding
     steps_per_epoch = max(1, batches_per_epoch // opt.grad_accum)
-    total_steps = max(1, math.ceil(recipe.epochs * steps_per_epoch))
+    total_steps = max(1, math.ceil(recipe.epochs * steps_per_epoch)) if recipe.epochs > 0 else 0   # 0: stage 1 only
     warmup = int(recipe.optim.warmup_epochs * steps_per_epoch)
     scheduler = lr_scheduler(optimizer, total_steps, warmup, 1.0 if opt.schedule == "constant" else opt.min_lr / opt.lr)
     anneal, state = AnnealSchedule(recipe.castling.anneal), TrainState()
@@ -248,6 +249,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
         paths = _block_paths(raw_student)
         blocks = (_OutputCapture(raw_student, paths), _OutputCapture(teacher, paths))
     local = recipe.distill.local_transfer > 0
+    mix = recipe.data.mix_list()
     forms = [m for _, m in training_forms(raw_student)]        # walked once, not every step
     for m in forms:
         m.compute_transfer = local
@@ -268,6 +270,8 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
             loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
             for images, labels in loader:
                 images = cast_inputs(teacher, images)            # an fp16/bf16 teacher (and student) takes its dtype
+                if mix:                                          # data.mix_resolutions: this step's size
+                    images = resize_batch(images, mix[micro % len(mix)])
                 g, tau = anneal.update(micro / batches_per_epoch)
                 set_schedule(raw_student, g, tau)
                 with accelerator.accumulate(student):
@@ -421,7 +425,8 @@ def run_stage1(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe:
         held_out = [images for images, _ in itertools.islice(DataLoader(data.val, batch_size=tr.batch_size), 2)]
         result = attention_transfer(teacher, student, loader, steps=tr.steps, lr=tr.lr, train=tr.train,
                                     weight_decay=tr.weight_decay, reuse=tr.reuse, eval_batches=held_out,
-                                    accelerator=accelerator, progress=progress)
+                                    accelerator=accelerator, progress=progress,
+                                    resolutions=recipe.data.mix_list() or None)
         accelerator.print("stage 1: per-layer normalized error (held-out images, gate 0)\n" + result.format() +
                           f"\nstage 1 took {result.wall_time_s:.0f}s ({result.images} images)")
     else:

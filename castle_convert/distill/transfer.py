@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from castle_convert import adapters
@@ -192,10 +193,18 @@ def _student_outputs(student, paths, inputs: dict[str, torch.Tensor], grid: tupl
         yield path, _first(student.get_submodule(path)(inputs[path], grid=grid, **extra))
 
 
+def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """A (normalised) image batch (B, C, H, W) resized to ``size``×``size`` (antialiased when shrinking)."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable[torch.Tensor], *, steps: int,
                        lr: float = 3e-4, train: str = "attention", weight_decay: float = 0.0, reuse: int = 1,
                        eval_batches: Optional[list[torch.Tensor]] = None, accelerator=None,
-                       progress: bool = True, log_every: int = 10) -> TransferResult:
+                       progress: bool = True, log_every: int = 10,
+                       resolutions: Optional[list[int]] = None) -> TransferResult:
     """Train every converted layer of ``student`` to reproduce ``teacher``'s attention output on the
     teacher's own hidden states, for ``steps`` optimizer steps on batches drawn (cyclically) from ``batches``.
 
@@ -210,6 +219,8 @@ def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable
     ``requires_grad`` flags are restored afterwards. With an ``accelerator`` of several processes the
     gradients are averaged across processes, so every process holds the same student.
     Returns the per-layer errors on ``eval_batches`` (default: the first batch) before and after.
+    ``resolutions``: each chunk's images are resized to the next size of this cycle (multi-resolution fitting:
+    a form whose pattern depends on the token count, e.g. ``local_global``, learns at every size it will run at).
     """
     if not (isinstance(steps, int) and steps >= 0):
         raise ValueError(f"steps={steps!r}: use a number of optimizer steps >= 0")
@@ -253,11 +264,15 @@ def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable
     shuffle = torch.Generator().manual_seed(0)
     stack = ExitStack()
     chunk: list = []                     # (hidden states, patch grid, shuffled batch indices) of the current chunk
+    chunks = 0
     try:
         stack.enter_context(_layerwise(student, teacher, paths))
         for step in range(steps):
             if not chunk:                # the teacher's forward on the next `reuse` batches, then reuse² steps
                 images = torch.cat([first if (step == 0 and i == 0) else next(source) for i in range(reuse)])
+                if resolutions:
+                    images = resize_batch(images, resolutions[chunks % len(resolutions)])
+                chunks += 1
                 inputs, outputs, call_kwargs = _teacher_states(teacher, paths, images)
                 result.images += images.shape[0] * (accelerator.num_processes if accelerator else 1)
                 n, b = images.shape[0], images.shape[0] // reuse

@@ -160,7 +160,7 @@ def timm_vit_spec(model: nn.Module) -> dict:
     from timm.layers.attention import Attention
     from timm.models.vision_transformer import Block
 
-    from castle_convert.attention import LinearAngularAttentionInference, SeparableAttentionInference
+    from castle_convert.attention import INFERENCE_FORMS
 
     def no(reason: str) -> RemoteCodeUnsupported:
         return RemoteCodeUnsupported(f"{timm_class_name(model)} ({timm_architecture(model)}): {reason}")
@@ -188,7 +188,7 @@ def timm_vit_spec(model: nn.Module) -> dict:
         if timm_class_name(blk) != Block.__name__ or not isinstance(blk, Block):
             raise no(f"{where} is a {type(blk).__name__}, not timm's Block")
         softmax = type(blk.attn) is Attention                      # a hybrid's layer kept softmax
-        if not softmax and not isinstance(blk.attn, (LinearAngularAttentionInference, SeparableAttentionInference)):
+        if not softmax and not isinstance(blk.attn, INFERENCE_FORMS):
             raise no(f"{where}.attn is {type(blk.attn).__name__}, not a finalized castling attention")
         if softmax and getattr(blk.attn, "gate", None) is not None:
             raise no(f"{where}.attn is a gated softmax attention (hybrid of a gated model)")
@@ -266,7 +266,7 @@ def is_timm_eva(model: nn.Module) -> bool:
 def timm_eva_spec(model: nn.Module) -> dict:
     """What ``modeling_castling.CastlingTimmEva*`` needs beyond the source description (which timm builds): per
     converted attention, whether its fused input projection has a bias (raises RemoteCodeUnsupported)."""
-    from castle_convert.attention import LinearAngularAttentionInference, SeparableAttentionInference
+    from castle_convert.attention import INFERENCE_FORMS
     from castle_convert.adapters.timm_eva import attention_classes
 
     def no(reason: str) -> RemoteCodeUnsupported:
@@ -279,7 +279,7 @@ def timm_eva_spec(model: nn.Module) -> dict:
         if timm_class_name(blk) not in ("EvaBlock", "EvaBlockPostNorm"):
             raise no(f"{where} is a {type(blk).__name__}, not timm's EvaBlock / EvaBlockPostNorm")
         a = blk.attn
-        if isinstance(a, (LinearAngularAttentionInference, SeparableAttentionInference)):
+        if isinstance(a, INFERENCE_FORMS):
             if f"{where}.attn" not in converted:
                 raise no(f"{where}.attn is converted but not listed in castling_converted")
             layers[f"{where}.attn"] = {"in_bias": _in_linear(a).bias is not None}
@@ -302,7 +302,7 @@ def timm_naflex_spec(model: nn.Module) -> dict:
     converted attention, whether its input projection has a bias (raises RemoteCodeUnsupported)."""
     from timm.layers.attention import Attention
 
-    from castle_convert.attention import LinearAngularAttentionInference, SeparableAttentionInference
+    from castle_convert.attention import INFERENCE_FORMS
 
     def no(reason: str) -> RemoteCodeUnsupported:
         return RemoteCodeUnsupported(f"NaFlexVit ({timm_architecture(model)}): {reason}")
@@ -317,7 +317,7 @@ def timm_naflex_spec(model: nn.Module) -> dict:
         if timm_class_name(blk) != "Block":
             raise no(f"{where} is a {type(blk).__name__}, not timm's Block")
         a = blk.attn
-        if isinstance(a, (LinearAngularAttentionInference, SeparableAttentionInference)):
+        if isinstance(a, INFERENCE_FORMS):
             if f"{where}.attn" not in converted:
                 raise no(f"{where}.attn is converted but not listed in castling_converted")
             layers[f"{where}.attn"] = {"in_bias": _in_linear(a).bias is not None}

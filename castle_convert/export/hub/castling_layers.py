@@ -1,5 +1,6 @@
 """The inference-form attentions of the published remote code: linear-angular (``CastlingAttention``),
-separable (``CastlingSeparableAttention``) and the softmax attention a hybrid keeps, with the DW branch.
+local-global softmax (``CastlingLocalGlobalAttention``), separable (``CastlingSeparableAttention``) and the softmax
+attention a hybrid keeps, with the DW branch.
 
 Copied into every published output directory next to ``modeling_castling.py`` (which builds models from
 them); imports only torch and ``castling_functional.py`` (the attention math, a verbatim copy of
@@ -13,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .castling_functional import (apply_rope, context_scores, linear_angular_fused, merge_heads, padded_grid_dw,
-                                  patch_grid_dw, resolve_grid, separable_context, token_dw)
+from .castling_functional import (apply_rope, context_scores, linear_angular_fused, local_global_attention, merge_heads,
+                                  padded_grid_dw, patch_grid_dw, resolve_grid, separable_context, token_dw)
 
-SUPPORTED_KINDS = ("linear_angular", "separable")
+SUPPORTED_KINDS = ("linear_angular", "separable", "local_global")
 DW_MODES = ("2d", "1d", "none")
 
 
@@ -82,7 +83,32 @@ class _CastlingAttentionBase(nn.Module):
         return self.proj(out)                                                      # (B, N, dim)
 
 
-class CastlingAttention(_CastlingAttentionBase):
+class _CastlingQKVAttention(_CastlingAttentionBase):
+    """The kinds that keep the fused ``qkv`` projection and q/k norms (linear-angular, local-global)."""
+
+    def _init_qkv(self, dim: int, num_heads: int, head_dim: int, castling: dict, qkv_bias: bool,
+                  qk_norm_eps: Optional[float]) -> None:
+        C = num_heads * head_dim
+        self.eps = float(castling.get("eps", 1e-6))
+        self.qkv = nn.Linear(dim, 3 * C, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
+        self.k_norm = nn.LayerNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
+        self.rope_half = bool(castling.get("rope_half", False))
+
+    def _qkv(self, x: torch.Tensor, rope: Optional[torch.Tensor]):
+        """q, k (normed, rotated), v: (B, h, N, d); v_tokens (B, N, C)."""
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)          # (B, N, 3, h, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                            # each (B, h, N, d)
+        v_tokens = qkv[:, :, 2].flatten(2)                                         # (B, N, C)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:                                                       # rotate q, k (patch tokens)
+            P = self.num_prefix_tokens
+            q, k = apply_rope(q, rope, self.rope_half, P), apply_rope(k, rope, self.rope_half, P)
+        return q, k, v, v_tokens
+
+
+class CastlingAttention(_CastlingQKVAttention):
     """Linear-angular attention, inference form. Keys: qkv, q_norm, k_norm, gamma, dw.conv, norm,
     out_gate, proj."""
 
@@ -94,14 +120,9 @@ class CastlingAttention(_CastlingAttentionBase):
                  qk_norm_eps: Optional[float] = None, out_norm_eps: Optional[float] = None,
                  gated: bool = False, gate_bias: bool = True):
         super().__init__()
-        C = num_heads * head_dim
-        self.eps = float(castling.get("eps", 1e-6))
+        self._init_qkv(dim, num_heads, head_dim, castling, qkv_bias, qk_norm_eps)
         self.ref_tokens = int(castling.get("ref_tokens", 0))      # global term × N_ref/N (0: plain sum)
-        self.qkv = nn.Linear(dim, 3 * C, bias=qkv_bias)
-        self.q_norm = nn.LayerNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
-        self.k_norm = nn.LayerNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
         self.gamma = nn.Parameter(torch.ones(num_heads))                     # (h,)
-        self.rope_half = bool(castling.get("rope_half", False))
         self._init_shared(dim, num_heads, head_dim, num_prefix_tokens, castling, proj_bias, dim_out,
                           out_norm_eps, gated, gate_bias)
 
@@ -111,18 +132,42 @@ class CastlingAttention(_CastlingAttentionBase):
         """x: (B, N, dim); grid: the call's patch grid (rows, cols), passed down by the model's forward;
         rope: the call's rotary embedding [sin | cos] (M, 2d) of the patch tokens, or None; token_mask (B, N)
         and grid_sizes (B, 2): a padded batch's real tokens and each image's grid (NaFlex), or None."""
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)          # (B, N, 3, h, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                            # each (B, h, N, d)
-        v_tokens = qkv[:, :, 2].flatten(2)                                         # (B, N, C)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:                                                       # rotate q, k (patch tokens)
-            P = self.num_prefix_tokens
-            q, k = apply_rope(q, rope, self.rope_half, P), apply_rope(k, rope, self.rope_half, P)
+        q, k, v, v_tokens = self._qkv(x, rope)
         out = linear_angular_fused(q, k, v, self.gamma, self.eps,
                                    self._dw_term(v_tokens, grid, token_mask, grid_sizes),
                                    self.ref_tokens, token_mask)                    # (B, N, C)
         return self._output(x, out)
+
+
+class CastlingLocalGlobalAttention(_CastlingQKVAttention):
+    """Local-global softmax attention, inference form: one softmax over the prefix tokens, the keys of a local
+    window and pooled regions of the patch grid (castling_functional.local_global_attention). Keys: qkv, q_norm,
+    k_norm, dw.conv, norm, out_gate, proj."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, num_prefix_tokens: int, castling: dict, *,
+                 qkv_bias: bool = True, proj_bias: bool = True, dim_out: Optional[int] = None,
+                 qk_norm_eps: Optional[float] = None, out_norm_eps: Optional[float] = None,
+                 gated: bool = False, gate_bias: bool = True):
+        super().__init__()
+        self._init_qkv(dim, num_heads, head_dim, castling, qkv_bias, qk_norm_eps)
+        self.scale = head_dim ** -0.5
+        self.block, self.halo, self.pool, self.topk = (int(castling.get("block", 4)), int(castling.get("halo", 2)),
+                                                       int(castling.get("pool", 8)), int(castling.get("topk", 0)))
+        self.exact_tokens = int(castling.get("exact_tokens", 0))
+        self._init_shared(dim, num_heads, head_dim, num_prefix_tokens, castling, proj_bias, dim_out,
+                          out_norm_eps, gated, gate_bias)
+
+    def forward(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None,
+                rope: Optional[torch.Tensor] = None, token_mask: Optional[torch.Tensor] = None,
+                grid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """As CastlingAttention.forward."""
+        q, k, v, v_tokens = self._qkv(x, rope)
+        hw = None if grid_sizes is not None else resolve_grid(q.shape[-2] - self.num_prefix_tokens, grid)
+        out = local_global_attention(q, k, v, self.scale, self.num_prefix_tokens, hw, self.block, self.halo,
+                                     self.pool, self.topk, self.exact_tokens, token_mask=token_mask,
+                                     grid_sizes=grid_sizes)                        # (B, N, C)
+        dw = self._dw_term(v_tokens, grid, token_mask, grid_sizes)
+        return self._output(x, out if dw is None else out + dw)
 
 
 class CastlingSeparableAttention(_CastlingAttentionBase):
@@ -208,7 +253,8 @@ def make_attention(dim: int, num_heads: int, head_dim: int, num_prefix_tokens: i
                    **kwargs) -> nn.Module:
     """The inference-form attention of ``castling['kind']``."""
     _check_castling(castling)
-    cls = CastlingSeparableAttention if castling.get("kind") == "separable" else CastlingAttention
+    cls = {"separable": CastlingSeparableAttention,
+           "local_global": CastlingLocalGlobalAttention}.get(castling.get("kind"), CastlingAttention)
     return cls(dim, num_heads, head_dim, num_prefix_tokens, castling, **kwargs)
 
 

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
 from .castling_layers import (CastlingAttention, CastlingSeparableAttention, SoftmaxAttention, _CastlingAttentionBase,
+                              _CastlingQKVAttention,
                               _check_castling, _DWConv, _init_castling_weights, make_attention)
 from .configuration_castling import CastlingViTConfig
 
@@ -321,7 +322,7 @@ def _build_timm(config, spec: dict) -> nn.Module:
                              qk_norm_eps=1e-6 if has_k_norm else None, gated=gate is not None,
                              gate_bias=gate is not None and gate.bias is not None)
         # the timm attention's own modules (any norm class timm built): same keys as castle-convert's
-        if isinstance(new, CastlingAttention):
+        if isinstance(new, _CastlingQKVAttention):
             new.q_norm, new.k_norm = old.q_norm, old.k_norm
             new.rope_half = bool(getattr(old, "rotate_half", False))
         elif new.k_norm is not None:
