@@ -47,7 +47,7 @@ HUB_FILES = {
     "castling_functional.py": Path(__file__).parents[1] / "attention" / "functional.py",
 }
 # Keys of ``source`` that describe provenance (kept from a loaded model / the caller).
-_PROVENANCE = ("builtin", "model", "base_model", "license")
+_PROVENANCE = ("builtin", "model", "base_model", "license", "teacher")
 TRAINING_ONLY = ("gate", "threshold", "gamma_init", "aux")       # CastlingConfig fields the inference form does not use
 _HF_BASE = {"vit": "ViTModel", "deit": "DeiTModel", "dinov2": "Dinov2Model",
             "dinov2_with_registers": "Dinov2WithRegistersModel"}
@@ -95,7 +95,7 @@ def output_lock(path: Path) -> Iterator[None]:
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(lock, path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -120,6 +120,30 @@ def output_lock(path: Path) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)                 # while still holding it: a waiting process then retries on a new file
         os.close(fd)
+
+
+def _open_lock(lock: Path, path: Path) -> int:
+    """The lock file's descriptor: a regular file with no other name, opened without following a link (the PID is
+    written into it: through a link it overwrote the file the link points to)."""
+    import errno
+    import stat
+
+    def refuse(what: str) -> OutputExistsError:
+        return OutputExistsError(f"the output lock {lock} {what}: castle-convert never writes through it; remove "
+                                 f"it (nothing of the output is in it), or choose another --output than {Path(path)}")
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(lock, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP or lock.is_symlink():
+            raise refuse("is a symbolic link") from None
+        raise refuse(f"cannot be opened ({e.strerror or type(e).__name__})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise refuse("is not a regular file" if not stat.S_ISREG(info.st_mode) else
+                     f"is a hard link ({info.st_nlink} names of one file)")
+    return fd
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
@@ -469,12 +493,33 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
             the architecture's own: ``preprocessor_config.json`` and timm's ``input_size`` describe it,
             ``config.json`` records it as ``distilled_resolution``.
     """
-    from castle_convert.export.processor import image_processor_config
-    from castle_convert.export.source import features_net
-
     path = Path(path)
     check_output_dir(path, overwrite)
     _check_model(model)
+    config, remote_code, recipe_yaml, processor = _prepare(model, path, recipe=recipe, labels=labels,
+                                                           base_model=base_model, source=source,
+                                                           remote_code=remote_code, resolution=resolution)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror or e} ({e.filename or path.parent}): choose an "
+                          "--output in a writable directory") from None
+    with output_lock(path):
+        check_output_dir(path, overwrite)               # again, under the lock: another save may have finished
+        _write_directory(model, path, config=config, recipe_yaml=recipe_yaml, processor=processor,
+                         remote_code=remote_code, report=report, repo_id=repo_id, extra_files=extra_files,
+                         verify=verify)
+    return path
+
+
+def _prepare(model: nn.Module, path: Path, *, recipe: Any, labels: Optional[list[str]], base_model: Optional[str],
+             source: Optional[dict], remote_code: Optional[bool], resolution: Optional[int], warn: bool = True
+             ) -> tuple[dict, bool, Optional[str], Optional[dict]]:
+    """``(config.json, remote_code, recipe YAML, preprocessor config)`` of ``model``: everything
+    :func:`save_pretrained` decides before it writes (an :class:`ExportError` names what does not fit)."""
+    from castle_convert.export.processor import image_processor_config
+    from castle_convert.export.source import features_net
+
     auto_remote = remote_code is None
     if auto_remote:
         remote_code = features_net(model) is None
@@ -501,8 +546,9 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
         except RemoteCodeUnsupported as e:
             if not (auto_remote and remote_code):
                 raise
-            warnings.warn(f"{path}: no transformers remote code for this architecture ({e}); castle_convert.load "
-                          "and timm load the directory", stacklevel=2)
+            if warn:
+                warnings.warn(f"{path}: no transformers remote code for this architecture ({e}); castle_convert.load "
+                              "and timm load the directory", stacklevel=3)
             remote_code = False
             config = build_config(model, source=src, labels=_labels(model, labels), remote_code=False,
                                   dtype=first.dtype)
@@ -515,18 +561,20 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
     architecture = timm_architecture_field(config)        # transformers sources: timm's local-dir:/hf-hub: entry
     if architecture:
         config["architecture"] = architecture
-    processor = image_processor_config(model, resolution)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"cannot write {path}: {e.strerror or e} ({e.filename or path.parent}): choose an "
-                          "--output in a writable directory") from None
-    with output_lock(path):
-        check_output_dir(path, overwrite)               # again, under the lock: another save may have finished
-        _write_directory(model, path, config=config, recipe_yaml=recipe_yaml, processor=processor,
-                         remote_code=remote_code, report=report, repo_id=repo_id, extra_files=extra_files,
-                         verify=verify)
-    return path
+    return config, remote_code, recipe_yaml, image_processor_config(model, resolution)
+
+
+def check_savable(model: nn.Module, path: Path, *, labels: Optional[list[str]] = None, source: Optional[dict] = None,
+                  resolution: Optional[int] = None) -> None:
+    """What :func:`save_pretrained` will decide about ``model`` (converted, training form or finalized) — its
+    source description, class names, config.json, image processor — decided now: the main job calls it before
+    training, so a problem the end would meet is a one-line :class:`ExportError` before any work, not after it.
+    The remote-code decision is left to the end (it only warns)."""
+    from castle_convert.convert import castling_modules
+    if not list(castling_modules(model)):
+        raise ExportError(f"{type(model).__name__} has no castling attention: convert() it first")
+    _prepare(model, Path(path), recipe=None, labels=labels, base_model=None, source=source, remote_code=False,
+             resolution=resolution, warn=False)
 
 
 def _write_directory(model: nn.Module, path: Path, *, config: dict, recipe_yaml: Optional[str],
@@ -559,7 +607,7 @@ def _write_directory(model: nn.Module, path: Path, *, config: dict, recipe_yaml:
         (tmp / "README.md").write_text(render_card(config, report, recipe_yaml, repo_id=repo_id, processor=processor))
         for name, extra in (extra_files or {}).items():
             if Path(extra).is_dir():
-                shutil.copytree(extra, tmp / name)
+                shutil.copytree(extra, tmp / name, symlinks=True)      # a link is copied as a link, never followed
             elif Path(extra).exists():
                 shutil.copy2(extra, tmp / name)
         _publish_permissions(tmp)
@@ -567,6 +615,9 @@ def _write_directory(model: nn.Module, path: Path, *, config: dict, recipe_yaml:
             diffs = verify_directory(model, tmp, config, remote_code=remote_code)
             logger.info("save_pretrained %s: loaded back, max |Δ| %s", path, diffs)
             model.castle_export_check = diffs
+        kept: list[str] = []
+        if path.is_dir() and not path.is_symlink():     # an output castle-convert wrote (checked): keep the rest
+            kept = _carry_other_files(path, tmp, own=set(OWN_NAMES) | set(extra_files or {}))
         if path.exists() or path.is_symlink():
             old = path.with_name(f".{path.name}.old")
             _remove(old)
@@ -575,12 +626,47 @@ def _write_directory(model: nn.Module, path: Path, *, config: dict, recipe_yaml:
             _remove(old)
         else:
             tmp.rename(path)
+        if kept:
+            warnings.warn(f"{path}: replaced castle-convert's files and kept the {len(kept)} it did not write: "
+                          f"{', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}", stacklevel=3)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):              # e.g. ENOSPC: one line, nothing half-written
             raise ExportError(f"cannot write {path}: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}: "
                               "nothing was written; free space (or choose another output) and save again") from None
         raise
+
+
+# What castle-convert writes into an output directory: ``--overwrite`` replaces these and keeps everything else.
+OWN_NAMES = (WEIGHTS_NAME, CONFIG_NAME, "preprocessor_config.json", "README.md", "recipe.yaml", "report.json", "logs",
+             *HUB_FILES)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link (no copy, the original untouched until the swap), else a copy of a regular file."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        if Path(src).is_file():
+            shutil.copy2(src, dst)
+
+
+def _carry_other_files(old: Path, new: Path, own: set[str]) -> list[str]:
+    """Put every entry of the previous output ``old`` that castle-convert did not write (not in ``own``) into the new
+    output ``new`` as it is (links as links); returns their names. The previous output stays intact until the swap."""
+    kept = []
+    for entry in sorted(old.iterdir(), key=lambda p: p.name):
+        dst = new / entry.name
+        if entry.name in own or dst.exists() or dst.is_symlink():
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), dst)
+        elif entry.is_dir():
+            shutil.copytree(entry, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(entry), str(dst))
+        kept.append(entry.name)
+    return kept
 
 
 def _remove(p: Path) -> None:
