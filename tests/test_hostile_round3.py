@@ -468,8 +468,9 @@ def test_overwrite_keeps_other_files_and_replaces_own_output(world, tmp_path):
     assert (runs / "notes.txt").read_text() == "keep me" and (runs / "other_run").is_dir()
     own = cc.save_pretrained(model, runs / "mine")
     (own / "extra.txt").write_text("written inside castle-convert's own output")
-    cc.save_pretrained(model, own, overwrite=True)                     # recognised as its own: replaced
-    assert (own / "model.safetensors").is_file() and not (own / "extra.txt").exists()
+    with pytest.warns(UserWarning, match=r"kept the 1 it did not write: extra\.txt"):
+        cc.save_pretrained(model, own, overwrite=True)                 # recognised as its own: replaced
+    assert (own / "model.safetensors").is_file() and (own / "extra.txt").is_file()   # the user's file: kept (issue 26)
 
 
 # -- one run per output; a full disk (item 9) ------------------------------------------------------
