@@ -309,8 +309,14 @@ def load_model(spec: str, *, arch: Optional[str] = None, pretrained: bool = True
         if not isinstance(config, dict):
             raise ModelLoadError(f"{cfg_file} is not a model config (a JSON object is expected)")
         if "castling" in config:                 # a castle-convert output directory (already converted)
-            from castle_convert.export.load import build_converted, load, read_config
-            return load(path) if pretrained else build_converted(read_config(path))
+            from castle_convert.export.load import (build_checked, checked_config, load, read_config, weights_header,
+                                                    weights_path)
+            if pretrained:
+                return load(path)
+            config, file = read_config(path), weights_path(path)      # untrusted: checked before it is built
+            header = weights_header(file)
+            checked_config(config, header, cfg_file)
+            return build_checked(config, header, file, cfg_file)
         if "architecture" in config:
             return _timm_from_dir(path, pretrained, **timm_kwargs)
         return _hf_from_dir(path, pretrained, img_size)

@@ -44,6 +44,7 @@ HUB_FILES = {
     "modeling_castling.py": HUB_DIR / "modeling_castling.py",
     "modeling_castling_timm.py": HUB_DIR / "modeling_castling_timm.py",
     "castling_layers.py": HUB_DIR / "castling_layers.py",
+    "castling_checks.py": HUB_DIR / "castling_checks.py",
     "castling_functional.py": Path(__file__).parents[1] / "attention" / "functional.py",
 }
 # Keys of ``source`` that describe provenance (kept from a loaded model / the caller).
