@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from castle_convert import adapters
+from castle_convert.data import available_memory   # a module global: tests replace it
 
 DEFAULT_RESOLUTIONS = (224, 448, 518)
 MAX_BATCH = 8                 # images per forward when memory allows
@@ -132,25 +133,6 @@ def eval_images(data_spec: str, teacher: nn.Module, resolution: int, max_images:
 
 # -- memory: refuse what the machine cannot hold, before any work ----------------------------------
 
-def available_memory(device: str = "cpu") -> Optional[int]:
-    """Bytes of memory free for new tensors on ``device``: CUDA's free memory, else Linux's MemAvailable
-    (``/proc/meminfo``), else the free physical pages (``os.sysconf``); None when unknown."""
-    import os
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def _eager_heads(model: nn.Module) -> int:
     """Heads of the attentions in ``model`` that form the N×N attention matrix (eager attention: timm's
     ``fused_attn=False``, transformers' ``attn_implementation="eager"``); 0 when every attention is fused."""
@@ -181,9 +163,11 @@ def bytes_per_image(model: nn.Module, resolution: int) -> Optional[int]:
     return int(pixels + 8 * n * width * elem + 2 * _eager_heads(model) * n * n * 4)
 
 
-def _check_memory(teacher: nn.Module, student: nn.Module, resolutions: Sequence[int], device: str) -> int:
+def check_memory(teacher: nn.Module, student: nn.Module, resolutions: Sequence[int], device: str,
+                 name: str = "resolution", fix: str = "use at most {px} px") -> int:
     """The batch size every resolution fits at (at most :data:`MAX_BATCH`), or a :class:`FidelityError` naming the
-    first resolution one image of which does not fit in the memory available, and the largest size that does."""
+    first resolution one image of which does not fit in the memory available (as ``name``), and the largest size
+    that does (``fix``)."""
     free = available_memory(device)
     need = {r: max(bytes_per_image(teacher, r) or 0, bytes_per_image(student, r) or 0) for r in resolutions}
     if free is None or not any(need.values()):
@@ -197,8 +181,8 @@ def _check_memory(teacher: nn.Module, student: nn.Module, resolutions: Sequence[
                 mid = (lo + hi + 1) // 2
                 fits = max(bytes_per_image(teacher, mid * patch) or 0, bytes_per_image(student, mid * patch) or 0)
                 lo, hi = (mid, hi) if fits <= budget else (lo, mid - 1)
-            fix = f"use at most {lo * patch} px" if lo else "use a machine with more memory"
-            raise FidelityError(f"resolution {r} px needs about {need[r] / 2 ** 30:.1f} GiB for one image, more than "
+            fix = fix.format(px=lo * patch) if lo else "use a machine with more memory"
+            raise FidelityError(f"{name} {r} px needs about {need[r] / 2 ** 30:.1f} GiB for one image, more than "
                                 f"the {free / 2 ** 30:.1f} GiB of memory available on {device}: {fix} (or free "
                                 "memory)")
     return int(max(1, min(MAX_BATCH, budget // max(need.values()))))
@@ -318,7 +302,7 @@ def measure(teacher: nn.Module, student: nn.Module, data_spec: str = "natural",
         raise FidelityError(f"resolution {bad[0]} px is not a multiple of the model's patch size ({p} px): use e.g. "
                             f"{near}")
     device = str(next(student.parameters()).device)
-    batch_size = _check_memory(teacher, student, [int(r) for r in resolutions], device)   # before any work
+    batch_size = check_memory(teacher, student, [int(r) for r in resolutions], device)   # before any work
     report = FidelityReport(data=data_spec, device=device, threads=torch.get_num_threads())
     for res in tqdm(list(resolutions), desc="fidelity", unit="res", disable=not progress, dynamic_ncols=True):
         shapes: list[torch.Size] = []

@@ -269,6 +269,26 @@ def _cache_folder(folder: Path) -> Path:
     return folder
 
 
+def _check_room(n: int, size: int, folder: Path) -> None:
+    """``n`` images of ``size`` px are made in memory, then written: a one-line :class:`NaturalDataError` when
+    either cannot hold them (a recipe's ``data.max_train_samples`` is input too), before any work."""
+    import shutil
+
+    from castle_convert.data import available_memory
+    need = n * size * size * 3
+    free = available_memory()
+    if free is not None and need > 0.8 * free:
+        raise NaturalDataError(f"{n} natural training images at {size} px need {need / 2 ** 30:.1f} GiB of memory, "
+                               f"more than the {free / 2 ** 30:.1f} GiB available: use at most --set "
+                               f"data.max_train_samples={max(1, int(0.8 * free) // (size * size * 3))}")
+    existing = next((p for p in [folder, *folder.parents] if p.is_dir()), None)
+    disk = shutil.disk_usage(existing).free if existing is not None else None
+    if disk is not None and need + (1 << 20) > disk:
+        raise NaturalDataError(f"{n} natural training images at {size} px need {need / 2 ** 30:.1f} GiB in the cache "
+                               f"{folder}, which has {disk / 2 ** 30:.1f} GiB free: free space there, set CASTLE_CACHE "
+                               f"to another disk, or use fewer (--set data.max_train_samples=...)")
+
+
 def _write_cache(images: np.ndarray, file: Path) -> None:
     """``file`` (and its ``.sha1``) written atomically: a temporary file renamed into place; whatever fails
     (disk full, a kill signal as KeyboardInterrupt) removes the temporary file."""
@@ -308,6 +328,7 @@ def training_images(n: int = 4000, size: int = 224, seed: int = 0, procedural_fr
     images, damaged = _read_cache(file, (n, size, size, 3))
     if images is not None:
         return images
+    _check_room(n, size, folder)
     _cache_folder(folder)                                     # writable, before a minute of work
     if progress:
         what = f"the cache file {file.name} is damaged ({damaged}): making it again" if damaged else \

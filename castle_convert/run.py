@@ -198,12 +198,18 @@ def _check_resolution(teacher: nn.Module, resolution: Optional[int], recipe: Rec
     ViT takes only its own): one probe forward, a one-line error before any work."""
     if resolution is None:
         return
-    from castle_convert import adapters
+    from castle_convert import adapters, fidelity
     off = adapters.off_patch_grid(teacher, resolution)
     if off:
         raise DataError(f"recipe '{recipe.name}': data.resolution={resolution} px is not a multiple of the model's "
                         f"patch size ({off[0]} px), so the border pixels would be dropped: use e.g. --set "
                         f"data.resolution={off[1]}")
+    device = str(next(teacher.parameters()).device)
+    try:                                 # one image must fit before the probe below makes one
+        fidelity.check_memory(teacher, teacher, [resolution], device, name="data.resolution",
+                              fix="use at most --set data.resolution={px}")
+    except fidelity.FidelityError as e:
+        raise DataError(f"recipe '{recipe.name}': {e}") from None
     x = adapters.example_inputs(teacher, batch=1, img_size=(resolution, resolution))
     try:
         with torch.no_grad():
