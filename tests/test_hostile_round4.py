@@ -7,6 +7,7 @@ Same assertions as ``test_hostile.py``: a CLI case exits with one ``Error: ...``
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -305,6 +306,16 @@ def test_eager_attention_counts_its_attention_matrix():
     assert fidelity.bytes_per_image(teacher, 256) - fused == 2 * 2 * n * n * 4     # 2 heads, scores + softmax
 
 
+def test_recipe_resolution_the_machine_cannot_hold_is_refused_before_the_probe(world, tmp_path, monkeypatch):
+    """data.resolution=65536: one probe image alone is 51 GB; refused in one line naming the largest that fits."""
+    from castle_convert import fidelity
+    monkeypatch.setattr(fidelity, "available_memory", lambda device="cpu": 2 * 2 ** 30)
+    assert_one_line_error(Case("recipe-resolution-too-large", lambda w, t: _distill(w, t, sets=[
+        "data.resolution=65536"]), r"recipe 'toy': data\.resolution 65536 px needs about [\d.]+ GiB for one image, "
+                                   r"more than the 2\.0 GiB of memory available on cpu: use at most --set "
+                                   r"data\.resolution=\d+ \(or free memory\)", output="out"), world, tmp_path)
+
+
 # -- published files hold no local paths (item 10) -------------------------------------------------------
 
 def test_published_files_hold_no_local_paths(world, tmp_path):
@@ -438,6 +449,269 @@ def test_overwrite_failing_keeps_the_previous_output_whole(world, tmp_path, monk
     assert not list(tmp_path.glob(".out.*"))
 
 
+# -- padded batches: a mask and grids that disagree are refused (item 5) ---------------------------------
+
+def _siglip2_padded():
+    from test_naflex import _siglip2_batch
+    return _siglip2_batch()[1]
+
+
+def _disagree(how: str, batch):
+    pixels, mask, shapes = (t.clone() for t in batch)
+    if how == "grid-smaller":              # the DW term silently skipped real patches
+        shapes[0, 1] -= 1
+    elif how == "grid-larger":             # it read padding as patches
+        shapes[1, 0] += 1
+    elif how == "mask-all-ones":
+        mask = torch.ones_like(mask)
+    elif how == "mask-gap":                # as many real patches as the grid, not the first ones
+        n = int(mask[1].sum())
+        mask[1] = 0
+        mask[1, 1:n + 1] = 1
+    else:                                  # a grid of zero rows
+        shapes[2, 0] = 0
+    return pixels, mask, shapes
+
+
+@pytest.mark.parametrize("how", ["grid-smaller", "grid-larger", "mask-all-ones", "mask-gap", "grid-zero"])
+@pytest.mark.parametrize("route", ["convert", "finalized", "cc.load", "remote code"])
+def test_siglip2_mask_and_grids_that_disagree_are_refused(tmp_path, how, route):
+    """spatial_shapes that disagree with pixel_attention_mask: a one-line error on every route (was: an output),
+    as timm naflexvit's patch_coord / patch_valid already were; the batch as the processor gives it still runs."""
+    import castle_convert as cc
+    from castle_convert.export.load import read_safetensors
+    from castle_convert.export.save import hub_model
+    from test_naflex import SIGLIP2
+    model = cc.convert(SIGLIP2.build())
+    if route != "convert":
+        model = cc.finalize(model, force=True)
+    if route in ("cc.load", "remote code"):
+        out = cc.save_pretrained(model, tmp_path / "out")
+        model = cc.load(out) if route == "cc.load" else hub_model(
+            json.loads((out / "config.json").read_text()), read_safetensors(out / "model.safetensors")[0])
+    model.eval()
+    batch = _siglip2_padded()
+    with torch.no_grad():
+        model(*batch)
+        with pytest.raises(ValueError, match=r"SigLIP2 with castling attention: image \d of this batch has "
+                                             r"spatial_shapes \d+x\d+ \(\d+ patches\) but its pixel_attention_mask "
+                                             r"marks \d+ of \d+ positions real.*as the image processor gives them") as e:
+            model(*_disagree(how, batch))
+    assert len(str(e.value).splitlines()) == 1
+
+
+# -- a published config.json is untrusted input, on every route (item 4) ---------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_published(tmp_path_factory):
+    """A published timm-source directory (remote code included) of a tiny 2-block ViT (about 130 KB of weights)."""
+    import castle_convert as cc
+    d = tmp_path_factory.mktemp("tiny") / "pub"
+    cc.save_pretrained(cc.finalize(cc.convert(_tiny_timm(0)), force=True), d)
+    return d
+
+
+def _edited(src: Path, dst: Path, edit) -> Path:
+    d = _copy(src, dst)
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _set(path: str, value):
+    def edit(cfg):
+        node = cfg
+        *parents, key = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[key] = value
+    return edit
+
+
+def _edit_metadata(d: Path, edit) -> None:
+    """The same edit of the config copy in the weights' metadata (what the timm route reads)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    inner = json.loads(meta["castle_convert"])
+    edit(inner)
+    meta["castle_convert"] = json.dumps(inner)
+    save_file(load_file(str(d / "model.safetensors")), str(d / "model.safetensors"), metadata=meta)
+
+
+BAD_CONFIGS = [
+    ("castling.eps", float("nan"), r"castling\.eps=nan is invalid: use a small positive number"),
+    ("castling.eps", -1e-6, r"castling\.eps=-1e-06 is invalid"),
+    ("castling.dw_kernel", -3, r"castling\.dw_kernel=-3 is invalid: use a positive odd integer"),
+    ("castling.dw_kernel", 4, r"castling\.dw_kernel=4 is invalid"),
+    ("castling.ref_tokens", -5, r"castling\.ref_tokens=-5 is invalid"),
+    ("castling.combine", "product", r"castling\.combine='product' is invalid: choose one of"),
+    ("source.model_args.depth", -1, r"source\.model_args\.depth=-1 is invalid: use an integer >= 1"),
+    ("source.model_args.depth", 10 ** 6, r"source\.model_args\.depth=1000000 is invalid: it is larger than the weights "
+                                        r"file's tensor count \(\d+\)"),
+    ("source.model_args.embed_dim", 10 ** 9, r"embed_dim=1000000000 is invalid: it is larger than the weights file's "
+                                            r"element count"),
+    ("source.model_args.num_heads", "2", r"num_heads='2' is invalid: use an integer >= 1"),
+    ("source.model_args.img_size", [32, -32], r"img_size=\[32, -32\] is invalid"),
+    ("source.model_args.mlp_ratio", float("inf"), r"mlp_ratio=inf is invalid"),
+    ("converted_modules", ["blocks.0.attn", "blocks.0.attn"], r"converted_modules is invalid: a module path is listed "
+                                                              r"twice"),
+    ("source.architecture", "HF-HUB:someone/evil", r"source\.architecture names weights to load or fetch"),
+    ("source.architecture", "Local-Dir:/tmp/x", r"source\.architecture names weights to load or fetch"),
+    ("source.architecture", "hf_hub:someone/evil", r"source\.architecture names weights to load or fetch"),
+    ("source.architecture", "timm/vit_tiny_patch16_224", r"source\.architecture names weights to load or fetch"),
+]
+
+
+@pytest.mark.parametrize("field, value, pattern", BAD_CONFIGS, ids=[f"{f}={v!r}"[:48] for f, v, _ in BAD_CONFIGS])
+@pytest.mark.parametrize("route", ["cc.load", "timm", "remote code"])
+def test_invalid_published_config_is_refused_on_every_route(tiny_published, tmp_path, monkeypatch, route, field, value,
+                                                            pattern):
+    """NaN epsilon, negative or huge counts, names that read other files: refused in one line by the one validation
+    (castling_checks.py) before anything is built — on castle-convert's routes and in the remote code (which accepted
+    them and built a model)."""
+    import timm
+
+    import castle_convert as cc
+    load_module = importlib.import_module("castle_convert.export.load")   # (the package exports load())
+    d = _edited(tiny_published, tmp_path / "pub", _set(field, value))
+    _edit_metadata(d, _set(field, value))
+    built = []
+    real = load_module.build_converted
+    monkeypatch.setattr(load_module, "build_converted",
+                        lambda c, device="cpu": built.append(device) or real(c, device=device))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=pattern) as err:
+            if route == "cc.load":
+                cc.load(d)
+            elif route == "timm":
+                timm.create_model(f"local-dir:{d}", pretrained=True)
+            else:
+                from transformers import AutoModelForImageClassification
+                AutoModelForImageClassification.from_pretrained(d, trust_remote_code=True)
+    assert len(str(err.value).splitlines()) == 1 and not built
+
+
+@pytest.mark.parametrize("route", ["cc.load", "timm"])
+def test_sizes_are_compared_with_the_weights_before_anything_is_allocated(tiny_published, tmp_path, monkeypatch, route):
+    """A width within the file's bounds but not the file's (embed_dim 2048 for a width-32 file): the architecture is
+    built on the meta device only, compared with the file's shapes, and refused (was: built for real, 0.8 GB here,
+    gigabytes for larger edits, before the shapes were compared)."""
+    import timm
+
+    import castle_convert as cc
+    load_module = importlib.import_module("castle_convert.export.load")   # (the package exports load())
+    d = _edited(tiny_published, tmp_path / "pub", _set("source.model_args.embed_dim", 2048))
+    _edit_metadata(d, _set("source.model_args.embed_dim", 2048))
+    built = []
+    real = load_module.build_converted
+    monkeypatch.setattr(load_module, "build_converted",
+                        lambda c, device="cpu": built.append(device) or real(c, device=device))
+    with pytest.raises(cc.CheckpointError, match=r"model\.safetensors does not fit the architecture in its config: "
+                                                 r"\d+ with another shape \(e\.g\. .*\(1, 1, 32\) in the file, "
+                                                 r"\(1, 1, 2048\) in the model\)") as err:
+        cc.load(d) if route == "cc.load" else timm.create_model(f"local-dir:{d}", pretrained=True)
+    assert built == ["meta"] and len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("depth, says", [(1, r"fit nothing in the model \(e\.g\. blocks\.1\."),
+                                         (3, r"of the model's weights are not in it \(e\.g\. blocks\.2\.")])
+def test_remote_code_refuses_weights_that_leave_layers_random(tiny_published, tmp_path, depth, says):
+    """timm_vit.depth edited: transformers only warned and loaded 1 of 2 blocks, or a third block at random."""
+    from transformers import AutoModelForImageClassification
+    d = _edited(tiny_published, tmp_path / "pub", _set("timm_vit.depth", depth))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"the weights do not fit the architecture config\.json describes: .*" + says):
+            AutoModelForImageClassification.from_pretrained(d, trust_remote_code=True)
+
+
+@pytest.mark.parametrize("case", [
+    Case("pub-config-nan-eps", lambda w, t: ["export-onnx", str(_edited(w["published"], t / "pub", _set(
+        "castling.eps", float("nan")))), "-o", str(t / "m.onnx")], r"config\.json: castling\.eps=nan is invalid"),
+    Case("pub-config-huge-depth", lambda w, t: ["bench", str(_edited(w["published"], t / "pub", _set(
+        "source.model_args.depth", 10 ** 7))), "--resolutions", "32"], r"depth=10000000 is invalid"),
+    Case("pub-config-inspect-huge-width", lambda w, t: ["inspect", str(_edited(w["published"], t / "pub", _set(
+        "source.model_args.embed_dim", 10 ** 9)))], r"embed_dim=1000000000 is invalid"),
+    Case("pub-push-invalid-config", lambda w, t: ["push", str(_edited(w["published"], t / "pub", _set(
+        "castling.dw", "3d"))), "--repo", "me/x", "--dry-run"], r"castling\.dw='3d' is invalid"),
+], ids=lambda c: c.id)
+def test_invalid_published_config_through_the_cli_is_one_line(world, tmp_path, case):
+    assert_one_line_error(case, world, tmp_path)
+
+
+def _huge_config(d: Path) -> None:
+    with open(d / "config.json", "r+b") as f:                       # a sparse 40 MB file: nothing is really written
+        f.truncate(40 << 20)
+
+
+@pytest.mark.parametrize("case", [
+    Case("pub-processor-garbage", lambda w, t: ["export-onnx", str(_garbage_processor(w, t)), "-o", str(t / "m.onnx")],
+         r"preprocessor_config\.json is not valid JSON"),
+    Case("pub-config-huge", lambda w, t: ["export-onnx", str((lambda d: (_huge_config(d), d)[1])(
+        _copy(w["published"], t / "pub"))), "-o", str(t / "m.onnx")],
+         r"config\.json is 41943040 bytes, more than a castle-convert JSON file can be"),
+    Case("pub-report-wrong-types", lambda w, t: ["push", str((lambda d: ((d / "report.json").write_text(
+        '{"teacher": [1], "params": [2], "macs": 3, "epochs": "x"}'), d)[1])(_copy(w["published"], t / "pub"))),
+        "--repo", "me/x", "--dry-run"], r"(report\.json|model card of .*pub cannot be rendered)"),
+], ids=lambda c: c.id)
+def test_published_json_files_are_untrusted_too(world, tmp_path, case):
+    assert_one_line_error(case, world, tmp_path)
+
+
+def _garbage_processor(w, t) -> Path:
+    """A transformers-source directory (its preprocessor_config.json is read at load) with a garbage processor file."""
+    import castle_convert as cc
+    from transformers import ViTForImageClassification
+    d = cc.save_pretrained(cc.finalize(cc.convert(ViTForImageClassification.from_pretrained(w["hf_vit"])), force=True),
+                           t / "pub")
+    (d / "preprocessor_config.json").write_text("{garbage")
+    return d
+
+
+def test_every_castling_field_has_a_rule():
+    """A new CastlingConfig field needs its rule in castling_checks.CASTLING_FIELDS (the remote code's copy too)."""
+    from castle_convert.config import CastlingConfig
+    from castle_convert.export.hub.castling_checks import CASTLING_FIELDS
+    missing = sorted(set(CastlingConfig.field_names()) - set(CASTLING_FIELDS))
+    assert not missing, f"add a rule for {missing} to castle_convert/export/hub/castling_checks.py CASTLING_FIELDS"
+    for name, value in CastlingConfig().to_dict().items():               # the defaults pass their own rules
+        assert CASTLING_FIELDS[name](value, None) is None, name
+
+
+def test_published_checks_are_one_stdlib_file_shared_by_every_route(tiny_published):
+    import ast
+
+    from castle_convert.export.hub import castling_checks
+    from castle_convert.export.save import HUB_FILES
+    src = Path(castling_checks.__file__)
+    assert HUB_FILES["castling_checks.py"] == src
+    assert (tiny_published / "castling_checks.py").read_bytes() == src.read_bytes()        # verbatim
+    imported = {a.name.split(".")[0] for n in ast.walk(ast.parse(src.read_text())) if isinstance(n, ast.Import)
+                for a in n.names} | {n.module.split(".")[0] for n in ast.walk(ast.parse(src.read_text()))
+                                     if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= {"json", "math", "os", "typing"}, imported
+    layers = (tiny_published / "castling_layers.py").read_text()
+    assert "from .castling_checks import" in layers and "check_config(" in layers
+
+
+def test_valid_published_directories_still_load_everywhere(tiny_published):
+    import timm
+    from transformers import AutoModelForImageClassification
+
+    import castle_convert as cc
+    x = torch.randn(2, 3, 32, 32)
+    ref = cc.load(tiny_published)
+    with torch.no_grad():
+        for model in (timm.create_model(f"local-dir:{tiny_published}", pretrained=True).eval(),
+                      AutoModelForImageClassification.from_pretrained(tiny_published, trust_remote_code=True).eval()):
+            out = model(x)
+            assert torch.equal(getattr(out, "logits", out), ref(x))
+
+
 # -- the natural-image cache (item 9) -----------------------------------------------------------------
 
 def _cache_file(root: Path) -> Path:
@@ -533,6 +807,19 @@ def test_temporary_files_of_killed_writes_are_removed(wallpapers):
     live.write_bytes(b"x")
     natural.training_images(n=12, size=32, progress=False)
     assert not dead.exists() and live.exists()
+
+
+def test_natural_images_that_do_not_fit_are_refused_before_work(wallpapers, monkeypatch):
+    from castle_convert import data, natural
+    monkeypatch.setattr(natural, "_make_training_images", lambda *a, **k: pytest.fail("images were made"))
+    monkeypatch.setattr(data, "available_memory", lambda device="cpu": 2 ** 30)
+    with pytest.raises(natural.NaturalDataError, match=r"100000 natural training images at 224 px need 14\.0 GiB of "
+                                                       r"memory, more than the 1\.0 GiB available: use at most --set "
+                                                       r"data\.max_train_samples=5706$"):
+        natural.training_images(n=100_000, size=224, progress=False)
+    monkeypatch.setattr(data, "available_memory", lambda device="cpu": 2 ** 50)
+    with pytest.raises(natural.NaturalDataError, match=r"need [\d.]+ GiB in the cache .* GiB free: free space there"):
+        natural.training_images(n=10 ** 9, size=224, progress=False)
 
 
 def _natural_run(w, t):
