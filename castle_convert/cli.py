@@ -389,19 +389,54 @@ def eval_cmd(output: Path, teacher_spec: Optional[str], arch: Optional[str], dat
 
 
 def _eval_teacher(output: Path, teacher_spec: Optional[str], arch: Optional[str]):
-    """The teacher of ``eval``: --teacher, else the built-in or timm model name recorded in OUTPUT's config.json."""
+    """The teacher of ``eval``: ``--teacher``, else what OUTPUT's config.json records (``source.teacher``: a built-in
+    or timm name — loaded as such, never as a local folder of that name — or a local model, found by its name in the
+    current folder and accepted only when its weights' fingerprint is the recorded one). A path teacher passed with
+    --teacher is checked against the fingerprint too."""
     from castle_convert import zoo
     from castle_convert.export.load import read_config
-    from castle_convert.models import load_model
+    from castle_convert.models import load_model, load_timm_name, weights_fingerprint
+    source = read_config(output).get("source") or {}
+    record = source.get("teacher") if isinstance(source.get("teacher"), dict) else None
+    if record is None:                     # written before teachers were recorded: only unambiguous names
+        if source.get("builtin") in zoo.BUILTINS:
+            record = {"kind": "builtin", "name": source["builtin"]}
+        elif isinstance(source.get("model"), str) and _is_timm_name(source["model"]):
+            record = {"kind": "timm", "name": source["model"]}
+    ask = ("pass --teacher MODEL (the model it was converted from: a timm name, HF directory or checkpoint with "
+           "--arch)")
     if teacher_spec is None:
-        source = read_config(output).get("source") or {}
-        teacher_spec = source.get("builtin") or (source.get("model") if "(" not in str(source.get("model")) else None)
-        if not teacher_spec:
-            raise click.UsageError(f"{output} does not record a teacher this command can load: pass --teacher MODEL "
-                                   "(the model it was converted from: a timm name, HF directory or checkpoint)")
-    if teacher_spec in zoo.BUILTINS:
+        if record is None:
+            raise click.UsageError(f"{output} does not record a teacher this command can identify: {ask}")
+        kind, name = record.get("kind"), str(record.get("name") or "")
+        if kind == "builtin" and name in zoo.BUILTINS:
+            return zoo.load_builtin(name).eval()
+        if kind == "timm":
+            return load_timm_name(name).eval()
+        here = Path(name)
+        if kind != "path" or not name or not here.exists():
+            raise click.UsageError(f"{output} was converted from a local model, {name!r}, which is not in the current "
+                                   f"folder: {ask}")
+        teacher_spec, arch = str(here), arch or record.get("arch")
+    elif teacher_spec in zoo.BUILTINS:
         return zoo.load_builtin(teacher_spec).eval()
-    return load_model(teacher_spec, arch=arch, pretrained=True).eval()
+    teacher = load_model(teacher_spec, arch=arch, pretrained=True).eval()
+    recorded = (record or {}).get("fingerprint") if (record or {}).get("kind") == "path" else None
+    if recorded and Path(teacher_spec).expanduser().exists():
+        found = weights_fingerprint(teacher)
+        if found != recorded:
+            raise click.ClickException(
+                f"{teacher_spec} is not the teacher {output} was converted from: its weights' fingerprint is "
+                f"{found[:19]}…, the recorded one {recorded[:19]}… (local model {record.get('name')!r}): pass that "
+                "model with --teacher")
+    return teacher
+
+
+def _is_timm_name(name: str) -> bool:
+    import timm
+
+    from castle_convert.models import resolve_name
+    return "/" not in name and timm.is_model(resolve_name(name))
 
 
 # -- publishing ----------------------------------------------------------------------------------

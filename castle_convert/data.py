@@ -31,6 +31,24 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 
 
+def available_memory(device: str = "cpu") -> Optional[int]:
+    """Bytes of memory free for new tensors on ``device``: CUDA's free memory, else Linux's MemAvailable
+    (``/proc/meminfo``), else the free physical pages (``os.sysconf``); None when unknown."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 class DataError(ValueError):
     """A dataset cannot be found or does not fit the teacher; the message says how to fix it."""
 

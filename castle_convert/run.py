@@ -22,9 +22,9 @@ from castle_convert.data import DataError, build_data
 from castle_convert.distill.checkpoint import check_resume, resumable
 from castle_convert.distill.evaluate import head_classes
 from castle_convert.distill.loop import DistillResult, ResumeError, distill, process_state
-from castle_convert.export.save import (ExportError, check_output_dir, check_writable, output_lock,
+from castle_convert.export.save import (ExportError, check_output_dir, check_savable, check_writable, output_lock,
                                          report_versions, save_pretrained)
-from castle_convert.models import load_model
+from castle_convert.models import load_model, teacher_record
 from castle_convert.recipes import Recipe
 
 
@@ -39,13 +39,38 @@ def default_output(model_spec: str, recipe: Recipe) -> Path:
     return Path("runs") / f"{Path(model_spec).name.replace('.', '_')}-{recipe.name}"
 
 
-def _source(model_spec: str, arch: Optional[str]) -> dict:
-    """Provenance recorded next to what save_pretrained derives from the model itself."""
+def public_name(spec: Optional[str]) -> Optional[str]:
+    """What a published file may say about a model / data / stage-1 spec: a local path becomes its last component
+    (``/home/me/data/imagenet`` → ``imagenet``); names (timm, built-in, ``natural``, ``hf:NAME``) stay as they are."""
+    if not spec or str(spec).startswith("hf:"):
+        return spec
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_absolute() or "/" in text or "\\" in text or text.startswith("~") or path.exists():
+        return path.name or text
+    return text
+
+
+def public_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as published (recipe.yaml, the weights' metadata, the model card): local paths in it
+    (``model``, ``data.name``, ``transfer.load_from``) cut to their last component."""
+    import yaml
+    data = recipe.to_dict()
+    data["model"] = public_name(data.get("model"))
+    data["data"]["name"] = public_name(data["data"].get("name"))
+    data["transfer"]["load_from"] = public_name(data["transfer"].get("load_from")) or ""
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _source(model_spec: str, arch: Optional[str], teacher: Optional[dict] = None) -> dict:
+    """Provenance recorded next to what save_pretrained derives from the model itself; ``teacher``: the
+    :func:`castle_convert.models.teacher_record` that ``castle-convert eval`` identifies the teacher by."""
     from castle_convert import zoo
+    extra = {"teacher": teacher} if teacher else {}
     if model_spec in zoo.BUILTINS:
-        return {"builtin": model_spec, "model": model_spec}
-    name = Path(model_spec).name if Path(model_spec).exists() else model_spec   # no local paths in the card
-    return {"model": name if not arch else f"{name} (--arch {arch})"}
+        return {"builtin": model_spec, "model": model_spec, **extra}
+    name = public_name(model_spec)                              # no local paths in the card
+    return {"model": name if not arch else f"{name} (--arch {arch})", **extra}
 
 
 def _calibration_batch(dataset, n: int = 32) -> torch.Tensor:
@@ -95,6 +120,7 @@ def _run(model_spec: str, recipe: Recipe, *, data_spec: str, output: Path, arch:
         _check_convertible(model_spec, arch, recipe)
         teacher = load_model(model_spec, arch=arch, pretrained=True)
     teacher.eval()
+    source = _source(model_spec, arch, teacher_record(model_spec, arch, teacher))
     d = recipe.data
     _check_resolution(teacher, d.resolution, recipe)
     if image_size:                                              # the published size, before any training
@@ -106,15 +132,22 @@ def _run(model_spec: str, recipe: Recipe, *, data_spec: str, output: Path, arch:
     keep, _ = recipe.castling.keep_softmax_spec()
     student = convert(teacher, recipe.castling.to_config(), calibration_inputs=_calibration_batch(data.train),
                       keep_softmax=keep)
+    # what the end needs, checked now: no trained model is lost to a check that could have run first
+    labels = data.classes if head_classes(teacher) and data.classes else None   # unlabelled data: the model's own
+    check_savable(student, output, labels=labels, source=source,
+                  resolution=int(d.resolution) if d.resolution else None, image_size=image_size)
     result = distill(teacher, student, data, recipe, work_dir=work_dir, resume=resume, progress=progress,
                      on_step=on_step)
     size = data.val[0][0].shape[-2:]
     kept = set(result.kept_softmax)
     costs = inspect(teacher, recipe.castling.to_config(), img_size=tuple(size),
                     filter_fn=(lambda m, fqn: fqn not in kept) if kept else None)
-    report = {
-        "model": model_spec,
-        "dataset": data_spec,
+    stage1 = dict(result.transfer) if result.transfer else result.transfer
+    if stage1 and stage1.get("loaded_from"):
+        stage1["loaded_from"] = public_name(stage1["loaded_from"])
+    report = {                                                  # published (push uploads it): no local paths
+        "model": public_name(model_spec),
+        "dataset": public_name(data_spec),
         "recipe": recipe.name,
         "teacher": result.teacher_eval,
         "student_start": result.student_start_eval,
@@ -126,7 +159,7 @@ def _run(model_spec: str, recipe: Recipe, *, data_spec: str, output: Path, arch:
         "steps": result.steps,
         "epochs": result.epochs,
         "keep_softmax": result.kept_softmax,
-        "stage1": result.transfer,
+        "stage1": stage1,
         "stage1_time_s": (result.transfer or {}).get("wall_time_s", 0.0),
         "train_time_s": result.wall_time_s,
         "total_time_s": time.time() - t0,
@@ -139,8 +172,8 @@ def _run(model_spec: str, recipe: Recipe, *, data_spec: str, output: Path, arch:
         report["fidelity"] = _fidelity(teacher, result.student, recipe, data_spec, progress)
         pictures = _pictures(report, work_dir / "pictures", model_spec)
         try:
-            save_pretrained(result.student, output, recipe=recipe.to_yaml(), report=report,
-                            source=_source(model_spec, arch), labels=data.classes if head_classes(teacher) else None,
+            save_pretrained(result.student, output, recipe=public_recipe(recipe), report=report,
+                            source=source, labels=labels,
                             extra_files={"logs": work_dir / "tensorboard", **pictures}, overwrite=overwrite or resume,
                             resolution=int(size[0]) if d.resolution else None, image_size=image_size)
         except ExportError as e:                # e.g. disk full: the run's checkpoints stay for --resume
@@ -171,12 +204,18 @@ def _check_resolution(teacher: nn.Module, resolution: Optional[int], recipe: Rec
     ViT takes only its own): one probe forward, a one-line error before any work."""
     if resolution is None:
         return
-    from castle_convert import adapters
+    from castle_convert import adapters, fidelity
     off = adapters.off_patch_grid(teacher, resolution)
     if off:
         raise DataError(f"recipe '{recipe.name}': data.resolution={resolution} px is not a multiple of the model's "
                         f"patch size ({off[0]} px), so the border pixels would be dropped: use e.g. --set "
                         f"data.resolution={off[1]}")
+    device = str(next(teacher.parameters()).device)
+    try:                                 # one image must fit before the probe below makes one
+        fidelity.check_memory(teacher, teacher, [resolution], device, name="data.resolution",
+                              fix="use at most --set data.resolution={px}")
+    except fidelity.FidelityError as e:
+        raise DataError(f"recipe '{recipe.name}': {e}") from None
     x = adapters.example_inputs(teacher, batch=1, img_size=(resolution, resolution))
     try:
         with torch.no_grad():
@@ -200,6 +239,7 @@ def _fidelity(teacher: nn.Module, student: nn.Module, recipe: Recipe, data_spec:
     try:
         report = fidelity.measure(teacher, student.to(device), spec, fidelity.on_grid(teacher, f.resolution_list()),
                                   max_images=f.max_images, latency=f.latency, progress=progress)
+        report.data = public_name(report.data)
     except Exception as e:                       # noqa: BLE001 - the trained model must still be written
         from castle_convert.config import error_line
         warnings.warn(f"the fidelity block was not measured ({error_line(e)}); measure it later with "

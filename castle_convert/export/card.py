@@ -6,7 +6,6 @@ Rendered from the directory's own ``config.json``, ``report.json`` and ``recipe.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -170,7 +169,8 @@ inputs = processor(images=Image.open("image.png"), return_tensors="pt")
 ```
 
 `trust_remote_code=True` runs `modeling_castling.py`, `modeling_castling_timm.py`, `castling_layers.py`,
-`configuration_castling.py` and `castling_functional.py` from this repository ({imports}); read them first."""]
+`configuration_castling.py`, `castling_functional.py` and `castling_checks.py` from this repository ({imports}); read
+them first."""]
     if not headless:
         parts.append(f"""```python
 from transformers import pipeline
@@ -377,7 +377,7 @@ def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Option
                   "kind", "combine", "dw", "dw_kernel", "eps")),
               "* files: `model.safetensors` (inference-only weights), `config.json`, `preprocessor_config.json`, "
               "`configuration_castling.py` / `modeling_castling.py` / `modeling_castling_timm.py` / `castling_layers.py` / "
-              "`castling_functional.py` (remote code), "
+              "`castling_functional.py` / `castling_checks.py` (remote code), "
               "`recipe.yaml`, `report.json`", ""]
     if "stage1.png" in pictures:
         lines += [f"![{PICTURES['stage1.png']}](stage1.png)", ""]
@@ -429,14 +429,23 @@ def _fidelity_section(report: Optional[dict]) -> list[str]:
 
 def render_card_for_dir(path: Path, repo_id: Optional[str] = None) -> str:
     """Render the card of an output directory from its own files."""
+    from castle_convert.export.load import MAX_JSON_BYTES, read_json_file
     path = Path(path)
-    config = json.loads((path / "config.json").read_text())
-    report = json.loads((path / "report.json").read_text()) if (path / "report.json").is_file() else None
-    recipe = (path / "recipe.yaml").read_text() if (path / "recipe.yaml").is_file() else None
+    config = read_json_file(path / "config.json")
+    report = read_json_file(path / "report.json") if (path / "report.json").is_file() else None
+    recipe_file = path / "recipe.yaml"
+    if recipe_file.is_file() and recipe_file.stat().st_size > MAX_JSON_BYTES:
+        raise CardError(f"{recipe_file} is {recipe_file.stat().st_size} bytes: not a recipe castle-convert wrote")
+    recipe = recipe_file.read_text(errors="replace") if recipe_file.is_file() else None
     proc_file = path / "preprocessor_config.json"
-    processor = json.loads(proc_file.read_text()) if proc_file.is_file() else None
-    return render_card(config, report, recipe, repo_id=repo_id, processor=processor,
-                       pictures=tuple(n for n in PICTURES if (path / n).is_file()))
+    processor = read_json_file(proc_file) if proc_file.is_file() else None
+    try:
+        return render_card(config, report, recipe, repo_id=repo_id, processor=processor,
+                           pictures=tuple(n for n in PICTURES if (path / n).is_file()))
+    except (AttributeError, TypeError, KeyError, ValueError, IndexError) as e:
+        raise CardError(f"the model card of {path} cannot be rendered from its files ({type(e).__name__}: "
+                        f"{str(e)[:120]}): report.json or config.json holds values castle-convert did not write; "
+                        "write the directory again with cc.save_pretrained") from None
 
 
 def validate_card(text: str, where: str = "README.md", *, require_results: bool = True) -> "Any":

@@ -44,10 +44,11 @@ HUB_FILES = {
     "modeling_castling.py": HUB_DIR / "modeling_castling.py",
     "modeling_castling_timm.py": HUB_DIR / "modeling_castling_timm.py",
     "castling_layers.py": HUB_DIR / "castling_layers.py",
+    "castling_checks.py": HUB_DIR / "castling_checks.py",
     "castling_functional.py": Path(__file__).parents[1] / "attention" / "functional.py",
 }
 # Keys of ``source`` that describe provenance (kept from a loaded model / the caller).
-_PROVENANCE = ("builtin", "model", "base_model", "license")
+_PROVENANCE = ("builtin", "model", "base_model", "license", "teacher")
 TRAINING_ONLY = ("gate", "threshold", "gamma_init", "aux")       # CastlingConfig fields the inference form does not use
 _HF_BASE = {"vit": "ViTModel", "deit": "DeiTModel", "dinov2": "Dinov2Model",
             "dinov2_with_registers": "Dinov2WithRegistersModel"}
@@ -96,6 +97,7 @@ def output_lock(path: Path) -> Iterator[None]:
             yield
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
+    _close_quietly(_open_lock(lock, path))      # a regular file with one name, never a link (checked, then locked)
     file_lock = FileLock(str(lock), timeout=0, on_acquired=_write_pid)
     try:
         file_lock.acquire()
@@ -114,6 +116,35 @@ def output_lock(path: Path) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)                     # while still holding it: a waiting process then takes a new file
         file_lock.release(force=True)
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _open_lock(lock: Path, path: Path) -> int:
+    """The lock file's descriptor: a regular file with no other name, opened without following a link (the PID is
+    written into it: through a link it overwrote the file the link points to)."""
+    import errno
+    import stat
+
+    def refuse(what: str) -> OutputExistsError:
+        return OutputExistsError(f"the output lock {lock} {what}: castle-convert never writes through it; remove "
+                                 f"it (nothing of the output is in it), or choose another --output than {Path(path)}")
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(lock, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP or lock.is_symlink():
+            raise refuse("is a symbolic link") from None
+        raise refuse(f"cannot be opened ({e.strerror or type(e).__name__})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise refuse("is not a regular file" if not stat.S_ISREG(info.st_mode) else
+                     f"is a hard link ({info.st_nlink} names of one file)")
+    return fd
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
@@ -500,12 +531,34 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
             (transformers ViT / DeiT / CLIP / SigLIP interpolate only with ``interpolate_pos_encoding=True``) is an
             ``ExportError``.
     """
-    from castle_convert.export.processor import image_processor, output_size, processor_dict
-    from castle_convert.export.source import features_net
-
     path = Path(path)
     check_output_dir(path, overwrite)
     _check_model(model)
+    config, remote_code, recipe_yaml, processor = _prepare(model, path, recipe=recipe, labels=labels,
+                                                           base_model=base_model, source=source,
+                                                           remote_code=remote_code, resolution=resolution,
+                                                           image_size=image_size)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror or e} ({e.filename or path.parent}): choose an "
+                          "--output in a writable directory") from None
+    with output_lock(path):
+        check_output_dir(path, overwrite)               # again, under the lock: another save may have finished
+        _write_directory(model, path, config=config, recipe_yaml=recipe_yaml, processor=processor,
+                         remote_code=remote_code, report=report, repo_id=repo_id, extra_files=extra_files,
+                         verify=verify)
+    return path
+
+
+def _prepare(model: nn.Module, path: Path, *, recipe: Any, labels: Optional[list[str]], base_model: Optional[str],
+             source: Optional[dict], remote_code: Optional[bool], resolution: Optional[int],
+             image_size: Optional[int] = None, warn: bool = True) -> tuple[dict, bool, Optional[str], Any]:
+    """``(config.json, remote_code, recipe YAML, preprocessor config)`` of ``model``: everything
+    :func:`save_pretrained` decides before it writes (an :class:`ExportError` names what does not fit)."""
+    from castle_convert.export.processor import image_processor, output_size, processor_dict
+    from castle_convert.export.source import features_net
+
     auto_remote = remote_code is None
     if auto_remote:
         remote_code = features_net(model) is None
@@ -534,8 +587,9 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
         except RemoteCodeUnsupported as e:
             if not (auto_remote and remote_code):
                 raise
-            warnings.warn(f"{path}: no transformers remote code for this architecture ({e}); castle_convert.load "
-                          "and timm load the directory", stacklevel=2)
+            if warn:
+                warnings.warn(f"{path}: no transformers remote code for this architecture ({e}); castle_convert.load "
+                              "and timm load the directory", stacklevel=3)
             remote_code = False
             config = build_config(model, source=src, labels=_labels(model, labels), remote_code=False,
                                   dtype=first.dtype)
@@ -552,17 +606,20 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
     architecture = timm_architecture_field(config)        # transformers sources: timm's local-dir:/hf-hub: entry
     if architecture:
         config["architecture"] = architecture
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"cannot write {path}: {e.strerror or e} ({e.filename or path.parent}): choose an "
-                          "--output in a writable directory") from None
-    with output_lock(path):
-        check_output_dir(path, overwrite)               # again, under the lock: another save may have finished
-        _write_directory(model, path, config=config, recipe_yaml=recipe_yaml, processor=processor,
-                         remote_code=remote_code, report=report, repo_id=repo_id, extra_files=extra_files,
-                         verify=verify)
-    return path
+    return config, remote_code, recipe_yaml, processor
+
+
+def check_savable(model: nn.Module, path: Path, *, labels: Optional[list[str]] = None, source: Optional[dict] = None,
+                  resolution: Optional[int] = None, image_size: Optional[int] = None) -> None:
+    """What :func:`save_pretrained` will decide about ``model`` (converted, training form or finalized) — its
+    source description, class names, config.json, image processor — decided now: the main job calls it before
+    training, so a problem the end would meet is a one-line :class:`ExportError` before any work, not after it.
+    The remote-code decision is left to the end (it only warns)."""
+    from castle_convert.convert import castling_modules
+    if not list(castling_modules(model)):
+        raise ExportError(f"{type(model).__name__} has no castling attention: convert() it first")
+    _prepare(model, Path(path), recipe=None, labels=labels, base_model=None, source=source, remote_code=False,
+             resolution=resolution, image_size=image_size, warn=False)
 
 
 def _write_directory(model: nn.Module, path: Path, *, config: dict, recipe_yaml: Optional[str],
@@ -597,7 +654,7 @@ def _write_directory(model: nn.Module, path: Path, *, config: dict, recipe_yaml:
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         for name, extra in (extra_files or {}).items():
             if Path(extra).is_dir():
-                shutil.copytree(extra, tmp / name)
+                shutil.copytree(extra, tmp / name, symlinks=True)      # a link is copied as a link, never followed
             elif Path(extra).exists():
                 shutil.copy2(extra, tmp / name)
         from castle_convert.export.card import PICTURES
@@ -609,6 +666,9 @@ def _write_directory(model: nn.Module, path: Path, *, config: dict, recipe_yaml:
             diffs = verify_directory(model, tmp, config, remote_code=remote_code)
             logger.info("save_pretrained %s: loaded back, max |Δ| %s", path, diffs)
             model.castle_export_check = diffs
+        kept: list[str] = []
+        if path.is_dir() and not path.is_symlink():     # an output castle-convert wrote (checked): keep the rest
+            kept = _carry_other_files(path, tmp, own=set(OWN_NAMES) | set(extra_files or {}))
         if path.exists() or path.is_symlink():
             old = path.with_name(f".{path.name}.old")
             _remove(old)
@@ -617,12 +677,47 @@ def _write_directory(model: nn.Module, path: Path, *, config: dict, recipe_yaml:
             _remove(old)
         else:
             tmp.rename(path)
+        if kept:
+            warnings.warn(f"{path}: replaced castle-convert's files and kept the {len(kept)} it did not write: "
+                          f"{', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}", stacklevel=3)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):              # e.g. ENOSPC: one line, nothing half-written
             raise ExportError(f"cannot write {path}: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}: "
                               "nothing was written; free space (or choose another output) and save again") from None
         raise
+
+
+# What castle-convert writes into an output directory: ``--overwrite`` replaces these and keeps everything else.
+OWN_NAMES = (WEIGHTS_NAME, CONFIG_NAME, "preprocessor_config.json", "README.md", "recipe.yaml", "report.json", "logs",
+             *HUB_FILES)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link (no copy, the original untouched until the swap), else a copy of a regular file."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        if Path(src).is_file():
+            shutil.copy2(src, dst)
+
+
+def _carry_other_files(old: Path, new: Path, own: set[str]) -> list[str]:
+    """Put every entry of the previous output ``old`` that castle-convert did not write (not in ``own``) into the new
+    output ``new`` as it is (links as links); returns their names. The previous output stays intact until the swap."""
+    kept = []
+    for entry in sorted(old.iterdir(), key=lambda p: p.name):
+        dst = new / entry.name
+        if entry.name in own or dst.exists() or dst.is_symlink():
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), dst)
+        elif entry.is_dir():
+            shutil.copytree(entry, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(entry), str(dst))
+        kept.append(entry.name)
+    return kept
 
 
 def _remove(p: Path) -> None:

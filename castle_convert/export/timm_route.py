@@ -108,8 +108,9 @@ def create_castle_model(arch: str, pretrained: bool = False, pretrained_cfg: Any
 
     from castle_convert.config import CastlingConfig
     from castle_convert.convert import convert, finalize
-    from castle_convert.export.load import (METADATA_KEY, CheckpointError, build_converted, check_format,
-                                            config_from_metadata, load_into, read_safetensors)
+    from castle_convert.export.load import (METADATA_KEY, CheckpointError, build_checked, check_format,
+                                            checked_config, config_from_metadata, load_into, read_safetensors,
+                                            weights_header)
 
     name = PREFIX + arch
     kwargs.pop("pretrained_model_args", None)
@@ -140,17 +141,20 @@ def create_castle_model(arch: str, pretrained: bool = False, pretrained_cfg: Any
             f"{name} has no weights of its own: pass the model.safetensors of a castle-convert output directory, "
             f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='out/model.safetensors'))"
             ", or timm.create_model('local-dir:out', pretrained=True) / ('hf-hub:REPO', pretrained=True)")
-    state, metadata = read_safetensors(file)
-    if METADATA_KEY not in metadata and embedded:
+    header = weights_header(file)              # names, shapes, metadata: nothing is built or read before the checks
+    if METADATA_KEY not in header.metadata and embedded:
         config = embedded                      # timm's save_for_hf: the config travels in pretrained_cfg
+        if not isinstance(config, dict) or not isinstance(config.get("source"), dict):
+            raise CheckpointError(f"{file}: its config.json's '{CFG_KEY}' is not a castle-convert config")
         check_format(config.get("format_version", 1), file)
     else:
-        config = config_from_metadata(metadata, file)
+        config = config_from_metadata(header.metadata, file)
+    checked_config(config, header, f"{file} (its castle-convert config)")
     src = config["source"]
     num_classes = kwargs.pop("num_classes", None)
     img_size = kwargs.pop("img_size", None)
     if src.get("library") == "transformers":          # the equivalent timm ViT, weights renamed
-        model, stored, data_cfg, config = _from_transformers(arch, file, cfg, state, config, cache_dir)
+        model, stored, data_cfg, config = _from_transformers(arch, file, cfg, header, config, cache_dir)
     else:
         if src.get("library") != "timm" or src.get("architecture") != arch:
             raise CheckpointError(f"{file} holds a converted {src.get('library')} {src.get('architecture') or '?'}, "
@@ -162,10 +166,8 @@ def create_castle_model(arch: str, pretrained: bool = False, pretrained_cfg: Any
                               f"checkpoint {file} ({', '.join(f'{k}={stored.get(k)!r}' for k in changed)}); only "
                               "num_classes (new head) and img_size (resampled position embedding) can change")
     if src.get("library") != "transformers":
-        try:
-            model = build_converted(config)
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"cannot rebuild the architecture described in {file}'s metadata: {e}") from None
+        model = build_checked(config, header, file, f"{file}'s metadata")
+        state, _ = read_safetensors(file)
         load_into(model, state, file)
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)
@@ -210,18 +212,22 @@ def _refuse_pickled_directory(file: Optional[Path]) -> None:
                               "safe_serialization=True), or cc.save_pretrained(model, DIR)")
 
 
-def _from_transformers(arch: str, file: Path, cfg: dict, state: dict, meta_config: dict, cache_dir: Any):
+def _from_transformers(arch: str, file: Path, cfg: dict, header, meta_config: dict, cache_dir: Any):
     """(model, its constructor arguments, data config, the directory's config) of the timm model equivalent to a
     transformers-source file (:mod:`castle_convert.export.timm_equivalent`), or a one-line error naming the routes
     that load it. ``meta_config`` with :data:`TIMM_NAMES` is that config embedded in a ``pretrained_cfg`` (timm's
-    ``save_for_hf`` of such a model): its weights carry timm's names already."""
+    ``save_for_hf`` of such a model): its weights carry timm's names already. The config.json beside the weights is
+    checked, and the equivalent built on the meta device and compared with the file's (renamed) tensor shapes,
+    before it is built for real."""
     import json
 
     import timm
+    import torch
 
     from castle_convert.config import CastlingConfig
     from castle_convert.convert import convert, finalize
-    from castle_convert.export.load import CheckpointError, load_into, read_config
+    from castle_convert.export.hub.castling_checks import ConfigCheckError, Header, check_shapes
+    from castle_convert.export.load import CheckpointError, checked_config, load_into, read_config, read_safetensors
     from castle_convert.export.timm_equivalent import hf_data_config, plan, set_norm_eps, timm_state
 
     where = cfg.get("file") or cfg.get("hf_hub_id") or str(file)
@@ -231,28 +237,44 @@ def _from_transformers(arch: str, file: Path, cfg: dict, state: dict, meta_confi
     else:
         config_file = _directory_file(file, cfg, "config.json", cache_dir)
         config = read_config(config_file.parent) if config_file is not None else None
+        if config is not None:
+            checked_config(config, header, config_file)
     eq = plan(config) if config is not None else "its config.json is not beside the weights"
     if isinstance(eq, str):
         raise _no_timm(where, eq)
     if eq.architecture != arch:
         raise CheckpointError(f"{where} holds a converted transformers {eq.hf_class}, whose timm equivalent is "
                               f"castle_{eq.architecture}, not castle_{arch}: load it with castle_{eq.architecture}")
-    base = timm.create_model(arch, pretrained=False, **eq.model_args)
-    set_norm_eps(base, eq.norm_eps)
     castling = CastlingConfig.from_dict({"ref_tokens": 0, **meta_config["castling"]})
     converted = set(eq.converted_modules)
-    model = convert(base, castling, inplace=True, filter_fn=(lambda m, fqn: fqn in converted) if converted else None,
-                    gamma_init="one")
-    model = finalize(model, inplace=True, check=False, force=True)
+
+    def build(device: str):
+        base = timm.create_model(arch, pretrained=False, device=device, **eq.model_args)
+        set_norm_eps(base, eq.norm_eps)
+        model = convert(base, castling, inplace=True, gamma_init="one",
+                        filter_fn=(lambda m, fqn: fqn in converted) if converted else None)
+        return finalize(model, inplace=True, check=False, force=True)
+
+    def renamed(state: dict) -> dict:
+        if timm_names:
+            return state
+        try:
+            return timm_state(state, eq, config)
+        except KeyError as e:
+            raise CheckpointError(f"{file}: {e.args[0]}: load it with castle_convert.load({str(where)!r})") from None
+    try:                                        # shapes first: nothing of the config's sizes is allocated before
+        meta = {k: tuple(v.shape) for k, v in build("meta").state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in renamed({k: torch.empty(s, device="meta")
+                                                         for k, s in header.shapes.items()}).items()}
+        check_shapes(meta, Header(shapes), where=str(file))
+    except ConfigCheckError as e:
+        raise CheckpointError(str(e)) from None
+    model = build("cpu")
     model.castling_config = castling
+    state, _ = read_safetensors(file)
+    load_into(model, renamed(state), file)
     if timm_names:                            # saved by timm from this very model: its own names, its own data config
-        load_into(model, state, file)
         return model.eval(), eq.model_args, {}, config
-    try:
-        renamed = timm_state(state, eq, config)
-    except KeyError as e:
-        raise CheckpointError(f"{file}: {e.args[0]}: load it with castle_convert.load({str(where)!r})") from None
-    load_into(model, renamed, file)
     processor = _directory_file(file, cfg, "preprocessor_config.json", cache_dir)
     data = hf_data_config(json.loads(processor.read_text()) if processor else None, eq.resolution)
     return model.eval(), eq.model_args, data, config

@@ -27,7 +27,8 @@ from transformers import PreTrainedModel
 
 from .castling_functional import patch_grid
 from .castling_layers import (DW_MODES, SUPPORTED_KINDS, CastlingAttention, CastlingSeparableAttention,  # noqa: F401
-                              SoftmaxAttention, _check_castling, _DWConv, _init_castling_weights, make_attention)
+                              SoftmaxAttention, _check_castling, _check_published, _DWConv, _init_castling_weights,
+                              _StrictLoading, make_attention)
 from .configuration_castling import CastlingViTConfig
 from .modeling_castling_timm import (CastlingTimmEvaForImageClassification, CastlingTimmEvaModel,  # noqa: F401
                                      CastlingTimmNaFlexVitForImageClassification, CastlingTimmNaFlexVitModel,
@@ -98,7 +99,28 @@ def _naflex_kwargs(module: nn.Module, args: tuple, kwargs: dict):
         return None
     if mask is None:
         mask = torch.ones(pixels.shape[:2], dtype=torch.bool, device=pixels.device)   # (B, N): no padding
+    _check_padding(mask, shapes)
     return args, {**kwargs, "token_mask": mask.to(torch.bool), "grid_sizes": shapes.to(pixels.device)}
+
+
+def _check_padding(mask: torch.Tensor, shapes: torch.Tensor) -> None:
+    """Raise (one line) unless each image's ``spatial_shapes`` (rows, cols) agree with its ``pixel_attention_mask``
+    (B, N): its rows·cols real patches first, then padding, as the image processor gives them (eager mode only)."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or \
+            mask.device.type == "meta" or isinstance(mask, torch.fx.Proxy):
+        return
+    B, N = mask.shape
+    shapes = shapes.to(mask.device).to(torch.long)
+    pos = torch.arange(N, device=mask.device).unsqueeze(0)                        # (1, N)
+    ok = ((pos < shapes[:, 0:1] * shapes[:, 1:2]) == mask.to(torch.bool)).all(-1) & (shapes > 0).all(-1)   # (B,)
+    if not bool(ok.all()):
+        b = int((~ok).nonzero()[0])
+        rows, cols = (int(v) for v in shapes[b])
+        real = int(mask[b].to(torch.long).sum())
+        raise ValueError(f"SigLIP2 with castling attention: image {b} of this batch has spatial_shapes {rows}x{cols} "
+                         f"({rows * cols} patches) but its pixel_attention_mask marks {real} of {N} positions real"
+                         f"{'' if real != rows * cols else ' (not the first ones)'}: pass each image's mask and "
+                         "shapes as the image processor gives them (its rows·cols patches first, then padding)")
 
 
 def _grid_from_embeddings(module: nn.Module, args: tuple, kwargs: dict):
@@ -219,6 +241,7 @@ def _hf_class(name: str):
     base_cls = getattr(transformers, name)
 
     def __init__(self, config):
+        _check_published(config)                       # untrusted config.json: before anything is built
         base_cls.__init__(self, config)
         _castling_swap_hf(self, config)
         self.register_forward_pre_hook(_refuse_attentions, with_kwargs=True)
@@ -229,7 +252,7 @@ def _hf_class(name: str):
         elif not isinstance(module, CastlingHFAttention):
             base_cls._init_weights(self, module)
 
-    return type(f"Castling{name}", (base_cls,), {
+    return type(f"Castling{name}", (_StrictLoading, base_cls), {
         "config_class": CastlingViTConfig, "__init__": __init__, "_init_weights": _init_weights,
         "__module__": __name__,
         "__doc__": f"transformers {name} with castling linear-angular attention (keys as castle-convert writes)."})

@@ -19,8 +19,9 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
 from .castling_layers import (CastlingAttention, CastlingSeparableAttention, SoftmaxAttention, _CastlingAttentionBase,
-                              _CastlingQKVAttention,
-                              _check_castling, _DWConv, _init_castling_weights, make_attention)
+                              _CastlingQKVAttention, _check_castling, _check_published, _DWConv,
+                              _init_castling_weights, _StrictLoading, make_attention)
+from .castling_checks import names_other_files
 from .configuration_castling import CastlingViTConfig
 
 # -- timm sources: a self-contained timm VisionTransformer ------------------------------------------
@@ -103,7 +104,7 @@ def _resample_pos_embed(pos: torch.Tensor, new_hw: tuple, old_hw: tuple, num_pre
     return torch.cat([prefix, grid], dim=1)
 
 
-class CastlingTimmViTPreTrainedModel(PreTrainedModel):
+class CastlingTimmViTPreTrainedModel(_StrictLoading, PreTrainedModel):
     """A timm ViT (``VisionTransformer`` / DeiT ``VisionTransformerDistilled``) with castling
     attention; parameters carry timm's names (``cls_token``, ``blocks.0.attn.qkv``, ``head``)."""
 
@@ -115,6 +116,7 @@ class CastlingTimmViTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
 
     def __init__(self, config: CastlingViTConfig):
+        _check_published(config)                       # untrusted config.json: before anything is built
         super().__init__(config)
         spec = config.timm_vit
         if not spec:
@@ -273,7 +275,6 @@ class CastlingTimmViTModel(CastlingTimmViTPreTrainedModel):
 # timm.create_model arguments that read or fetch weights: never taken from a config.json
 _TIMM_LOADER_ARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
                      "cache_dir")
-_TIMM_REMOTE_NAMES = ("hf-hub:", "hf_hub:", "local-dir:", "timm/")
 
 
 def _import_timm(arch: str):
@@ -294,7 +295,7 @@ def _build_timm(config, spec: dict) -> nn.Module:
     arch = source.get("architecture", "")
     args = dict(source.get("model_args") or {})
     bad = [f"source.model_args.{k}" for k in sorted(set(args) & set(_TIMM_LOADER_ARGS))]
-    if not isinstance(arch, str) or arch.startswith(_TIMM_REMOTE_NAMES):
+    if not isinstance(arch, str) or names_other_files(arch):
         bad.append(f"source.architecture {arch!r}")
     if bad:
         raise ValueError(f"config.json {', '.join(bad)} names weights to load or fetch: a castle-convert checkpoint's "
@@ -402,7 +403,7 @@ def _grid_eva_block(cls: type) -> type:
     return _GRID_EVA_BLOCKS[cls]
 
 
-class CastlingTimmEvaPreTrainedModel(PreTrainedModel):
+class CastlingTimmEvaPreTrainedModel(_StrictLoading, PreTrainedModel):
     """A timm Eva (``eva02_*``, ``vit_*_rope_*``, ``vit_*_dinov3``, ``vit_pe_*``) with castling attention, built with
     timm (needs ``pip install timm``): the timm model's modules and parameters are this model's own, under timm's
     names (``blocks.0.attn.qkv``, ``rope.freqs``, ``head``), so one ``model.safetensors`` serves every route."""
@@ -415,6 +416,7 @@ class CastlingTimmEvaPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
 
     def __init__(self, config: CastlingViTConfig):
+        _check_published(config)                       # untrusted config.json: before anything is built
         super().__init__(config)
         if not getattr(config, "timm_eva", None):
             raise ValueError("config.json has no 'timm_eva' section: this directory was not written for a timm Eva "
@@ -552,7 +554,7 @@ def _naflex_inputs(pixel_values, patches, patch_coord, patch_valid, attn_mask):
     return x, patch_coord, patch_valid, attn_mask
 
 
-class CastlingTimmNaFlexVitPreTrainedModel(PreTrainedModel):
+class CastlingTimmNaFlexVitPreTrainedModel(_StrictLoading, PreTrainedModel):
     """timm's ``NaFlexVit`` (``naflexvit_*``) with castling attention, built with timm (needs ``pip install timm``):
     timm's modules and parameter names (``embeds.proj``, ``blocks.0.attn.qkv``, ``head``), so one
     ``model.safetensors`` serves every route. Takes images (B, C, H, W) or a NaFlex batch (``patches`` (B, N, P·P·C),
@@ -566,6 +568,7 @@ class CastlingTimmNaFlexVitPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
 
     def __init__(self, config: CastlingViTConfig):
+        _check_published(config)                       # untrusted config.json: before anything is built
         super().__init__(config)
         if not getattr(config, "timm_naflex", None):
             raise ValueError("config.json has no 'timm_naflex' section: this directory was not written for a timm "
