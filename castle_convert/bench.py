@@ -4,8 +4,9 @@
   too) counts multiply-accumulates with ``torch.utils.flop_counter`` (works on meta-device
   models); :func:`mixing_macs` is the analytic count of the token-mixing part that
   the conversion changes, used to check the counter.
-* :func:`benchmark` times both models interleaved, after warm-up, at several resolutions and
-  batch sizes: median and spread of latency, throughput, peak memory, MACs, and the ratio
+* :func:`benchmark` times both models interleaved (``torch.utils.benchmark.Timer``, one call at a time,
+  alternating which model goes first), after warm-up, at several resolutions and batch sizes: median and
+  interquartile range of latency (``Measurement``), throughput, peak memory, MACs, and the ratio
   converted/original. ``quantize="dynamic-int8"`` times both after
   ``torch.ao.quantization.quantize_dynamic`` (every ``nn.Linear`` → int8 weights, activations
   quantized per call; CPU) and measures what it costs: patch-token and CLS cosine of each int8 model's
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import copy
 import os
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -88,11 +87,6 @@ def mixing_macs(converted: nn.Module, batch: int, grid: tuple[int, int]) -> tupl
 
 
 # -- measurement helpers -------------------------------------------------------------------------
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def peak_memory_mib(fn: Callable[[], Any], model: nn.Module, device: torch.device) -> Optional[float]:
     """Peak memory of one call in MiB, parameters included.
@@ -216,19 +210,10 @@ class BenchResult:
         return "\n".join(lines)
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
-def _quartiles(xs: Sequence[float]) -> tuple[float, float]:
-    if len(xs) < 2:
-        return xs[0], xs[0]
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return q[0], q[2]
+def _quartiles(m: Any) -> tuple[float, float]:
+    """(25th, 75th) percentile of a ``torch.utils.benchmark.Measurement``'s times, in seconds (its own ``iqr``)."""
+    q = torch.tensor(m.times, dtype=torch.float64).quantile(torch.tensor([0.25, 0.75], dtype=torch.float64))
+    return float(q[0]), float(q[1])
 
 
 def benchmark(model: nn.Module, *, converted: Optional[nn.Module] = None, resolutions: Sequence[int] = (224,),
@@ -314,26 +299,31 @@ def _cell(model: nn.Module, converted: nn.Module, res: int, batch: int, dev: tor
                 conv = q
             else:
                 orig = q
+    from torch.utils.benchmark import Measurement, Timer
+
     calls = []
     for m in (orig, conv):
         fn = torch.compile(m) if compile else m
         calls.append(lambda fn=fn: adapters.forward(fn, x))
-    times: list[list[float]] = [[], []]
+    # torch.utils.benchmark: its timer synchronises CUDA, its Measurement keeps the times; one call per timeit, so
+    # the two models stay interleaved (alternating which goes first) and share every disturbance of the machine
+    timers = [Timer("call()", globals={"call": call}, num_threads=torch.get_num_threads(), label=f"{res}px b{batch}",
+                    description=name) for call, name in zip(calls, ("softmax", "castling"))]
+    runs: list[list] = [[], []]
     peaks: list[Optional[float]] = [None, None]
     with torch.inference_mode():
-        for i, call in enumerate(calls):
-            for _ in range(max(1, warmup)):
-                call()
+        for i, timer in enumerate(timers):
+            timer.timeit(max(1, warmup))                       # warm-up, not kept
             # int8 packed weights are opaque to the CPU memory tracker: not measured rather than wrong
-            peaks[i] = None if quantize and dev.type == "cpu" else peak_memory_mib(call, (orig, conv)[i], dev)
-        pair = _timed(calls[0], dev) + _timed(calls[1], dev)
-        n = max(min_repeats, min(repeats, int(budget // max(pair, 1e-9))))
+            peaks[i] = None if quantize and dev.type == "cpu" else peak_memory_mib(calls[i], (orig, conv)[i], dev)
+        pair = [timer.timeit(1) for timer in timers]
+        n = max(min_repeats, min(repeats, int(budget // max(pair[0].median + pair[1].median, 1e-9))))
         for rep in range(n):
-            order = (0, 1) if rep % 2 == 0 else (1, 0)
-            for i in order:
-                times[i].append(_timed(calls[i], dev))
-    med = [statistics.median(t) * 1e3 for t in times]
-    spread = [tuple(q * 1e3 for q in _quartiles(t)) for t in times]
+            for i in ((0, 1) if rep % 2 == 0 else (1, 0)):
+                runs[i].append(timers[i].timeit(1))
+    measured = [Measurement.merge(r)[0] for r in runs]
+    med = [m.median * 1e3 for m in measured]
+    spread = [tuple(q * 1e3 for q in _quartiles(m)) for m in measured]
     return Cell(resolution=res, batch=batch, tokens=tokens, repeats=n,
                 original_ms=med[0], castling_ms=med[1],
                 original_spread_ms=spread[0], castling_spread_ms=spread[1],

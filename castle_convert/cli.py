@@ -19,21 +19,31 @@ from castle_convert.export.load import CheckpointError
 from castle_convert.export.onnx import OnnxExportError
 from castle_convert.export.push import PushError
 from castle_convert.export.save import ExportError, OutputExistsError
+from castle_convert.fidelity import FidelityError
 from castle_convert.models import ModelLoadError
+from castle_convert.plots import PlotError
 
 USER_ERRORS = (ModelLoadError, ConversionError, FinalizeError, ConfigError, DataError, ResumeError, DivergenceError,
-               CheckpointWriteError, OutputExistsError, BenchError, CheckpointError, ExportError, CardError, PushError)
+               CheckpointWriteError, OutputExistsError, BenchError, CheckpointError, ExportError, CardError, PushError,
+               FidelityError, PlotError)
 
 
 class _Group(click.Group):
-    """``castle-convert MODEL ...`` (no sub-command) runs ``distill``; the library's user-facing
-    errors become one-line messages instead of tracebacks."""
+    """``castle-convert MODEL ...`` and ``castle-convert --recipe ...`` (no sub-command) run ``distill``; a bare
+    ``castle-convert`` prints the help and what to run; a word close to a command that names no model or path is
+    a mistyped command ("no such command 'evaluate': did you mean 'eval'?"), not a model name. The library's
+    user-facing errors become one-line messages instead of tracebacks."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("-h", "--help", "--version"):
+        if not args:
+            click.echo(ctx.get_help())
+            click.echo("\nNothing was run. The main job: castle-convert --recipe quick  (a real DINOv2-S, about 10 "
+                       "minutes on a 2-core CPU); your own model: castle-convert MODEL --recipe distill-10ep --data DIR")
+            ctx.exit(0)
+        if args[0] not in self.commands and args[0] not in ("-h", "--help", "--version"):
+            if not args[0].startswith("-"):
+                _refuse_mistyped_command(args[0], sorted(self.commands))
             args = ["distill", *args]
-        elif not args:
-            args = ["distill"]
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
@@ -41,6 +51,24 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except USER_ERRORS as e:
             raise click.ClickException(_one_line(str(e))) from e
+
+
+def _refuse_mistyped_command(word: str, commands: list[str]) -> None:
+    """A first argument close to a command name, that is no file, directory or known model: a usage error naming
+    the command meant (``castle-convert evaluate DIR`` was read as the model name 'evaluate')."""
+    import difflib
+    close = difflib.get_close_matches(word.lower(), commands, n=2, cutoff=0.6)
+    if not close or Path(word).expanduser().exists() or "/" in word or "." in word:
+        return
+    from castle_convert import zoo
+    from castle_convert.models import ALIASES, resolve_name
+    if word in zoo.BUILTINS or word in ALIASES:
+        return
+    import timm
+    if timm.is_model(resolve_name(word)):
+        return
+    raise click.UsageError(f"no such command '{word}': did you mean {' or '.join(repr(c) for c in close)}? "
+                           f"(commands: {', '.join(commands)}; castle-convert MODEL runs the main job on MODEL)")
 
 
 def _one_line(message: str) -> str:
@@ -90,10 +118,13 @@ def main() -> None:
               help="Attention kind: local_global, linear_angular or separable (overrides castling.kind).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="PX",
+              help="Square size the published preprocessor produces (default: the teacher's own, whatever size it is "
+                   "distilled at).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def distill_cmd(model: Optional[str], recipe_name: str, overrides: tuple[str, ...], data_spec: Optional[str],
                 output: Optional[Path], arch: Optional[str], kind: Optional[str], resume: bool, overwrite: bool,
-                no_progress: bool) -> None:
+                image_size: Optional[int], no_progress: bool) -> None:
     """Convert MODEL, distil it against the original, write the inference-only checkpoint.
 
     MODEL: a timm name or alias, a local Hugging Face model directory, a checkpoint file (with
@@ -106,14 +137,15 @@ def distill_cmd(model: Optional[str], recipe_name: str, overrides: tuple[str, ..
     sets = list(overrides) + ([f"castling.kind={kind}"] if kind else [])
     recipe = load_recipe(recipe_name, sets)
     result = run(model, recipe, data_spec=data_spec, output=output, arch=arch, resume=resume,
-                 overwrite=overwrite, progress=not no_progress)
+                 overwrite=overwrite, progress=not no_progress, image_size=image_size)
     from castle_convert.distill.loop import process_state
     if process_state().is_main_process:
         click.echo("\n" + format_table(result.report))
         from castle_convert.export.load import load_routes
         routes = load_routes(result.output)
+        pictures = "".join(f", {n}" for n in ("fidelity.png", "stage1.png") if (result.output / n).is_file())
         click.echo(f"\nwrote {result.output}/ (model.safetensors, config.json, remote code, README.md model card, "
-                   f"recipe.yaml, report.json): load it with {', '.join(routes[:-1])}"
+                   f"recipe.yaml, report.json{pictures}): load it with {', '.join(routes[:-1])}"
                    f"{' or ' if len(routes) > 1 else ''}{routes[-1]}; publish it with castle-convert push")
 
 
@@ -140,6 +172,9 @@ def inspect_cmd(model: str, arch: Optional[str], img_size: Optional[int], kind: 
     from castle_convert.models import load_model
 
     keep = _keep_softmax(keep_softmax)
+    if _is_output(model):                       # a finished conversion: show it, do not convert it again
+        _inspect_output(Path(model), img_size, as_json)
+        return
     net = load_model(model, arch=arch, pretrained=False, img_size=img_size)
     if img_size is not None:
         _check_img_size(net, img_size)
@@ -152,6 +187,48 @@ def inspect_cmd(model: str, arch: Optional[str], img_size: Optional[int], kind: 
         raise click.ClickException(f"cannot convert {model}: {report.error}")
     else:
         click.echo(report.format())
+
+
+def _is_output(model: str) -> bool:
+    from castle_convert.export.save import written_by_castle_convert
+    return written_by_castle_convert(Path(model).expanduser())
+
+
+def _inspect_output(path: Path, img_size: Optional[int], as_json: bool) -> None:
+    """``inspect`` of a castle-convert output directory: its kind, converted and kept layers, and the MACs of each
+    layer either way, against the source architecture it was converted from (shapes only: no weights are read)."""
+    import torch
+
+    from castle_convert import adapters
+    from castle_convert.config import CastlingConfig
+    from castle_convert.convert import inspect
+    from castle_convert.export.load import full_source, read_config
+    from castle_convert.export.source import build_source
+
+    config = read_config(path)
+    with torch.device("meta"):
+        source = build_source(full_source(config))
+    if img_size is not None:
+        _check_img_size(source, img_size)
+    adapter = adapters.adapter_for(source)
+    names = [c.name for c in adapter.scan(source).candidates] if adapter else []
+    converted = set(config.get("converted_modules") or [])
+    kept = [i for i, n in enumerate(names) if converted and n not in converted]
+    castling = CastlingConfig.from_dict(config["castling"])
+    report = inspect(source, castling, img_size=(img_size, img_size) if img_size else None, keep_softmax=kept or None)
+    report.model = f"{path} (converted from {report.model})"
+    if as_json:
+        click.echo(json.dumps({**report.to_dict(), "output": str(path), "kind": castling.kind}, indent=2))
+        return
+    lines = [report.format(), f"attention layers at {report.tokens} tokens (token-mixing MACs):"]
+    for m in report.layer_macs:
+        form = "softmax (kept)" if m["castling"] is None or m["name"] not in converted and converted else castling.kind
+        macs = m["softmax"] if form.startswith("softmax") else m["castling"]
+        lines.append(f"  {m['name']:<40} {form:<16} {macs / 1e6:10.2f}M   (softmax {m['softmax'] / 1e6:.2f}M)")
+    lines.append(f"{path} is a finished castle-convert output ({castling.kind}, {len(names) - len(kept)} of "
+                 f"{len(names)} attentions converted): measure it where you deploy with castle-convert eval {path} "
+                 f"--resolutions 224,448,518, its speed with castle-convert bench {path}")
+    click.echo("\n".join(lines))
 
 
 def _check_img_size(net, img_size: int) -> None:
@@ -258,12 +335,17 @@ def bench_cmd(model: str, resolutions: list[int], batches: list[int], device: st
               help="natural (held-out photos), DIR (its val/ split), hf:NAME[:CONFIG] or fashion-mnist.")
 @click.option("--resolutions", default="224,448,518", show_default=True,
               help="Comma-separated sizes in pixels (multiples of the patch size).")
-@click.option("--max-images", type=click.IntRange(min=1), default=None, help="Images per resolution (default: all).")
+@click.option("--max-images", type=click.IntRange(min=0), default=12, show_default=True,
+              help="Images per resolution, as the main job's block: natural = the centre views of the 12 held-out "
+                   "photos; 0 = every image (natural: 60 views).")
 @click.option("--no-latency", is_flag=True, help="Fidelity only: no latency measurement.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the results as JSON.")
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path),
+              help="Write fidelity and latency against resolution as PNG (needs matplotlib).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def eval_cmd(output: Path, teacher_spec: Optional[str], arch: Optional[str], data_spec: str, resolutions: str,
-             max_images: Optional[int], no_latency: bool, json_out: Optional[Path], no_progress: bool) -> None:
+             max_images: Optional[int], no_latency: bool, json_out: Optional[Path], plot_out: Optional[Path],
+             no_progress: bool) -> None:
     """Fidelity where you deploy: OUTPUT (a castle-convert output directory) against its teacher.
 
     Per resolution: mean patch-token cosine and CLS cosine to the teacher (top-1 agreement, and accuracy
@@ -273,37 +355,88 @@ def eval_cmd(output: Path, teacher_spec: Optional[str], arch: Optional[str], dat
     from castle_convert.recipes import parse_resolutions
     from castle_convert.export.load import load
 
+    from castle_convert.adapters import off_patch_grid
     try:
         sizes = parse_resolutions(resolutions)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--resolutions") from None
-    if json_out is not None:
-        _check_writable(json_out, "--json")
+    for path, option in ((json_out, "--json"), (plot_out, "--plot")):     # before minutes of measuring
+        if path is not None:
+            _check_writable(path, option)
+    if plot_out is not None:
+        from castle_convert import plots
+        if not plots.available():
+            raise PlotError("--plot needs matplotlib: pip install matplotlib")
     student = load(output)
+    off = [(r, off_patch_grid(student, r)) for r in sizes]
+    bad = [(r, o) for r, o in off if o]
+    if bad:                                                     # before the teacher is loaded
+        raise click.BadParameter(f"{bad[0][0]} px is not a multiple of the model's patch size ({bad[0][1][0]} px): "
+                                 f"use e.g. --resolutions {','.join(str(o[1] if o else r) for r, o in off)}",
+                                 param_hint="--resolutions")
     teacher = _eval_teacher(output, teacher_spec, arch)
-    report = measure(teacher, student, data_spec, sizes, max_images=max_images, latency=not no_latency,
+    report = measure(teacher, student, data_spec, sizes, max_images=max_images or None, latency=not no_latency,
                      progress=not no_progress)
     click.echo(report.format())
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         report.write_json(json_out)
         click.echo(f"wrote {json_out}")
+    if plot_out:
+        from castle_convert.plots import fidelity_plot
+        fidelity_plot(report.to_dict(), str(plot_out), title=f"{output.name}: converted vs teacher")
+        click.echo(f"wrote {plot_out}")
 
 
 def _eval_teacher(output: Path, teacher_spec: Optional[str], arch: Optional[str]):
-    """The teacher of ``eval``: --teacher, else the built-in or timm model name recorded in OUTPUT's config.json."""
+    """The teacher of ``eval``: ``--teacher``, else what OUTPUT's config.json records (``source.teacher``: a built-in
+    or timm name — loaded as such, never as a local folder of that name — or a local model, found by its name in the
+    current folder and accepted only when its weights' fingerprint is the recorded one). A path teacher passed with
+    --teacher is checked against the fingerprint too."""
     from castle_convert import zoo
     from castle_convert.export.load import read_config
-    from castle_convert.models import load_model
+    from castle_convert.models import load_model, load_timm_name, weights_fingerprint
+    source = read_config(output).get("source") or {}
+    record = source.get("teacher") if isinstance(source.get("teacher"), dict) else None
+    if record is None:                     # written before teachers were recorded: only unambiguous names
+        if source.get("builtin") in zoo.BUILTINS:
+            record = {"kind": "builtin", "name": source["builtin"]}
+        elif isinstance(source.get("model"), str) and _is_timm_name(source["model"]):
+            record = {"kind": "timm", "name": source["model"]}
+    ask = ("pass --teacher MODEL (the model it was converted from: a timm name, HF directory or checkpoint with "
+           "--arch)")
     if teacher_spec is None:
-        source = read_config(output).get("source") or {}
-        teacher_spec = source.get("builtin") or (source.get("model") if "(" not in str(source.get("model")) else None)
-        if not teacher_spec:
-            raise click.UsageError(f"{output} does not record a teacher this command can load: pass --teacher MODEL "
-                                   "(the model it was converted from: a timm name, HF directory or checkpoint)")
-    if teacher_spec in zoo.BUILTINS:
+        if record is None:
+            raise click.UsageError(f"{output} does not record a teacher this command can identify: {ask}")
+        kind, name = record.get("kind"), str(record.get("name") or "")
+        if kind == "builtin" and name in zoo.BUILTINS:
+            return zoo.load_builtin(name).eval()
+        if kind == "timm":
+            return load_timm_name(name).eval()
+        here = Path(name)
+        if kind != "path" or not name or not here.exists():
+            raise click.UsageError(f"{output} was converted from a local model, {name!r}, which is not in the current "
+                                   f"folder: {ask}")
+        teacher_spec, arch = str(here), arch or record.get("arch")
+    elif teacher_spec in zoo.BUILTINS:
         return zoo.load_builtin(teacher_spec).eval()
-    return load_model(teacher_spec, arch=arch, pretrained=True).eval()
+    teacher = load_model(teacher_spec, arch=arch, pretrained=True).eval()
+    recorded = (record or {}).get("fingerprint") if (record or {}).get("kind") == "path" else None
+    if recorded and Path(teacher_spec).expanduser().exists():
+        found = weights_fingerprint(teacher)
+        if found != recorded:
+            raise click.ClickException(
+                f"{teacher_spec} is not the teacher {output} was converted from: its weights' fingerprint is "
+                f"{found[:19]}…, the recorded one {recorded[:19]}… (local model {record.get('name')!r}): pass that "
+                "model with --teacher")
+    return teacher
+
+
+def _is_timm_name(name: str) -> bool:
+    import timm
+
+    from castle_convert.models import resolve_name
+    return "/" not in name and timm.is_model(resolve_name(name))
 
 
 # -- publishing ----------------------------------------------------------------------------------
@@ -333,18 +466,25 @@ def push_cmd(directory: Path, repo_id: str, private: bool, dry_run: bool, token:
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="ONNX file to write.")
 @click.option("--opset", type=click.IntRange(min=9), default=17, show_default=True, help="ONNX opset.")
 @click.option("--atol", "--tolerance", "atol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
-              help="Largest max-abs difference onnxruntime vs PyTorch that passes.")
+              help="Largest max-abs difference onnxruntime vs PyTorch that passes, times max(1, largest |output|).")
 @click.option("--batch", type=click.IntRange(min=1), default=3, show_default=True,
               help="Batch size of the parity check (the export itself traces batch 1; the batch axis is dynamic).")
-@click.option("--dynamic-size", is_flag=True,
-              help="Height and width dynamic too (torch.export + onnxscript, opset >= 18); parity checked at two sizes.")
-def export_onnx_cmd(directory: Path, output: Path, opset: int, atol: float, batch: int, dynamic_size: bool) -> None:
-    """Export the model in DIRECTORY to ONNX and check it in onnxruntime (exit 1 above --atol)."""
+@click.option("--dynamic-size/--fixed-size", default=None,
+              help="Height and width dynamic (torch.export + onnxscript, opset >= 18; parity checked at two sizes) or "
+                   "fixed at the native size. Default: dynamic where that verifies, else fixed (the output says why).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def export_onnx_cmd(directory: Path, output: Path, opset: int, atol: float, batch: int, dynamic_size: Optional[bool],
+                    no_progress: bool) -> None:
+    """Export the model in DIRECTORY to ONNX and check it in onnxruntime (exit 1 above --atol).
+
+    The batch axis is dynamic, and height and width too where the source allows it (the default), so the graph
+    takes what the directory's own preprocessor_config.json produces at any size."""
     from castle_convert.export.onnx import export_onnx
 
     _check_writable(output, "--output")
     try:
-        result = export_onnx(directory, output, opset=opset, atol=atol, check_batch=batch, dynamic_size=dynamic_size)
+        result = export_onnx(directory, output, opset=opset, atol=atol, check_batch=batch, dynamic_size=dynamic_size,
+                             progress=not no_progress)
     except OnnxExportError as e:
         if getattr(e, "result", None) is not None:
             click.echo(e.result.format())

@@ -29,6 +29,11 @@ def pickle_fix(path, out=None) -> str:
             f"st.save_file({{k: v.contiguous() for k, v in sd.items() if torch.is_tensor(v)}}, '{out}')\"")
 
 
+class ModelLoadError(ValueError):
+    """The named model cannot be found or loaded; the message says how to fix it (raised by ``castle_convert.models``
+    and the built-ins of ``castle_convert.zoo``)."""
+
+
 class ConfigError(ValueError):
     """A CastlingConfig (or recipe) field has a value we cannot use."""
 

@@ -23,11 +23,30 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from castle_convert.config import error_line
+from castle_convert.preprocess import DataConfig, data_config  # noqa: F401 - the teacher's preprocessing
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+
+
+def available_memory(device: str = "cpu") -> Optional[int]:
+    """Bytes of memory free for new tensors on ``device``: CUDA's free memory, else Linux's MemAvailable
+    (``/proc/meminfo``), else the free physical pages (``os.sysconf``); None when unknown."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class DataError(ValueError):
@@ -44,42 +63,6 @@ class DataBundle:
 
 
 # -- transforms ----------------------------------------------------------------------------------
-
-@dataclass
-class DataConfig:
-    """What images the model expects: timm's data-config fields."""
-
-    input_size: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str = "bicubic"
-    crop_pct: float = 0.875
-
-
-def data_config(model: nn.Module, resolution: Optional[int] = None) -> DataConfig:
-    """The teacher's data config: timm pretrained_cfg, or the HF image-processor fields."""
-    hf_config = getattr(model, "config", None)
-    if hf_config is not None and not hasattr(model, "pretrained_cfg"):
-        proc = getattr(model, "castle_image_processor", None) or {}
-        size = proc.get("size", getattr(hf_config, "image_size", 224))
-        if isinstance(size, dict):
-            size = size.get("height", size.get("shortest_edge", 224))
-        c = getattr(hf_config, "num_channels", 3)
-        cfg = DataConfig(input_size=(c, size, size), mean=tuple(proc.get("image_mean", (0.5,) * 3)),
-                         std=tuple(proc.get("image_std", (0.5,) * 3)), interpolation="bilinear",
-                         crop_pct=1.0)
-    else:
-        from timm.data import resolve_data_config
-
-        from castle_convert.adapters import timm_vit
-        d = resolve_data_config(model=model)
-        # The size the model was built for (img_size=...) wins over its pretrained_cfg default.
-        cfg = DataConfig(input_size=timm_vit.input_size(model), mean=tuple(d["mean"]), std=tuple(d["std"]),
-                         interpolation=d.get("interpolation", "bicubic"), crop_pct=d.get("crop_pct", 0.875))
-    if resolution is not None:
-        cfg.input_size = (cfg.input_size[0], resolution, resolution)
-    return cfg
-
 
 def build_transform(cfg: DataConfig, train: bool, augmentation: str = "light") -> Callable:
     from timm.data import create_transform

@@ -12,7 +12,7 @@ from typing import Optional
 
 from torch import nn
 
-from castle_convert.config import error_line
+from castle_convert.config import ModelLoadError, error_line
 
 ALIASES = {
     "deit_tiny": "deit_tiny_patch16_224",
@@ -20,10 +20,6 @@ ALIASES = {
     "deit_base": "deit_base_patch16_224",
 }
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-
-
-class ModelLoadError(ValueError):
-    """The named model cannot be found or loaded; the message says how to fix it."""
 
 
 def resolve_name(name: str) -> str:
@@ -236,6 +232,55 @@ def _unknown_message(name: str) -> str:
             f"a local Hugging Face model directory or a checkpoint file.{hint}")
 
 
+def weights_fingerprint(model: nn.Module) -> str:
+    """``sha256:<hex>`` of ``model``'s state dict (names, dtypes, shapes and bytes, in name order): which weights a
+    teacher had, whatever file layout they came from (a folder, a checkpoint, safetensors or a pickle)."""
+    import hashlib
+
+    import torch
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{str(t.dtype).replace('torch.', '')}|{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())
+    return "sha256:" + h.hexdigest()
+
+
+def teacher_record(spec: str, arch: Optional[str], model: nn.Module) -> dict:
+    """How the main job names its teacher in the output's ``config.json`` (``source.teacher``), unambiguously and
+    without local paths: ``kind`` (``builtin`` / ``timm`` / ``path``), ``name`` (the built-in or timm name, or the
+    last component of the local path), ``arch`` (a checkpoint's ``--arch``) and the weights' ``fingerprint``."""
+    from castle_convert import zoo
+    if spec in zoo.BUILTINS:
+        kind, name = "builtin", spec
+    elif Path(spec).expanduser().exists():
+        kind, name = "path", Path(spec).expanduser().resolve().name
+    else:
+        kind, name = "timm", resolve_name(spec)
+    record = {"kind": kind, "name": name, "fingerprint": weights_fingerprint(model)}
+    if arch:
+        record["arch"] = resolve_name(arch)
+    return record
+
+
+def load_timm_name(name: str, pretrained: bool = True, **timm_kwargs) -> nn.Module:
+    """The timm registry model ``name`` (an alias resolved) — never a local file or folder of the same name."""
+    import timm
+    name = resolve_name(name)
+    if not timm.is_model(name):
+        raise ModelLoadError(_unknown_message(name))
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **timm_kwargs)
+    try:
+        return timm.create_model(name, pretrained=True, **timm_kwargs)
+    except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
+        raise ModelLoadError(
+            f"could not load pretrained weights for '{name}' ({type(e).__name__}: {str(e)[:200]}). "
+            "No model hub is reachable from here: pass a local checkpoint file with --arch, or a "
+            "local Hugging Face model directory.") from e
+
+
 def load_model(spec: str, *, arch: Optional[str] = None, pretrained: bool = True,
                img_size: Optional[int] = None) -> nn.Module:
     """Build the model that ``spec`` names.
@@ -260,8 +305,14 @@ def load_model(spec: str, *, arch: Optional[str] = None, pretrained: bool = True
         if not isinstance(config, dict):
             raise ModelLoadError(f"{cfg_file} is not a model config (a JSON object is expected)")
         if "castling" in config:                 # a castle-convert output directory (already converted)
-            from castle_convert.export.load import build_converted, load, read_config
-            return load(path) if pretrained else build_converted(read_config(path))
+            from castle_convert.export.load import (build_checked, checked_config, load, read_config, weights_header,
+                                                    weights_path)
+            if pretrained:
+                return load(path)
+            config, file = read_config(path), weights_path(path)      # untrusted: checked before it is built
+            header = weights_header(file)
+            checked_config(config, header, cfg_file)
+            return build_checked(config, header, file, cfg_file)
         if "architecture" in config:
             return _timm_from_dir(path, pretrained, **timm_kwargs)
         return _hf_from_dir(path, pretrained, img_size)
@@ -275,15 +326,6 @@ def load_model(spec: str, *, arch: Optional[str] = None, pretrained: bool = True
         return zoo.load_builtin(spec, pretrained=pretrained, img_size=img_size)
 
     import timm
-    name = resolve_name(spec)
-    if not timm.is_model(name):
+    if not timm.is_model(resolve_name(spec)):
         raise ModelLoadError(_unknown_message(spec))
-    if not pretrained:
-        return timm.create_model(name, pretrained=False, **timm_kwargs)
-    try:
-        return timm.create_model(name, pretrained=True, **timm_kwargs)
-    except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
-        raise ModelLoadError(
-            f"could not load pretrained weights for '{name}' ({type(e).__name__}: {str(e)[:200]}). "
-            "No model hub is reachable from here: pass a local checkpoint file with --arch, or a "
-            "local Hugging Face model directory.") from e
+    return load_timm_name(spec, pretrained, **timm_kwargs)

@@ -32,11 +32,13 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
+
+from castle_convert.data import DataError
 
 PACKAGES = {
     "mate-backgrounds": "GPL-2+",
@@ -60,8 +62,8 @@ VERSION = 2                  # bump when the crops or generators change: the cac
 MIN_BOX = 0.5
 
 
-class NaturalDataError(ValueError):
-    """The wallpaper packages are missing (the message says what to install)."""
+class NaturalDataError(DataError):
+    """The wallpaper packages are missing, or the cache cannot be written (the message says what to do)."""
 
 
 @dataclass(frozen=True)
@@ -195,28 +197,148 @@ def cache_key(n: int, size: int, seed: int, procedural_fraction: float,
     return hashlib.sha256(listing.encode()).hexdigest()[:12]
 
 
-def training_images(n: int = 4000, size: int = 224, seed: int = 0, procedural_fraction: float = 0.25,
-                    cache: Optional[Path] = None, progress: bool = True) -> np.ndarray:
-    """``(n, size, size, 3)`` uint8 RGB training images (see the module docstring), cached."""
-    from castle_convert import zoo
-    folder = Path(cache) if cache is not None else zoo.cache_dir() / "natural"
-    split = split_sources()                                   # read the picture headers once
-    file = folder / f"train-{n}-{size}px-seed{seed}-{cache_key(n, size, seed, procedural_fraction, split)}.npy"
-    if file.is_file():
-        return np.load(file, mmap_mode="r")
+def _checksum(images: np.ndarray) -> str:
+    """sha1 of the array's bytes (damage detection; the fastest of hashlib's here), read in 16 MiB pieces: a
+    memory map is never copied whole."""
+    h = hashlib.sha1()
+    flat = images.reshape(-1)
+    step = 16 << 20
+    for i in range(0, flat.shape[0], step):
+        h.update(np.ascontiguousarray(flat[i:i + step]))
+    return h.hexdigest()
+
+
+def _read_cache(file: Path, shape: tuple[int, ...]) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """``(images, None)`` when ``file`` holds exactly the cached array its sidecar ``.sha1`` file describes
+    (shape, dtype uint8, size, checksum), else ``(None, what is wrong)``; nothing there: ``(None, None)``."""
+    sidecar = file.with_suffix(".sha1")
+    if not file.exists() and not file.is_symlink():
+        return None, None
+    if file.is_symlink() or not file.is_file():
+        return None, "it is not a regular file"
+    try:
+        expected = sidecar.read_text().strip() if sidecar.is_file() and not sidecar.is_symlink() else None
+        images = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:            # empty, truncated header, garbage
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'unreadable'}"
+    if images.dtype != np.uint8 or tuple(images.shape) != tuple(shape):
+        return None, f"it holds a {images.dtype} array of shape {tuple(images.shape)}, not uint8 {tuple(shape)}"
+    if expected is None:
+        return None, "its checksum file is missing (the write did not finish)"
+    if _checksum(images) != expected:
+        return None, "its checksum does not match (damaged or edited)"
+    return images, None
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Temporary files of earlier writes (``.train-PID-*``) whose process is gone: a killed or failed write."""
+    for tmp in folder.glob(".train-*"):
+        pid = tmp.name[len(".train-"):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue                                      # a write still running in another process
+            except ProcessLookupError:
+                pass
+            except OSError:
+                continue
+        elif pid.isdigit():
+            continue
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def _cache_folder(folder: Path) -> Path:
+    """``folder`` created and checked writable, else a one-line :class:`NaturalDataError` naming CASTLE_CACHE."""
+    def refuse(why: str) -> NaturalDataError:
+        return NaturalDataError(f"cannot write the natural-image cache {folder} ({why}): set CASTLE_CACHE to a "
+                                "writable directory, e.g. CASTLE_CACHE=/tmp/castle_cache")
+    for p in [folder, *folder.parents]:
+        if p.is_symlink() and not p.exists():
+            raise refuse(f"{p} is a symbolic link to nothing")
+        if p.exists():
+            if not p.is_dir():
+                raise refuse(f"{p} is a file, not a directory")
+            break
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".train-{os.getpid()}-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
-        raise NaturalDataError(f"cannot write the natural-image cache {folder} ({e.strerror}): set CASTLE_CACHE "
-                               "to a writable directory") from None
+        raise refuse(e.strerror or type(e).__name__) from None
+    return folder
+
+
+def _check_room(n: int, size: int, folder: Path) -> None:
+    """``n`` images of ``size`` px are made in memory, then written: a one-line :class:`NaturalDataError` when
+    either cannot hold them (a recipe's ``data.max_train_samples`` is input too), before any work."""
+    import shutil
+
+    from castle_convert.data import available_memory
+    need = n * size * size * 3
+    free = available_memory()
+    if free is not None and need > 0.8 * free:
+        raise NaturalDataError(f"{n} natural training images at {size} px need {need / 2 ** 30:.1f} GiB of memory, "
+                               f"more than the {free / 2 ** 30:.1f} GiB available: use at most --set "
+                               f"data.max_train_samples={max(1, int(0.8 * free) // (size * size * 3))}")
+    existing = next((p for p in [folder, *folder.parents] if p.is_dir()), None)
+    disk = shutil.disk_usage(existing).free if existing is not None else None
+    if disk is not None and need + (1 << 20) > disk:
+        raise NaturalDataError(f"{n} natural training images at {size} px need {need / 2 ** 30:.1f} GiB in the cache "
+                               f"{folder}, which has {disk / 2 ** 30:.1f} GiB free: free space there, set CASTLE_CACHE "
+                               f"to another disk, or use fewer (--set data.max_train_samples=...)")
+
+
+def _write_cache(images: np.ndarray, file: Path) -> None:
+    """``file`` (and its ``.sha1``) written atomically: a temporary file renamed into place; whatever fails
+    (disk full, a kill signal as KeyboardInterrupt) removes the temporary file."""
+    folder = file.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".train-{os.getpid()}-", suffix=".npy", dir=folder)
+    sidecar = file.with_suffix(".sha1")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, images)
+        with open(tmp + ".sha1", "w") as f:
+            f.write(_checksum(images) + "\n")
+        os.replace(tmp + ".sha1", sidecar)                  # renames replace a link itself, never its target
+        os.replace(tmp, file)
+    except BaseException as e:
+        for p in (tmp, tmp + ".sha1"):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        if isinstance(e, OSError):
+            raise NaturalDataError(f"cannot write the natural-image cache {file} ({e.strerror or type(e).__name__}): "
+                                   "free space there or set CASTLE_CACHE to another directory") from None
+        raise
+
+
+def training_images(n: int = 4000, size: int = 224, seed: int = 0, procedural_fraction: float = 0.25,
+                    cache: Optional[Path] = None, progress: bool = True) -> np.ndarray:
+    """``(n, size, size, 3)`` uint8 RGB training images (see the module docstring), cached in one ``.npy`` file
+    with a ``.sha1`` checksum beside it. A cache file that does not hold exactly that (truncated, empty, garbage,
+    another shape, a checksum that differs) is made again; temporary files of killed writes are removed."""
+    from castle_convert.cache import cache_dir
+    folder = Path(cache) if cache is not None else cache_dir() / "natural"
+    split = split_sources()                                   # read the picture headers once
+    file = folder / f"train-{n}-{size}px-seed{seed}-{cache_key(n, size, seed, procedural_fraction, split)}.npy"
+    if folder.is_dir():
+        _remove_stale_temps(folder)
+    images, damaged = _read_cache(file, (n, size, size, 3))
+    if images is not None:
+        return images
+    _check_room(n, size, folder)
+    _cache_folder(folder)                                     # writable, before a minute of work
     if progress:
-        print(f"natural images: making {n} training images at {size} px (first use, cached in {folder}) ...",
-              flush=True)
+        what = f"the cache file {file.name} is damaged ({damaged}): making it again" if damaged else \
+            f"making {n} training images at {size} px (first use, cached in {folder})"
+        print(f"natural images: {what} ...", flush=True)
     images = _make_training_images(n, size, seed, procedural_fraction, train=split[0])
-    fd, tmp = tempfile.mkstemp(prefix=".train-", suffix=".npy", dir=folder)
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, images)
-    os.replace(tmp, file)
+    _write_cache(images, file)
     return np.load(file, mmap_mode="r")
 
 
@@ -231,18 +353,32 @@ def view_boxes(size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
     return boxes
 
 
-def held_out_views(resolution: int, max_images: Optional[int] = None) -> np.ndarray:
-    """``(V, resolution, resolution, 3)`` uint8: five views of every held-out photo, made from the full-size
-    photo. Ordered view by view (every photo's centre square first, then every photo's first corner, ...),
-    so the first ``max_images`` cover as many photos as possible."""
+def iter_held_out_views(resolution: int, max_images: Optional[int] = None) -> Iterator[np.ndarray]:
+    """The held-out views one at a time, ``(resolution, resolution, 3)`` uint8 each, made from the full-size photo:
+    five per held-out photo, view by view (every photo's centre square first, then every photo's first corner, ...),
+    so the first ``max_images`` cover as many photos as possible. Only the views asked for are made (a 4096-px view
+    is 50 MB: making all 60 before the first one ran out of memory); a photo is decoded once and kept only while
+    later views need it."""
     _, held = split_sources()
-    per_photo = []
-    for source in held:
-        image = _load(source)
-        per_photo.append([np.asarray(image.resize((resolution, resolution), Image.BICUBIC, box=box,
-                                                  reducing_gap=3.0)) for box in view_boxes(image.size)])
-    views = np.stack([photo[v] for v in range(len(per_photo[0])) for photo in per_photo])
-    return views[:max_images] if max_images else views
+    total = len(held) * len(view_boxes((1, 1)))
+    count = total if not max_images else min(int(max_images), total)
+    photos: dict[str, Image.Image] = {}
+    for i in range(count):
+        view, source = divmod(i, len(held))
+        src = held[source]
+        image = photos.get(src.name) or _load(src)
+        if i + len(held) < count:                             # this photo gives a later view too: keep it
+            photos[src.name] = image
+        else:
+            photos.pop(src.name, None)
+        yield np.asarray(image.resize((resolution, resolution), Image.BICUBIC, box=view_boxes(image.size)[view],
+                                      reducing_gap=3.0))
+
+
+def held_out_views(resolution: int, max_images: Optional[int] = None) -> np.ndarray:
+    """``(V, resolution, resolution, 3)`` uint8: :func:`iter_held_out_views` as one array (the first ``max_images``
+    views, or all of them)."""
+    return np.stack(list(iter_held_out_views(resolution, max_images)))
 
 
 DEFAULT_TRAIN_IMAGES = 4000

@@ -23,6 +23,13 @@ class RecipeError(ConfigError):
     """A recipe cannot be found or has a bad key/value; the message names the key path."""
 
 
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages (a value may be a long list)."""
+    text = repr(value) if not isinstance(value, str) else value
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return repr(text) if isinstance(value, str) else text
+
+
 @dataclass
 class DataSection:
     name: Optional[str] = None          # dataset used when --data is not given (e.g. fashion-mnist)
@@ -136,7 +143,8 @@ class FidelitySection:
     data: str = "natural"               # natural (held-out photos, castle_convert/natural.py) | val (the run's
                                         # validation split) | none (no block)
     resolutions: str = "224,448,518"    # px; each rounded to a multiple of the model's patch size
-    max_images: Optional[int] = 24      # per resolution (natural: 5 views of each held-out photo, in order)
+    max_images: Optional[int] = 12      # per resolution (natural: views ordered view by view, so 12 = the centre
+                                        # square of each held-out photo; null: all 60); castle-convert eval's too
     latency: bool = True                # batch-1 latency of teacher and student beside the cosines
 
     def resolution_list(self) -> list[int]:
@@ -171,8 +179,12 @@ class Recipe:
 
     def validate(self) -> "Recipe":
         def bad(path: str, value: Any, fix: str) -> RecipeError:
-            return RecipeError(f"recipe '{self.name}': {path}={value!r} is invalid: {fix}")
+            return RecipeError(f"recipe '{shown(self.name, 60)[1:-1]}': {path}={shown(value)} is invalid: {fix}")
 
+        if not isinstance(self.name, str) or not self.name or len(self.name) > 100 or self.name.startswith(".") \
+                or any(c in self.name for c in "/\\") or not self.name.isprintable():
+            raise RecipeError(f"recipe name {shown(self.name, 60)} is invalid: the default --output is runs/MODEL-NAME, "
+                              "so use a short file name (letters, digits, '-', '_'), e.g. name: my-recipe")
         choices = {"data.augmentation": ("none", "light", "strong"), "optim.schedule": ("cosine", "constant"),
                    "distill.loss": ("soft", "hard"), "distill.feature_loss": ("cosine", "mse"),
                    "castling.anneal.curve": ("cosine", "linear"), "mixed_precision": ("no", "bf16", "fp16"),
@@ -261,14 +273,14 @@ def parse_keep_softmax(value: Any) -> tuple[list[int], int]:
     if text.startswith("auto:"):
         k = text[5:]
         if not k.isdigit() or int(k) < 1:
-            raise RecipeError(f"castling.keep_softmax={value!r} is invalid: {fix}")
+            raise RecipeError(f"castling.keep_softmax={shown(value)} is invalid: {fix}")
         return [], int(k)
     try:
         indices = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError:
-        raise RecipeError(f"castling.keep_softmax={value!r} is invalid: {fix}") from None
+        raise RecipeError(f"castling.keep_softmax={shown(value)} is invalid: {fix}") from None
     if any(i < 0 for i in indices):
-        raise RecipeError(f"castling.keep_softmax={value!r} is invalid: indices are >= 0; {fix}")
+        raise RecipeError(f"castling.keep_softmax={shown(value)} is invalid: indices are >= 0; {fix}")
     return indices, 0
 
 
@@ -309,19 +321,20 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
     if annotation is bool and isinstance(value, bool):
         return value
     name = getattr(annotation, "__name__", str(annotation))
-    raise RecipeError(f"recipe key '{path}' must be {name}, got {value!r} ({type(value).__name__})")
+    raise RecipeError(f"recipe key '{path}' must be {name}, got {shown(value)} ({type(value).__name__})")
 
 
 def _build(cls: type, data: Any, path: str) -> Any:
     if not isinstance(data, dict):
-        raise RecipeError(f"recipe key '{path or '<top>'}' must be a mapping, got {data!r}")
+        raise RecipeError(f"recipe key '{path or '<top>'}' must be a mapping, got {shown(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
         where = f"under '{path}'" if path else "at the top level"
-        full = ", ".join(f"{path}.{k}" if path else k for k in unknown)
-        raise RecipeError(f"unknown recipe key '{full}'; valid keys {where}: {', '.join(fields)}")
+        full = ", ".join(shown(f"{path}.{k}" if path else str(k), 60)[1:-1] for k in unknown[:3])
+        more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
+        raise RecipeError(f"unknown recipe key '{full}'{more}; valid keys {where}: {', '.join(fields)}")
     kwargs = {}
     for key, value in data.items():
         sub = f"{path}.{key}" if path else key
@@ -370,6 +383,88 @@ def _recipe_file(name_or_path: str, used_as: str) -> Path:
     return path
 
 
+MAX_RECIPE_VALUES = 10_000           # YAML nodes after expanding aliases: a recipe has about a hundred
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last one silently, so a
+    second ``optim:`` dropped the first section) and documents whose aliases expand past :data:`MAX_RECIPE_VALUES`
+    nodes (a 1 KB "billion laughs" recipe exhausted memory in validation and error messages)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            lines: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":        # '<<: *base' merges keys on purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = lines.get(key)
+                except TypeError:                                     # an unhashable key: PyYAML's own error
+                    continue
+                if first is not None:
+                    raise _DuplicateKey(shown(str(key), 60)[1:-1], first, key_node.start_mark.line + 1)
+                lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, first: int, again: int):
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _expanded_size(node, limit: int) -> int:
+    """Nodes of ``node`` with every alias expanded, counted up to ``limit`` + 1 (a self-referencing alias too)."""
+    count, stack = 0, [node]
+    while stack:
+        n = stack.pop()
+        count += 1
+        if count > limit:
+            return count
+        if isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+        elif isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                stack.extend((k, v))
+    return count
+
+
+def safe_yaml(text: str):
+    """``yaml.safe_load(text)``, bounded: raises :class:`_DuplicateKey` for a key given twice in a mapping and
+    :class:`_TooLarge` for a document larger than :data:`MAX_RECIPE_VALUES` nodes once aliases are expanded;
+    YAML syntax errors as ``yaml.YAMLError``."""
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_RECIPE_VALUES) > MAX_RECIPE_VALUES:
+            raise _TooLarge("aliases")
+        return loader.construct_document(node)
+    except RecursionError:                        # PyYAML composes and constructs recursively: '[[[[...'
+        raise _TooLarge("nesting") from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_refusal(where: str, e: BaseException) -> Optional[str]:
+    """The one-line refusal of a duplicate key / an oversized document (None for other errors)."""
+    if isinstance(e, _DuplicateKey):
+        return (f"{where} gives the key '{e.key}' twice in one mapping (lines {e.first} and {e.again}); YAML would "
+                "keep only the last one: merge them into one")
+    if isinstance(e, _TooLarge) and e.args and e.args[0] == "nesting":
+        return f"{where} nests lists or mappings too deeply for a recipe (two or three levels): write it flat"
+    if isinstance(e, _TooLarge):
+        return (f"{where} expands to more than {MAX_RECIPE_VALUES} values (YAML anchors and aliases '&a' / '*a' "
+                "repeated); a recipe needs about a hundred: write the values out")
+    return None
+
+
 def _read(name_or_path: str, _seen: tuple = (), used_as: str = "") -> tuple[str, dict]:
     path = _recipe_file(name_or_path, used_as)
     try:
@@ -377,7 +472,9 @@ def _read(name_or_path: str, _seen: tuple = (), used_as: str = "") -> tuple[str,
             raw = f.read(MAX_RECIPE_BYTES + 1)
         if len(raw) > MAX_RECIPE_BYTES:
             raise RecipeError(f"recipe {path}{used_as} is more than {MAX_RECIPE_BYTES} bytes: give a recipe file")
-        data = yaml.safe_load(raw.decode("utf-8")) or {}
+        data = safe_yaml(raw.decode("utf-8")) or {}
+    except (_DuplicateKey, _TooLarge) as e:
+        raise RecipeError(_yaml_refusal(f"recipe {path}{used_as}", e)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"recipe {path}{used_as} cannot be read ({type(e).__name__}"
                           f"{': ' + e.strerror if isinstance(e, OSError) and e.strerror else ''})") from None
@@ -393,8 +490,9 @@ def _read(name_or_path: str, _seen: tuple = (), used_as: str = "") -> tuple[str,
         if str(base) in _seen:
             raise RecipeError(f"recipe {path}: 'base: {base}' makes a cycle ({' -> '.join(map(str, _seen + (base,)))})")
         _, parent = _read(str(base), _seen + (str(base),), used_as=f" (base: of recipe {path})")
+        parent.pop("name", None)                    # a recipe's name is its own, never its base's
         data = _deep_merge(parent, data)
-    data.setdefault("name", path.stem)
+    data.setdefault("name", path.stem)              # `name:` in the file, else the file name
     return path.stem, data
 
 
@@ -403,10 +501,12 @@ def parse_set(items: list[str]) -> dict:
     out: dict = {}
     for item in items:
         if "=" not in item:
-            raise RecipeError(f"--set needs KEY=VALUE (e.g. optim.lr=1e-4), got {item!r}")
+            raise RecipeError(f"--set needs KEY=VALUE (e.g. optim.lr=1e-4), got {shown(item)}")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = safe_yaml(raw) if raw.strip() else None
+        except (_DuplicateKey, _TooLarge) as e:
+            raise RecipeError(_yaml_refusal(f"--set {key.strip()}=...", e)) from None
         except yaml.YAMLError:
             raise RecipeError(f"--set {item}: the value is not a valid YAML scalar (quote it)") from None
         node = out

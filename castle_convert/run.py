@@ -22,9 +22,9 @@ from castle_convert.data import DataError, build_data
 from castle_convert.distill.checkpoint import check_resume, resumable
 from castle_convert.distill.evaluate import head_classes
 from castle_convert.distill.loop import DistillResult, ResumeError, distill, process_state
-from castle_convert.export.save import (ExportError, check_output_dir, check_writable, output_lock,
+from castle_convert.export.save import (ExportError, check_output_dir, check_savable, check_writable, output_lock,
                                          report_versions, save_pretrained)
-from castle_convert.models import load_model
+from castle_convert.models import load_model, teacher_record
 from castle_convert.recipes import Recipe
 
 
@@ -39,13 +39,38 @@ def default_output(model_spec: str, recipe: Recipe) -> Path:
     return Path("runs") / f"{Path(model_spec).name.replace('.', '_')}-{recipe.name}"
 
 
-def _source(model_spec: str, arch: Optional[str]) -> dict:
-    """Provenance recorded next to what save_pretrained derives from the model itself."""
+def public_name(spec: Optional[str]) -> Optional[str]:
+    """What a published file may say about a model / data / stage-1 spec: a local path becomes its last component
+    (``/home/me/data/imagenet`` → ``imagenet``); names (timm, built-in, ``natural``, ``hf:NAME``) stay as they are."""
+    if not spec or str(spec).startswith("hf:"):
+        return spec
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_absolute() or "/" in text or "\\" in text or text.startswith("~") or path.exists():
+        return path.name or text
+    return text
+
+
+def public_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as published (recipe.yaml, the weights' metadata, the model card): local paths in it
+    (``model``, ``data.name``, ``transfer.load_from``) cut to their last component."""
+    import yaml
+    data = recipe.to_dict()
+    data["model"] = public_name(data.get("model"))
+    data["data"]["name"] = public_name(data["data"].get("name"))
+    data["transfer"]["load_from"] = public_name(data["transfer"].get("load_from")) or ""
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _source(model_spec: str, arch: Optional[str], teacher: Optional[dict] = None) -> dict:
+    """Provenance recorded next to what save_pretrained derives from the model itself; ``teacher``: the
+    :func:`castle_convert.models.teacher_record` that ``castle-convert eval`` identifies the teacher by."""
     from castle_convert import zoo
+    extra = {"teacher": teacher} if teacher else {}
     if model_spec in zoo.BUILTINS:
-        return {"builtin": model_spec, "model": model_spec}
-    name = Path(model_spec).name if Path(model_spec).exists() else model_spec   # no local paths in the card
-    return {"model": name if not arch else f"{name} (--arch {arch})"}
+        return {"builtin": model_spec, "model": model_spec, **extra}
+    name = public_name(model_spec)                              # no local paths in the card
+    return {"model": name if not arch else f"{name} (--arch {arch})", **extra}
 
 
 def _calibration_batch(dataset, n: int = 32) -> torch.Tensor:
@@ -55,7 +80,9 @@ def _calibration_batch(dataset, n: int = 32) -> torch.Tensor:
 
 def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] = None,
         output: Optional[Path] = None, arch: Optional[str] = None, resume: bool = False,
-        overwrite: bool = False, progress: bool = True, on_step=None) -> RunResult:
+        overwrite: bool = False, progress: bool = True, on_step=None, image_size: Optional[int] = None) -> RunResult:
+    """The main job. ``image_size``: the square size the published preprocessing produces (default: the teacher's
+    own, whatever ``data.resolution`` the model is distilled at)."""
     model_spec = model_spec or recipe.model
     if not model_spec:
         raise DataError(f"no MODEL given and recipe '{recipe.name}' names none: e.g. castle-convert deit_small")
@@ -71,11 +98,11 @@ def run(model_spec: Optional[str], recipe: Recipe, *, data_spec: Optional[str] =
     # One run (or save) at a time per output: a second one is told which process holds it, before any work.
     with output_lock(output) if state.is_main_process else contextlib.nullcontext():
         return _run(model_spec, recipe, data_spec=data_spec, output=output, arch=arch, resume=resume,
-                    overwrite=overwrite, progress=progress, on_step=on_step, state=state)
+                    overwrite=overwrite, progress=progress, on_step=on_step, state=state, image_size=image_size)
 
 
 def _run(model_spec: str, recipe: Recipe, *, data_spec: str, output: Path, arch: Optional[str], resume: bool,
-         overwrite: bool, progress: bool, on_step, state) -> RunResult:
+         overwrite: bool, progress: bool, on_step, state, image_size: Optional[int] = None) -> RunResult:
     work_dir = output.with_name(output.name + ".run")
     if not resume:
         check_output_dir(output, overwrite)                     # before any work
@@ -93,23 +120,34 @@ def _run(model_spec: str, recipe: Recipe, *, data_spec: str, output: Path, arch:
         _check_convertible(model_spec, arch, recipe)
         teacher = load_model(model_spec, arch=arch, pretrained=True)
     teacher.eval()
+    source = _source(model_spec, arch, teacher_record(model_spec, arch, teacher))
     d = recipe.data
     _check_resolution(teacher, d.resolution, recipe)
+    if image_size:                                              # the published size, before any training
+        from castle_convert.export.save import check_image_size
+        check_image_size(teacher, image_size)
     data = build_data(data_spec, teacher, resolution=d.resolution, augmentation=d.augmentation,
                       max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples,
                       seed=recipe.seed)
     keep, _ = recipe.castling.keep_softmax_spec()
     student = convert(teacher, recipe.castling.to_config(), calibration_inputs=_calibration_batch(data.train),
                       keep_softmax=keep)
+    # what the end needs, checked now: no trained model is lost to a check that could have run first
+    labels = data.classes if head_classes(teacher) and data.classes else None   # unlabelled data: the model's own
+    check_savable(student, output, labels=labels, source=source,
+                  resolution=int(d.resolution) if d.resolution else None, image_size=image_size)
     result = distill(teacher, student, data, recipe, work_dir=work_dir, resume=resume, progress=progress,
                      on_step=on_step)
     size = data.val[0][0].shape[-2:]
     kept = set(result.kept_softmax)
     costs = inspect(teacher, recipe.castling.to_config(), img_size=tuple(size),
                     filter_fn=(lambda m, fqn: fqn not in kept) if kept else None)
-    report = {
-        "model": model_spec,
-        "dataset": data_spec,
+    stage1 = dict(result.transfer) if result.transfer else result.transfer
+    if stage1 and stage1.get("loaded_from"):
+        stage1["loaded_from"] = public_name(stage1["loaded_from"])
+    report = {                                                  # published (push uploads it): no local paths
+        "model": public_name(model_spec),
+        "dataset": public_name(data_spec),
         "recipe": recipe.name,
         "teacher": result.teacher_eval,
         "student_start": result.student_start_eval,
@@ -121,7 +159,7 @@ def _run(model_spec: str, recipe: Recipe, *, data_spec: str, output: Path, arch:
         "steps": result.steps,
         "epochs": result.epochs,
         "keep_softmax": result.kept_softmax,
-        "stage1": result.transfer,
+        "stage1": stage1,
         "stage1_time_s": (result.transfer or {}).get("wall_time_s", 0.0),
         "train_time_s": result.wall_time_s,
         "total_time_s": time.time() - t0,
@@ -132,11 +170,12 @@ def _run(model_spec: str, recipe: Recipe, *, data_spec: str, output: Path, arch:
     if state.is_main_process:
         report["latency"] = _latency(teacher, result.student, int(size[0]))
         report["fidelity"] = _fidelity(teacher, result.student, recipe, data_spec, progress)
+        pictures = _pictures(report, work_dir / "pictures", model_spec)
         try:
-            save_pretrained(result.student, output, recipe=recipe.to_yaml(), report=report,
-                            source=_source(model_spec, arch), labels=data.classes if head_classes(teacher) else None,
-                            extra_files={"logs": work_dir / "tensorboard"}, overwrite=overwrite or resume,
-                            resolution=int(size[0]) if d.resolution else None)
+            save_pretrained(result.student, output, recipe=public_recipe(recipe), report=report,
+                            source=source, labels=labels,
+                            extra_files={"logs": work_dir / "tensorboard", **pictures}, overwrite=overwrite or resume,
+                            resolution=int(size[0]) if d.resolution else None, image_size=image_size)
         except ExportError as e:                # e.g. disk full: the run's checkpoints stay for --resume
             kept = f"; the run's last checkpoint is kept in {work_dir}: continue with --resume" \
                 if resumable(work_dir) else ""
@@ -165,12 +204,18 @@ def _check_resolution(teacher: nn.Module, resolution: Optional[int], recipe: Rec
     ViT takes only its own): one probe forward, a one-line error before any work."""
     if resolution is None:
         return
-    from castle_convert import adapters
+    from castle_convert import adapters, fidelity
     off = adapters.off_patch_grid(teacher, resolution)
     if off:
         raise DataError(f"recipe '{recipe.name}': data.resolution={resolution} px is not a multiple of the model's "
                         f"patch size ({off[0]} px), so the border pixels would be dropped: use e.g. --set "
                         f"data.resolution={off[1]}")
+    device = str(next(teacher.parameters()).device)
+    try:                                 # one image must fit before the probe below makes one
+        fidelity.check_memory(teacher, teacher, [resolution], device, name="data.resolution",
+                              fix="use at most --set data.resolution={px}")
+    except fidelity.FidelityError as e:
+        raise DataError(f"recipe '{recipe.name}': {e}") from None
     x = adapters.example_inputs(teacher, batch=1, img_size=(resolution, resolution))
     try:
         with torch.no_grad():
@@ -194,6 +239,7 @@ def _fidelity(teacher: nn.Module, student: nn.Module, recipe: Recipe, data_spec:
     try:
         report = fidelity.measure(teacher, student.to(device), spec, fidelity.on_grid(teacher, f.resolution_list()),
                                   max_images=f.max_images, latency=f.latency, progress=progress)
+        report.data = public_name(report.data)
     except Exception as e:                       # noqa: BLE001 - the trained model must still be written
         from castle_convert.config import error_line
         warnings.warn(f"the fidelity block was not measured ({error_line(e)}); measure it later with "
@@ -202,6 +248,30 @@ def _fidelity(teacher: nn.Module, student: nn.Module, recipe: Recipe, data_spec:
     finally:
         student.cpu()
     return report.to_dict()
+
+
+def _pictures(report: dict, folder: Path, model_spec: str) -> dict[str, Path]:
+    """The PNGs the output directory and its model card show (castle_convert/plots.py): ``fidelity.png`` (fidelity
+    and latency against resolution) and ``stage1.png`` (per-layer error before / after stage 1). Without matplotlib,
+    or on any failure, none: the trained model is written all the same."""
+    from castle_convert import plots
+    if not plots.available():
+        warnings.warn("no pictures in the output (fidelity.png, stage1.png): pip install matplotlib")
+        return {}
+    out: dict[str, Path] = {}
+    name = Path(model_spec).name
+    block, stage1 = report.get("fidelity"), report.get("stage1")
+    try:
+        if block and block.get("rows"):
+            out["fidelity.png"] = Path(plots.fidelity_plot(block, str(folder / "fidelity.png"),
+                                                           title=f"{name}: converted vs teacher"))
+        if stage1 and stage1.get("errors"):
+            out["stage1.png"] = Path(plots.stage1_plot({**stage1, "kept_softmax": report.get("keep_softmax")},
+                                                       str(folder / "stage1.png")))
+    except Exception as e:                       # noqa: BLE001 - the trained model must still be written
+        from castle_convert.config import error_line
+        warnings.warn(f"pictures not drawn ({error_line(e)})")
+    return out
 
 
 def format_fidelity(block: Optional[dict]) -> str:

@@ -12,7 +12,6 @@ trained on Fashion-MNIST here. It is the teacher of the fidelity benchmark and o
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -21,6 +20,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from castle_convert.cache import cache_dir  # noqa: F401 - zoo.cache_dir, as before
+from castle_convert.config import ModelLoadError
 
 FMNIST_VIT = {
     "architecture": "vit_tiny_patch16_224",
@@ -41,8 +43,6 @@ FMNIST_VIT["origin"] = ("castle-convert's built-in `fmnist_vit` teacher, a small
 BUILTINS = {"fmnist_vit": FMNIST_VIT, "dinov2_small": DINOV2_SMALL}
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("CASTLE_CACHE", Path.home() / ".cache" / "castle_convert"))
 
 
 def check_cache(name: str) -> Path:
@@ -55,7 +55,6 @@ def check_cache(name: str) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        from castle_convert.models import ModelLoadError
         which = "CASTLE_CACHE" if os.environ.get("CASTLE_CACHE") else "the default cache (CASTLE_CACHE is not set)"
         raise ModelLoadError(f"the built-in {name} is made on first use and cached, but {which}, {root}, is not "
                              f"writable ({e.strerror or type(e).__name__}): set CASTLE_CACHE to a writable "
@@ -88,10 +87,8 @@ def load_builtin(name: str, pretrained: bool = True, progress: bool = True, img_
     """A built-in teacher; made (extracted, or trained in a few minutes on CPU) and cached on first use."""
     from safetensors.torch import load_file
     if name == "dinov2_small":
-        from castle_convert.models import load_model
+        from transformers import Dinov2Model
         if not pretrained:                       # the architecture only (inspect, bench): nothing to extract
-            from transformers import Dinov2Model
-
             from castle_convert.dinov2_weights import hf_config, image_processor
             config = hf_config()
             if img_size is not None:
@@ -99,7 +96,15 @@ def load_builtin(name: str, pretrained: bool = True, progress: bool = True, img_
             model = Dinov2Model(config)
             model.castle_image_processor = image_processor()
             return model.eval()
-        return load_model(str(dinov2_dir() / "hf"), pretrained=True, img_size=img_size).eval()
+        # castle-convert's own extraction (checked against onnxruntime when it was made): transformers loads it
+        from transformers import Dinov2Config
+        folder = dinov2_dir() / "hf"
+        config = Dinov2Config.from_pretrained(folder)
+        if img_size is not None:
+            config.image_size = img_size
+        model = Dinov2Model.from_pretrained(folder, config=config, ignore_mismatched_sizes=img_size is not None)
+        model.castle_image_processor = json.loads((folder / "preprocessor_config.json").read_text())
+        return model.eval()
     model = create(name)
     if not pretrained:
         return model
@@ -117,6 +122,7 @@ def train_builtin(name: str, progress: bool = True) -> Path:
     from tqdm.auto import tqdm
 
     from castle_convert.data import build_data
+    from castle_convert.distill.schedule import lr_scheduler
 
     spec = BUILTINS[name]
     cfg = spec["train"]
@@ -129,9 +135,7 @@ def train_builtin(name: str, progress: bool = True) -> Path:
     val = DataLoader(data.val, batch_size=256)
     total = cfg["epochs"] * len(loader)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    warmup = len(loader) // 2
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+    sched = lr_scheduler(opt, total, len(loader) // 2)                  # half an epoch of warmup, cosine to 0
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
     t0 = time.time()
     bar = tqdm(total=total, desc=f"training teacher {name} (first use, cached)", disable=not progress,

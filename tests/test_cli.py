@@ -82,3 +82,35 @@ def test_convert_py_script_is_the_cli():
 def test_inspect_never_touches_weights(monkeypatch):
     monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     assert _run("inspect", "test_vit").exit_code == 0
+
+
+def test_bare_command_prints_help_and_runs_nothing():
+    r = _run()
+    assert r.exit_code == 0 and "Commands:" in r.output and "Nothing was run" in r.output
+    assert "castle-convert --recipe quick" in r.output
+
+
+def test_mistyped_command_is_named_not_read_as_a_model():
+    r = _run("evaluate", "runs/x")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "no such command 'evaluate': did you mean 'eval'?" in r.output
+    r = _run("inspekt", "test_vit")
+    assert r.exit_code == 2 and "did you mean 'inspect'?" in r.output
+    r = _run("deit_smal", "--recipe", "nope")              # a model name (close to no command) still goes to distill
+    assert r.exit_code != 0 and "no such command" not in r.output
+
+
+def test_inspect_a_finished_output_shows_the_converted_model(tmp_path):
+    """inspect OUTPUT (was: "already converted … call finalize()"): kind, converted and kept layers, token-mixing MACs
+    per layer, and where to measure it."""
+    import castle_convert as cc
+    torch.manual_seed(0)
+    model = cc.finalize(cc.convert(timm.create_model("test_vit", img_size=32, patch_size=8), keep_softmax=[1]),
+                        force=True)
+    out = cc.save_pretrained(model, tmp_path / "out", verify=False)
+    r = _run("inspect", str(out))
+    assert r.exit_code == 0, r.output
+    assert "blocks.0.attn" in r.output and "linear_angular" in r.output and "softmax (kept)" in r.output
+    assert "5 of 6 attentions converted" in r.output and f"castle-convert eval {out}" in r.output
+    data = json.loads(_run("inspect", str(out), "--json").output)
+    assert data["kind"] == "linear_angular" and [k["name"] for k in data["kept"]] == ["blocks.1.attn"]

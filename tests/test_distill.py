@@ -104,6 +104,36 @@ def test_recipe_overrides_and_errors(tmp_path):
         load_recipe(str(custom))
 
 
+
+def test_a_recipe_is_named_by_itself_never_by_its_base(tmp_path):
+    """`base:` merges the parent's settings, not its name: the default output, report.json and the model card
+    name the recipe that was asked for (distill-10ep was recorded as distill-30ep)."""
+    from castle_convert.run import default_output
+    assert load_recipe("distill-10ep").name == "distill-10ep"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: quick\nepochs: 2\n")
+    assert load_recipe(str(mine)).name == "mine"
+    assert default_output("dinov2_small", load_recipe(str(mine))) == Path("runs/dinov2_small-mine")
+    named = tmp_path / "other.yaml"
+    named.write_text(f"base: {mine}\nname: longer\n")
+    assert load_recipe(str(named)).name == "longer"
+    assert load_recipe(str(named), ["name=x"]).name == "x"
+
+
+def test_lr_schedule_is_transformers_warmup_cosine():
+    """One schedule for the loop, stage 1 and the built-in teacher (transformers' cosine_warmup_with_min_lr): the first
+    warmup step already learns, the last step reaches min_lr, constant stays at lr after warmup."""
+    from castle_convert.distill.schedule import lr_scheduler
+    for total, warmup, rate, last in ((20, 4, 0.01, 0.01), (20, 4, 1.0, 1.0), (10, 0, 0.0, 0.0)):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched, lrs = lr_scheduler(opt, total, warmup, rate), []
+        for _ in range(total):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert lrs[0] == (1 / warmup if warmup else pytest.approx(1.0, abs=0.03)) and lrs[-1] == pytest.approx(last)
+        assert max(lrs) == pytest.approx(1.0, abs=0.03)
+
 def test_anneal_schedule_and_checkpoint_state():
     s = AnnealSchedule(AnnealSection(start_epoch=1, end_epoch=3, curve="linear", threshold=2.0))
     assert s.at(0.5) == (1.0, 0.0)

@@ -257,6 +257,30 @@ def test_timm_pretrained_cfg_after_load_names_castle_and_save_for_hf_reloads(tmp
     assert routed.pretrained_cfg["architecture"] == "castle_test_vit" and not routed.pretrained_cfg.get("hf_hub_id")
 
 
+
+@pytest.mark.parametrize("fid", ["timm-vit", "hf-dinov2-registers"])
+def test_save_for_hf_round_trip_for_every_source(tmp_path, fid):
+    """timm's save_for_hf of a castle_* model reloads with local-dir:, for a timm source and for a transformers one
+    (the main job's kind: the timm equivalent carries its directory's config; was "model.safetensors is missing" /
+    "no 'castle_convert' metadata"); timm's default (a pickle) is refused in one line naming safe_serialization."""
+    import timm
+    from timm.models import save_for_hf
+
+    final = cc.finalize(_annealed(BY_ID[fid].build()))
+    d = cc.save_pretrained(final, tmp_path / "d")
+    model = timm.create_model(f"local-dir:{d}", pretrained=True).eval()
+    save_for_hf(model, str(tmp_path / "hf"), safe_serialization=True)
+    again = timm.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (again.forward_features(x) - model.forward_features(x)).abs().max() == 0
+    assert again.pretrained_cfg["architecture"] == model.pretrained_cfg["architecture"]
+    save_for_hf(model, str(tmp_path / "pickled"))                  # timm's default: pytorch_model.bin
+    with pytest.raises(cc.CheckpointError, match=r"holds pytorch_model\.bin, a pickle, .*save_for_hf\(model, DIR, "
+                                                 r"safe_serialization=True\)") as e:
+        timm.create_model(f"local-dir:{tmp_path / 'pickled'}", pretrained=True)
+    assert "\n" not in str(e.value)
+
 def test_save_for_hf_without_castle_config_is_a_clear_error(tmp_path):
     import timm
     from safetensors.torch import save_file

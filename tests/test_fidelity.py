@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,6 +134,40 @@ def test_eval_command_on_an_output_directory(tmp_path):
     assert [row["resolution"] for row in rows] == [32, 64] and all(0 < row["cls_cosine"] < 1 for row in rows), rows
     bad = runner.invoke(main, ["eval", str(out), "--teacher", str(folder), "--resolutions", "32,x"])
     assert bad.exit_code != 0 and "--resolutions" in bad.output
+    off = runner.invoke(main, ["eval", str(out), "--resolutions", "32,33"])     # no --teacher: checked before it
+    assert off.exit_code == 2 and "Traceback" not in off.output
+    assert "33 px is not a multiple of the model's patch size (8 px): use e.g. --resolutions 32,32" in off.output
+    # the default: 12 images per resolution (the main job's block), a bar counting images, a picture
+    png = tmp_path / "f.png"
+    r = runner.invoke(main, ["eval", str(out), "--teacher", str(folder), "--data", str(data), "--resolutions", "32",
+                             "--no-latency", "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    assert "fidelity: 100%" in r.output and "6/6" in r.output and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "default: 12" in runner.invoke(main, ["eval", "--help"]).output.replace("\n", " ").replace("  ", " ")
+    from castle_convert.recipes import FidelitySection
+    assert FidelitySection().max_images == fidelity.DEFAULT_MAX_IMAGES == 12
+
+
+def test_pictures_of_a_report(tmp_path):
+    """fidelity.png (cosines and latency against resolution) and stage1.png (per-layer error before / after) from
+    a report's blocks; the model card shows the pictures a directory holds."""
+    from castle_convert import plots
+    from castle_convert.export.card import render_card
+    block = {"data": "natural", "device": "cpu", "threads": 2, "rows": [
+        {"resolution": r, "images": 12, "patch_cosine": c, "cls_cosine": c + 0.02, "macs_ratio": m, "teacher_ms": t,
+         "student_ms": t * m, "teacher_iqr_ms": 2.0, "student_iqr_ms": 1.0}
+        for r, c, m, t in ((224, 0.79, 0.93, 120.0), (448, 0.75, 0.72, 580.0), (518, 0.74, 0.65, 817.0))]}
+    stage1 = {"errors_before": {"blocks.0.attn": 0.4, "blocks.1.attn": 0.5}, "errors": {"blocks.0.attn": 0.1,
+                                                                                      "blocks.1.attn": 0.2}}
+    for path in (plots.fidelity_plot(block, str(tmp_path / "f.png")), plots.stage1_plot(stage1, str(tmp_path / "s.png"))):
+        assert Path(path).read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(plots.PlotError, match="no stage-1 errors"):
+        plots.stage1_plot({}, str(tmp_path / "none.png"))
+    config = {"source": {"library": "timm", "architecture": "test_vit"}, "castling": {"kind": "linear_angular"},
+              "converted_modules": ["blocks.0.attn"], "castle_headless": True}
+    card = render_card(config, {"fidelity": block, "stage1": stage1}, pictures=("fidelity.png", "stage1.png"))
+    assert "](fidelity.png)" in card and "](stage1.png)" in card
+    assert "](fidelity.png)" not in render_card(config, {"fidelity": block})
 
 
 @pytest.mark.parametrize("kind", ["linear_angular", "separable"])

@@ -632,7 +632,10 @@ def test_sigkill_then_resume_in_a_fresh_process(world, tmp_path):
 
 # -- published output: resolution, card, registration, loading, push ------------------------------
 
-def test_published_resolution_is_the_distilled_one(world, tmp_path):
+def test_published_size_is_the_deployment_one_not_the_distilled_one(world, tmp_path):
+    """Distilled at 16 px (cheap), published for the teacher's own 32 px: the processor, timm's input_size and the
+    card say 32 (was: 16 — a dense head built for the teacher's grid silently got a smaller one); the distillation
+    size is recorded."""
     from timm.models._hub import save_for_hf
     args = {**TINY_ARGS, "dynamic_img_size": True}
     torch.manual_seed(0)
@@ -642,11 +645,13 @@ def test_published_resolution_is_the_distilled_one(world, tmp_path):
     _run(world, out, ["data.resolution=16"], model=tmp_path / "dyn")
     proc = json.loads((out / "preprocessor_config.json").read_text())
     config = json.loads((out / "config.json").read_text())
-    assert proc.get("crop_size", proc["size"]) == {"height": 16, "width": 16}   # timm's eval crop, at 16 px
-    assert config["distilled_resolution"] == 16 and config["input_size"] == [3, 16, 16]
-    assert "distilled and evaluated at 16 px" in (out / "README.md").read_text()
+    assert proc.get("crop_size", proc["size"]) == {"height": 32, "width": 32}   # timm's eval crop, at 32 px
+    assert config["distilled_resolution"] == 16 and config["input_size"] == [3, 32, 32]
+    assert config["deploy_resolution"] == 32
+    card = (out / "README.md").read_text()
+    assert "produces 32×32 px images" in card and "distilled at 16 px" in card and "Another input size" in card
     from timm.data import resolve_data_config
-    assert resolve_data_config(model=cc.load(out))["input_size"] == (3, 16, 16)
+    assert resolve_data_config(model=cc.load(out))["input_size"] == (3, 32, 32)
 
 
 def test_card_claims_greyscale_only_when_known(world, tmp_path):

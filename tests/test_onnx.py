@@ -41,7 +41,8 @@ CASES = ["timm-deit-distilled", "hf-dinov2-registers", "timm-qknorm:separable", 
 @pytest.mark.parametrize("fid", CASES)
 def test_export_onnx_dynamic_batch_parity(saved, tmp_path, fid):
     path = tmp_path / "model.onnx"
-    r = CliRunner().invoke(main, ["export-onnx", str(saved[fid]), "--output", str(path), "--batch", "3"])
+    r = CliRunner().invoke(main, ["export-onnx", str(saved[fid]), "--output", str(path), "--batch", "3",
+                                  "--fixed-size"])          # the TorchScript-based exporter, no custom symbolic
     assert r.exit_code == 0, r.output
     diff = float(re.search(r"max abs difference (\S+)", r.output).group(1))
     assert diff <= 1e-4 and "ok" in r.output
@@ -58,6 +59,52 @@ def test_export_onnx_fails_above_tolerance(saved, tmp_path, monkeypatch):
         return [o + np.float32(1e-3) for o in real_run(self, *args, **kwargs)]
 
     monkeypatch.setattr(ort.InferenceSession, "run", off_by_a_bit)
-    r = CliRunner().invoke(main, ["export-onnx", str(saved["timm-deit-distilled"]), "-o", str(tmp_path / "m.onnx")])
+    r = CliRunner().invoke(main, ["export-onnx", str(saved["timm-deit-distilled"]), "-o", str(tmp_path / "m.onnx"),
+                                  "--fixed-size"])
     assert r.exit_code == 1
     assert "FAILED" in r.output and "Error: onnxruntime output differs from PyTorch: max abs difference 0.001" in r.output
+
+
+def _dinov2(registers: bool):
+    import transformers
+    torch.manual_seed(0)
+    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8, mlp_ratio=2)
+    if registers:
+        return transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(num_register_tokens=2, **kw))
+    return transformers.Dinov2Model(transformers.Dinov2Config(**kw)).eval()
+
+
+def test_export_onnx_default_is_dynamic_where_it_verifies(saved, tmp_path):
+    """The default takes any height/width where that verifies (transformers DINOv2: the main job's source), so the
+    graph runs on what the directory's processor produces at another size; where the source fixes its resolution in
+    the graph (DINOv2 with registers: antialiased interpolation), it falls back to the native size and says why."""
+    import onnxruntime as ort
+    d = cc.save_pretrained(cc.finalize(cc.convert(_dinov2(False)), force=True), tmp_path / "dinov2", verify=False)
+    r = CliRunner().invoke(main, ["export-onnx", str(d), "-o", str(tmp_path / "d.onnx"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "'height', 'width'" in r.output and "48x24" in r.output and "fixed" not in r.output
+    session = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 3, 56, 40)
+    with torch.no_grad():
+        ref = cc.load(d)(x).last_hidden_state
+    assert np.abs(session.run(None, {"pixel_values": x.numpy()})[0] - ref.numpy()).max() <= 1e-4
+    r = CliRunner().invoke(main, ["export-onnx", str(saved["hf-dinov2-registers"]), "-o", str(tmp_path / "r.onnx"),
+                                  "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "height and width are fixed at 32x32: a dynamic size did not verify" in r.output
+    assert len(r.output.strip().splitlines()) == 3 and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("fid", ["timm-deit-distilled", "hf-clip-vision"])
+def test_legacy_torch_onnx_export_of_a_loaded_model(saved, tmp_path, fid):
+    """torch.onnx.export(..., dynamo=False), as many tools still call it, with no symbolic registered by castle-convert:
+    the converted attention is plain matmul / mul / div / add (was: aten::addcdiv, which it has no symbolic for)."""
+    import onnxruntime as ort
+    from castle_convert.convert import primary_output
+    model = cc.load(saved[fid])
+    x = torch.randn(1, 3, 32, 32)
+    torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=False, input_names=["pixel_values"])
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"pixel_values": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - primary_output(model(x)).numpy()).max() <= 1e-4

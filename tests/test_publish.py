@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -422,8 +423,10 @@ def test_timm_route_without_a_timm_equivalent_is_one_line(tmp_path):
 
 
 # config variants of the transformers classes with a timm equivalent: (class, config kwargs, castle_<arch>,
-# the directory's resolution: distilled_resolution when not the config's 32 px)
+# the size: published with image_size= where the class takes any size through pipeline(), else distilled there
+# (distilled_resolution) and published at its own 32 px)
 TIMM_VARIANTS = [
+    ("Dinov2Model", dict(mlp_ratio=2), "castle_vit_small_patch14_dinov2", 48),     # the main job's source
     ("SiglipVisionModel", dict(vision_use_head=False), "castle_vit_base_patch16_siglip_224", 32),
     ("SiglipVisionModel", {}, "castle_vit_base_patch16_siglip_224", 48),
     ("CLIPVisionModel", dict(hidden_act="gelu"), "castle_vit_base_patch16_clip_224", 32),
@@ -456,9 +459,12 @@ def test_timm_route_transformers_variants(tmp_path, hf_class, kw, arch, size):
         for name, p in model.named_parameters():
             if name.endswith("k_proj.bias"):       # a key bias RoPE makes matter in the softmax layer
                 p.normal_()
-    d = cc.save_pretrained(_finalized(model, keep_softmax=[1]), tmp_path / "d", resolution=size if size != 32 else None)
+    any_size = hf_class in ("Dinov2Model", "DINOv3ViTModel", "Siglip2VisionModel")
+    sized = dict(image_size=size) if any_size else dict(resolution=size)
+    d = cc.save_pretrained(_finalized(model, keep_softmax=[1]), tmp_path / "d", **(sized if size != 32 else {}))
     assert json.loads((d / "config.json").read_text())["architecture"] == arch
     ref, got = cc.load(d), timm.create_model(f"local-dir:{d}", pretrained=True).eval()
+    size = size if any_size else 32                                  # the published size
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         o = adapters.forward(ref, x)
@@ -530,7 +536,8 @@ def test_directory_contents_and_config(published):
         "castle_convert"])
     assert meta_cfg["source"]["model_args"] == args and meta_cfg["castling"] == cfg["castling"]
     headless = json.loads((Path(cases["hf-dinov2-registers"]["dir"]) / "config.json").read_text())
-    assert set(headless["auto_map"]) == {"AutoConfig", "AutoModel"} and headless["castle_headless"]
+    assert set(headless["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageClassification"}  # + a head
+    assert headless["architectures"] == ["CastlingDinov2WithRegistersModel"] and headless["castle_headless"]
 
 
 def test_model_card(published):
@@ -815,3 +822,95 @@ def test_transformers_own_save_pretrained_of_the_remote_code_model_reloads(publi
         with torch.no_grad():
             a, b = first(pixel_values=t["x"]), model(pixel_values=t["x"])
         assert torch.equal(primary_output(a), primary_output(b)), (fid, name)
+
+
+def _tiny_dinov2(processor: dict):
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                                    patch_size=8, mlp_ratio=2)
+    model = _finalized(transformers.Dinov2Model(cfg).eval())
+    model.castle_image_processor = processor
+    return model
+
+
+DINOV2_PROCESSOR = {"image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": 36},
+                    "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "do_normalize": True,
+                    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "do_convert_rgb": True,
+                    "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255}
+
+
+def test_published_processor_is_the_deployment_size_for_transformers_sources(tmp_path):
+    """The main job's kind of output (a transformers DINOv2 distilled at a small size): the image processor is the
+    source's own, written by transformers' save_pretrained, and pipeline("image-feature-extraction") returns the
+    teacher's token count (was: the distillation size's); timm's route uses the same size and interpolation;
+    image_size= publishes another size, and a size the model cannot take through pipeline() is refused."""
+    import timm
+    from PIL import Image
+    from transformers import AutoImageProcessor, pipeline
+
+    model = _tiny_dinov2(dict(DINOV2_PROCESSOR))
+    d = cc.save_pretrained(model, tmp_path / "d", resolution=16)
+    config = json.loads((d / "config.json").read_text())
+    assert config["distilled_resolution"] == 16 and config["deploy_resolution"] == 32
+    proc = AutoImageProcessor.from_pretrained(d)
+    assert type(proc).__name__ == "BitImageProcessor" and proc.crop_size["height"] == 32
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    features = pipeline("image-feature-extraction", model=str(d), trust_remote_code=True)(image)
+    assert np.asarray(features).shape[-2] == 1 + 4 * 4                    # (1, tokens, dim) at 32 px, not 16
+    routed = timm.create_model(f"local-dir:{d}", pretrained=True)
+    assert routed.pretrained_cfg["input_size"] == (3, 32, 32)
+    assert routed.pretrained_cfg["interpolation"] == "bicubic"           # the processor's resample, not a default
+    d48 = cc.save_pretrained(model, tmp_path / "d48", image_size=48)
+    assert json.loads((d48 / "preprocessor_config.json").read_text())["crop_size"] == {"height": 48, "width": 48}
+    assert json.loads((d48 / "preprocessor_config.json").read_text())["size"] == {"shortest_edge": 54}
+    import transformers
+    vit = _finalized(transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
+        patch_size=8)).eval())
+    with pytest.raises(ExportError, match=r"image_size=48: ViTModel does not take 48x48 images as its loaders call "
+                                          r"it .*publish at its own 32x32") as e:
+        cc.save_pretrained(vit, tmp_path / "vit", image_size=48)
+    assert "\n" not in str(e.value) and not (tmp_path / "vit").exists()
+
+
+BACKBONES = ["timm-reg4-dinov2", "timm-dinov3", "hf-dinov2-registers", "hf-clip-vision", "hf-siglip-vision",
+             "hf-siglip2-naflex", "hf-dinov3"]
+
+
+@pytest.mark.parametrize("fid", BACKBONES)
+def test_backbone_directory_takes_a_classification_head(published, fid):
+    """AutoModelForImageClassification.from_pretrained(DIR, trust_remote_code=True, num_labels=N) on a backbone's
+    directory, the usual way to put a head on DINOv2 (was: "Unrecognized configuration class"): a new head of N classes
+    on the loaded backbone, whose features equal AutoModel's."""
+    from transformers import AutoModel, AutoModelForImageClassification
+    from castle_convert.adapters import hf_siglip2
+    root, cases = published
+    c = cases[fid]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    inputs = dict(zip(("pixel_values", "pixel_attention_mask", "spatial_shapes"), hf_siglip2.patchify(x, c["patch"]))) \
+        if c["naflex"] else {"pixel_values": x}
+    head = AutoModelForImageClassification.from_pretrained(c["dir"], trust_remote_code=True, num_labels=3).eval()
+    base = AutoModel.from_pretrained(c["dir"], trust_remote_code=True).eval()
+    with torch.no_grad():
+        out = head(**inputs, output_hidden_states=True)
+        ref = base(**inputs, output_hidden_states=True)
+    assert out.logits.shape == (2, 3) and torch.isfinite(out.logits).all()
+    assert (out.hidden_states[-1] - ref.hidden_states[-1]).abs().max() <= TOL     # the loaded backbone, not a new one
+
+
+def test_peft_on_a_published_directory_targets_the_fused_names(published):
+    """PEFT with the source's names finds nothing (one fused qkv): print(model) and the model card name the modules to
+    target, and LoRA on them works through the remote code."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModel
+    d = published[1]["hf-dinov2-registers"]["dir"]
+    model = AutoModel.from_pretrained(d, trust_remote_code=True)
+    assert "PEFT / LoRA: target_modules=['qkv', 'proj']" in repr(model)
+    with pytest.raises(ValueError, match="not found in the base model"):
+        peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["query", "value"]))
+    lora = peft.get_peft_model(AutoModel.from_pretrained(d, trust_remote_code=True),
+                               peft.LoraConfig(r=2, target_modules=["qkv", "proj"]))
+    assert any("qkv.lora_A" in n for n, _ in lora.named_parameters())
+    card = (Path(d) / "README.md").read_text()
+    assert 'LoraConfig(r=8, target_modules=["qkv", "proj"])' in card and "num_labels=10" in card

@@ -41,8 +41,9 @@ def test_classification_is_for_this_timm_and_complete():
 
 
 def test_only_converting_architectures_are_registered():
-    listed = {n.removeprefix("castle_") for n in timm.list_models("castle_*")} - {"transformers"}
-    assert listed == set(DATA["convert"])
+    listed = {n.removeprefix("castle_") for n in timm.list_models("castle_*")}
+    assert listed == set(DATA["convert"]), "every listed name creates (castle_transformers is a directory's entry)"
+    assert "castle_transformers" not in timm.list_models() and timm.is_model("castle_transformers")
     assert set(NAMED) <= listed, "the RoPE / attention-pool families are listed"
     for arch in ("vit_relpos_base_patch16_224", "vit_dlittle_patch16_reg1_gap_256", "vit_5b_patch16_sapiens2"):
         assert arch in DATA["refused"] and f"castle_{arch}" not in timm.list_models("castle_*")
@@ -59,3 +60,10 @@ def test_sampled_names_create_and_refusals_hold(arch):
         assert model.castling_converted
     else:
         assert why == DATA["refused"][arch]
+
+
+def test_castle_transformers_is_reached_through_directories_not_by_name():
+    from castle_convert.export.load import CheckpointError
+    with pytest.raises(CheckpointError, match=r"castle_transformers is not a model to create by name: .*castle_convert"
+                                              r"\.load\(DIR\)"):
+        timm.create_model("castle_transformers")

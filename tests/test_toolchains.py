@@ -47,8 +47,10 @@ UNSUPPORTED = {
                                        "TorchScript does not compile",
     ("timm-naflexvit", "fx-torchscript"): ("timm's NaFlexVit FX graph keeps its NaFlex-mode leaf calls (patch_coord / "
                                           "patch_valid placeholders), which TorchScript does not compile"),
-    ("hf-dinov2-registers", "dynamic-size"): ("transformers' DINOv2 embedding interpolation fixes the patch grid "
-                                             "in the traced graph (load the directory through timm instead)"),
+    ("hf-dinov2-registers", "dynamic-size"): ("transformers' DINOv2-with-registers embedding (antialiased bicubic "
+                                             "interpolation) fixes the patch grid in the traced graph (load the "
+                                             "directory through timm instead); plain Dinov2Model exports: "
+                                             "test_export_dynamic_height_width_transformers_dinov2"),
 }
 
 
@@ -247,6 +249,24 @@ def test_export_dynamic_height_width(family, kind):
     exported = torch.export.export(_Tensor(family, model), (images(family, 5, 7),), dynamic_shapes=shapes)
     # (transformers' ViT/DeiT embedding has an early return at its native token count, which torch.export turns
     # into a guard against it: the original's export takes every size but the native one too)
+    for rows, cols, batch in ((3, 6, 1), (6, 3, 3), (2, 5, 2)):
+        x = images(family, rows, cols, batch)
+        with torch.no_grad():
+            assert (exported.module()(x) - out(family, model, x)).abs().max() <= 1e-5
+
+
+def test_export_dynamic_height_width_transformers_dinov2(kind):
+    """transformers' Dinov2Model (the main job's source, not in the family table) exports with dynamic batch,
+    height and width; its embedding's early return guards the native token count, as the original's does."""
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                                    patch_size=8, mlp_ratio=2)
+    model = cc.finalize(cc.convert(transformers.Dinov2Model(cfg).eval(), kind=kind), force=True).eval()
+    family = BY_ID["hf-dinov2-registers"]                       # the same calling convention and patch size
+    Dim = torch.export.Dim
+    shapes = ({0: Dim("b", min=1, max=8), 2: 8 * Dim("rows", min=2, max=16), 3: 8 * Dim("cols", min=2, max=16)},)
+    exported = torch.export.export(_Tensor(family, model), (images(family, 5, 7),), dynamic_shapes=shapes)
     for rows, cols, batch in ((3, 6, 1), (6, 3, 3), (2, 5, 2)):
         x = images(family, rows, cols, batch)
         with torch.no_grad():

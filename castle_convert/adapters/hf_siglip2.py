@@ -98,4 +98,32 @@ def call_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> Optional[dict]:
         return None
     if mask is None:
         mask = torch.ones(pixels.shape[:2], dtype=torch.bool, device=pixels.device)   # (B, N): no padding
+    check_padding(mask, shapes)
     return args, {**kwargs, "token_mask": mask.to(torch.bool), "grid_sizes": shapes.to(pixels.device)}
+
+
+def _eager(*tensors: torch.Tensor) -> bool:
+    return not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or any(isinstance(t, torch.fx.Proxy) or t.device.type == "meta" for t in tensors))
+
+
+def check_padding(mask: torch.Tensor, shapes: torch.Tensor) -> None:
+    """Raise (one line) unless each image's ``spatial_shapes`` (rows, cols) (B, 2) agree with its
+    ``pixel_attention_mask`` (B, N): its rows·cols real patches first, then padding — what the image processor gives.
+    Anything else made an output without an error (the DW term read padding or skipped real patches), as timm
+    naflexvit's adapter already refuses (:func:`castle_convert.adapters.timm_naflex.check_row_major`)."""
+    if not _eager(mask, shapes):
+        return
+    B, N = mask.shape
+    shapes = shapes.to(mask.device).to(torch.long)
+    pos = torch.arange(N, device=mask.device).unsqueeze(0)                        # (1, N)
+    count = shapes[:, 0:1] * shapes[:, 1:2]                                         # (B, 1)
+    ok = ((pos < count) == mask.to(torch.bool)).all(-1) & (shapes > 0).all(-1)      # (B,)
+    if not bool(ok.all()):
+        b = int((~ok).nonzero()[0])
+        rows, cols = (int(v) for v in shapes[b])
+        real = int(mask[b].to(torch.long).sum())
+        raise ValueError(f"SigLIP2 with castling attention: image {b} of this batch has spatial_shapes {rows}x{cols} "
+                         f"({rows * cols} patches) but its pixel_attention_mask marks {real} of {N} positions real"
+                         f"{'' if real != rows * cols else ' (not the first ones)'}: pass each image's mask and "
+                         "shapes as the image processor gives them (its rows·cols patches first, then padding)")

@@ -81,8 +81,10 @@ def linear_angular_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamm
     * normalize(LA) is invariant to a per-token scale, so Q̂ is never materialised: with
       ``T = Q (K̂ᵀV)`` (two small GEMMs, matmul order Q(KᵀV)), ``LA ∝ V + (2/π)·T/‖q‖`` is one
       fused multiply-add over the (B, N, h, d) layout V already has.
-    * γ/‖LA‖, the DW term and the head merge are one more fused pass (``addcdiv`` whose first
-      operand is in token layout), so merging heads needs no copy.
+    * γ/‖LA‖, the DW term and the head merge are one more pass (an add whose first operand is in
+      token layout, so the result is too), so merging heads needs no copy. Plain mul / div / add, not
+      ``addcdiv``: every exporter has them (the TorchScript ONNX exporter has no ``aten::addcdiv``), and in
+      fp32 ``a + t / q`` rounds exactly as ``addcdiv(a, t, q)`` does.
     * In half precision (fp16/bf16) K̂ and the ½V term carry the 1/√N factor of
       :func:`angular_linear` to keep K̂ᵀV in range; fp32 needs no rescaling.
     * ``token_mask`` (B, N), True/1 = a real token: as in :func:`angular_linear`.
@@ -104,14 +106,14 @@ def linear_angular_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamm
             q_den = q_den * (0.5 * math.pi)
     t = q @ kv                                                                      # (B, h, N, d)
     # la = c·(V + (2r/π)·Q̂K̂ᵀV) = (2c√N)·LA, laid out like v: (B, N, h, d) in memory
-    la = torch.addcdiv(v * c if half else v, t, q_den)                               # (B, h, N, d)
+    la = (v * c if half else v) + t / q_den                                          # (B, h, N, d)
     # the same eps as F.normalize(LA): ‖LA‖ ≥ eps  ⇔  ‖la‖ ≥ 2c√N·eps
     la_norm = torch.linalg.vector_norm(la, dim=-1, keepdim=True).clamp_min(2.0 * c * N ** 0.5 * eps)
     den = la_norm / gamma.view(1, h, 1, 1).to(la.dtype)                             # (B, h, N, 1)
     if dw is None:
         out = (la / den).transpose(1, 2)                                            # (B, N, h, d)
         return out.reshape(B, N, h * d)
-    out = torch.addcdiv(dw.view(B, N, h, d).transpose(1, 2), la, den)               # (B, h, N, d) view
+    out = dw.view(B, N, h, d).transpose(1, 2) + la / den                            # (B, h, N, d), token layout
     return out.transpose(1, 2).reshape(B, N, h * d)                                 # (B, N, C) view
 
 

@@ -25,7 +25,7 @@ from castle_convert.distill import checkpoint, losses
 from castle_convert.distill.checkpoint import CheckpointWriteError, ResumeError  # noqa: F401 - the CLI's
 from castle_convert.distill.losses import DivergenceError
 from castle_convert.distill.evaluate import embeddings, evaluate, head_classes
-from castle_convert.distill.schedule import AnnealSchedule, lr_factor
+from castle_convert.distill.schedule import AnnealSchedule, lr_scheduler
 from castle_convert.distill.transfer import resize_batch
 from castle_convert.recipes import Recipe
 
@@ -215,7 +215,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: DataBundle, recipe: Re
     steps_per_epoch = max(1, batches_per_epoch // opt.grad_accum)
     total_steps = max(1, math.ceil(recipe.epochs * steps_per_epoch)) if recipe.epochs > 0 else 0   # 0: stage 1 only
     warmup = int(recipe.optim.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, opt))
+    scheduler = lr_scheduler(optimizer, total_steps, warmup, 1.0 if opt.schedule == "constant" else opt.min_lr / opt.lr)
     anneal, state = AnnealSchedule(recipe.castling.anneal), TrainState()
     run_info = {"data": data.name, "train_images": len(data.train), "val_images": len(data.val), "processes": world}
     if work_dir:

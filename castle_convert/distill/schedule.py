@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from castle_convert.recipes import AnnealSection, OptimSection
+from castle_convert.recipes import AnnealSection
 
 
 def _ramp(progress: float, curve: str) -> float:
@@ -44,15 +44,16 @@ class AnnealSchedule:
         self.epoch = float(state["epoch"])
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: OptimSection) -> float:
-    """Multiplier of the base lr at optimizer step ``step``: linear warmup, then cosine to min_lr."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    floor = cfg.min_lr / cfg.lr
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+def lr_scheduler(optimizer, total_steps: int, warmup_steps: int = 0, min_lr_rate: float = 0.0):
+    """Linear warmup over ``warmup_steps`` ((step + 1) / warmup: the first step already learns), then cosine from the
+    optimizer's lr to ``min_lr_rate`` × lr at ``total_steps`` (``min_lr_rate=1``: constant after warmup):
+    transformers' ``cosine_warmup_with_min_lr`` schedule (``cosine_with_min_lr``, whose warmup starts at 0, on a
+    transformers without it), a ``LambdaLR``."""
+    from transformers import SchedulerType, get_scheduler
+    name = "cosine_warmup_with_min_lr" if "cosine_warmup_with_min_lr" in {t.value for t in SchedulerType} \
+        else "cosine_with_min_lr"
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(1, total_steps),
+                         scheduler_specific_kwargs={"min_lr_rate": float(min_lr_rate)})
 
 
 class GateSchedule:

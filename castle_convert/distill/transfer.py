@@ -32,6 +32,7 @@ from castle_convert import adapters
 from castle_convert.attention.base import CastlingTrainingForm
 from castle_convert.convert import training_forms
 from castle_convert.distill.losses import DivergenceError, is_finite
+from castle_convert.distill.schedule import lr_scheduler
 
 TRAIN_CHOICES = ("replacement", "qk", "attention")
 
@@ -239,10 +240,7 @@ def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable
         p.requires_grad_(True)
     hooks = _qk_only_hooks(student, paths) if train == "qk" else []
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warmup = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else
-        0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, steps - warmup)))))
+    sched = lr_scheduler(optimizer, steps, max(1, steps // 10))          # 10 % warmup, cosine to 0
 
     def cycle() -> Iterator[torch.Tensor]:
         while True:

@@ -6,7 +6,6 @@ Rendered from the directory's own ``config.json``, ``report.json`` and ``recipe.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -109,11 +108,23 @@ def front_matter(config: dict, report: dict, model_name: str) -> "Any":
         tags.append("timm")
     results = []
     cosine = (report.get("student") or {}).get("cosine")
-    if headless and isinstance(cosine, (int, float)):
+    rows = [r for r in ((report.get("fidelity") or {}).get("rows") or []) if isinstance(r, dict)]
+    if headless and rows:           # the headline: fidelity where the model is deployed, per resolution
+        where = "held-out natural photos" if (report.get("fidelity") or {}).get("data") == "natural" else ds_name
+        for r in rows:
+            for key, what in (("patch_cosine", "patch-token"), ("cls_cosine", "CLS")):
+                if isinstance(r.get(key), (int, float)):
+                    results.append(EvalResult(
+                        task_type="image-feature-extraction", dataset_type=ds_id or where, dataset_name=where,
+                        dataset_split="held-out", metric_type="cosine_similarity", metric_value=round(float(r[key]), 4),
+                        metric_name=f"{what} cosine to the teacher at {r['resolution']} px"))
+    elif headless and isinstance(cosine, (int, float)):
+        size = (report.get("macs") or {}).get("input_size")
+        at = f" at {size[1]} px" if isinstance(size, list) and len(size) == 3 else ""
         results.append(EvalResult(task_type="image-feature-extraction", dataset_type=ds_id or ds_name,
                                   dataset_name=ds_name, dataset_split=split, metric_type="cosine_similarity",
                                   metric_value=round(float(cosine), 4),
-                                  metric_name="Cosine similarity to the teacher's features"))
+                                  metric_name=f"Cosine similarity to the teacher's features{at}"))
     if not headless:
         for role, label in (("student", f"Top-1 accuracy (this model, {_kind(config)[0]})"),
                             ("teacher", "Top-1 accuracy (teacher: the original softmax-attention model)")):
@@ -158,7 +169,8 @@ inputs = processor(images=Image.open("image.png"), return_tensors="pt")
 ```
 
 `trust_remote_code=True` runs `modeling_castling.py`, `modeling_castling_timm.py`, `castling_layers.py`,
-`configuration_castling.py` and `castling_functional.py` from this repository ({imports}); read them first."""]
+`configuration_castling.py`, `castling_functional.py` and `castling_checks.py` from this repository ({imports}); read
+them first."""]
     if not headless:
         parts.append(f"""```python
 from transformers import pipeline
@@ -193,10 +205,43 @@ model = timm.create_model("{arch}", pretrained=True,
                           pretrained_cfg_overlay=dict(file={file}))
 model = timm.create_model({other}, pretrained=True)  # the same, configured from config.json
 ```""")
+    parts.append(_fine_tuning(config, repo, auto))
     return "\n\n".join(parts)
 
 
-def _preprocessing(processor: Optional[dict], config: dict) -> str:
+def _fine_tuning(config: dict, repo: str, auto: str) -> str:
+    """A head on a backbone, and LoRA: which module names to target (the source's q/k/v are one fused Linear)."""
+    separable = (config.get("castling") or {}).get("kind") == "separable"
+    fused, what = ("in_proj", "values and context scores") if separable else ("qkv", "query, key and value")
+    src = config.get("source", {})
+    names = ('`q_proj` / `k_proj` / `v_proj`' if src.get("library") == "transformers" else "`q` / `k` / `v`")
+    head = (f"""```python
+from transformers import AutoModelForImageClassification
+
+model = AutoModelForImageClassification.from_pretrained("{repo}", trust_remote_code=True, num_labels=10)
+# a new classification head (10 classes) on this backbone; train it as any transformers classifier
+```
+
+""" if bool(config.get("castle_headless")) and "AutoModelForImageClassification" in (config.get("auto_map") or {})
+            else "")
+    return f"""### Fine-tuning
+
+{head}Every converted attention has one fused projection, `{fused}` ({what}), and an output projection `proj`, in
+place of the source's separate {names} (`query` / `key` / `value` in older transformers): PEFT finds none of those
+names here. Target the fused ones:
+
+```python
+from peft import LoraConfig, get_peft_model
+
+model = get_peft_model({auto}.from_pretrained("{repo}", trust_remote_code=True),
+                       LoraConfig(r=8, target_modules=["{fused}", "proj"]))
+```
+
+(`print(model)` shows the same hint on every converted attention; with castle-convert installed,
+`castle_convert.lora_targets(model, ["query", "value"])` maps the source's names.)"""
+
+
+def _preprocessing(processor: Optional[dict], config: dict, repo: str = "path/to/this/directory") -> str:
     from castle_convert import zoo
     if not processor:
         return "No preprocessor_config.json."
@@ -215,15 +260,54 @@ def _preprocessing(processor: Optional[dict], config: dict) -> str:
     if grey:
         text += (" The teacher was trained on greyscale images repeated over 3 channels (equal per-channel "
                  "mean/std): feed greyscale images (a PIL `L` image is converted to RGB by the processor).")
-    if config.get("distilled_resolution"):
-        text += (f" The model was distilled and evaluated at {config['distilled_resolution']} px, which is the size "
-                 "the processor produces; the architecture's position embedding is resampled to it.")
-    return text
+    out = (size or {}).get("height") if isinstance(size, dict) else None
+    if out:
+        text += f" It produces {out}×{size.get('width', out)} px images: the size this model is published for"
+        if config.get("distilled_resolution") and config["distilled_resolution"] != out:
+            text += f" (it was distilled at {config['distilled_resolution']} px, where distilling is cheap)"
+        text += "."
+    elif config.get("distilled_resolution"):
+        text += f" The model was distilled at {config['distilled_resolution']} px."
+    return text + "\n\n" + _change_size(processor, config, repo)
+
+
+def _change_size(processor: dict, config: dict, repo: str) -> str:
+    """How to run the model at another input size (the fidelity table shows what each size keeps)."""
+    src = config.get("source", {})
+    crop = processor.get("do_center_crop") and isinstance(processor.get("size"), dict) and \
+        "shortest_edge" in processor["size"]
+    if crop:
+        ratio = processor["size"]["shortest_edge"] / max(1, (processor.get("crop_size") or {}).get("height", 1))
+        kwargs = f'size={{"shortest_edge": {int(round(448 * ratio))}}}, crop_size={{"height": 448, "width": 448}}'
+    else:
+        kwargs = 'size={"height": 448, "width": 448}'
+    any_size = src.get("library") == "timm" or str(src.get("model_type", "")).startswith(("dinov2", "dinov3", "siglip2"))
+    lines = ["**Another input size** (a multiple of the patch size; linear attention saves most at high resolution, "
+             "and the fidelity table above shows what each size keeps):", "", "```python",
+             f'processor = AutoImageProcessor.from_pretrained("{repo}", {kwargs})']
+    on_hub = "/" in repo and not repo.startswith("path/")
+    if src.get("library") == "timm":
+        lines += [f'model = timm.create_model("{"hf-hub" if on_hub else "local-dir"}:{repo}", pretrained=True, '
+                  'img_size=448)',
+                  "# timm: data_config = timm.data.resolve_data_config(model=model) follows img_size"]
+    elif not any_size:
+        lines += ["outputs = model(**processor(images=image, return_tensors=\"pt\"), interpolate_pos_encoding=True)"]
+    lines += ["```"]
+    if src.get("library") != "timm" and not any_size:
+        lines += ["", "This architecture resizes its position embedding only with `interpolate_pos_encoding=True`, "
+                      "which `pipeline()` does not pass: call the model directly at other sizes."]
+    return "\n".join(lines)
+
+
+PICTURES = {"fidelity.png": "Fidelity to the teacher and latency against input resolution",
+            "stage1.png": "Stage 1: each converted layer's error against its softmax layer, before and after"}
 
 
 def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Optional[str] = None, *,
-                repo_id: Optional[str] = None, processor: Optional[dict] = None) -> str:
-    """README.md text for a directory whose config.json / report.json / recipe.yaml are given."""
+                repo_id: Optional[str] = None, processor: Optional[dict] = None,
+                pictures: tuple[str, ...] = ()) -> str:
+    """README.md text for a directory whose config.json / report.json / recipe.yaml are given; ``pictures``: the
+    PNGs of :data:`PICTURES` the directory holds (shown where they belong)."""
     report = report or {}
     src = config.get("source", {})
     repo = repo_id or "path/to/this/directory"
@@ -261,7 +345,12 @@ def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Option
         return f"{ev['cosine']:.4f}" if "cosine" in ev else "–"
 
     lines += _fidelity_section(report)
+    if "fidelity.png" in pictures:
+        lines += [f"![{PICTURES['fidelity.png']}](fidelity.png)", ""]
     if report:
+        size = macs.get("input_size")
+        if (report.get("fidelity") or {}).get("rows") and size:
+            lines += [f"During distillation, on the run's validation images at {size[1]} px:", ""]
         lines += [f"| model | {metric} | params | MACs | latency |", "|---|---|---|---|---|",
                   f"| teacher (softmax attention) | {score(t)} | {_num(params.get('teacher'), 1e6, 'M')} | "
                   f"{_num(macs.get('teacher'), 1e6, 'M', 1)} | {_latency(report, 'teacher')} |",
@@ -279,7 +368,8 @@ def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Option
         lines += [" ".join(notes), ""]
     else:
         lines += ["No report.json: accuracy, MACs and latency were not measured for this checkpoint.", ""]
-    lines += ["## Usage", "", _usage(config, repo), "", "## Preprocessing", "", _preprocessing(processor, config), ""]
+    lines += ["## Usage", "", _usage(config, repo), "", "## Preprocessing", "", _preprocessing(processor, config, repo),
+              ""]
     lines += ["## Conversion", "",
               f"* source: {src.get('library')} `{src.get('architecture') or (src.get('architectures') or ['?'])[0]}`"
               + (f" (built-in `{src['builtin']}`)" if src.get("builtin") else ""),
@@ -287,8 +377,10 @@ def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Option
                   "kind", "combine", "dw", "dw_kernel", "eps")),
               "* files: `model.safetensors` (inference-only weights), `config.json`, `preprocessor_config.json`, "
               "`configuration_castling.py` / `modeling_castling.py` / `modeling_castling_timm.py` / `castling_layers.py` / "
-              "`castling_functional.py` (remote code), "
+              "`castling_functional.py` / `castling_checks.py` (remote code), "
               "`recipe.yaml`, `report.json`", ""]
+    if "stage1.png" in pictures:
+        lines += [f"![{PICTURES['stage1.png']}](stage1.png)", ""]
     if recipe_yaml:
         lines += ["## Training recipe", "",
                   f"Distilled with the `{report.get('recipe', 'custom')}` recipe"
@@ -337,13 +429,23 @@ def _fidelity_section(report: Optional[dict]) -> list[str]:
 
 def render_card_for_dir(path: Path, repo_id: Optional[str] = None) -> str:
     """Render the card of an output directory from its own files."""
+    from castle_convert.export.load import MAX_JSON_BYTES, read_json_file
     path = Path(path)
-    config = json.loads((path / "config.json").read_text())
-    report = json.loads((path / "report.json").read_text()) if (path / "report.json").is_file() else None
-    recipe = (path / "recipe.yaml").read_text() if (path / "recipe.yaml").is_file() else None
+    config = read_json_file(path / "config.json")
+    report = read_json_file(path / "report.json") if (path / "report.json").is_file() else None
+    recipe_file = path / "recipe.yaml"
+    if recipe_file.is_file() and recipe_file.stat().st_size > MAX_JSON_BYTES:
+        raise CardError(f"{recipe_file} is {recipe_file.stat().st_size} bytes: not a recipe castle-convert wrote")
+    recipe = recipe_file.read_text(errors="replace") if recipe_file.is_file() else None
     proc_file = path / "preprocessor_config.json"
-    processor = json.loads(proc_file.read_text()) if proc_file.is_file() else None
-    return render_card(config, report, recipe, repo_id=repo_id, processor=processor)
+    processor = read_json_file(proc_file) if proc_file.is_file() else None
+    try:
+        return render_card(config, report, recipe, repo_id=repo_id, processor=processor,
+                           pictures=tuple(n for n in PICTURES if (path / n).is_file()))
+    except (AttributeError, TypeError, KeyError, ValueError, IndexError) as e:
+        raise CardError(f"the model card of {path} cannot be rendered from its files ({type(e).__name__}: "
+                        f"{str(e)[:120]}): report.json or config.json holds values castle-convert did not write; "
+                        "write the directory again with cc.save_pretrained") from None
 
 
 def validate_card(text: str, where: str = "README.md", *, require_results: bool = True) -> "Any":

@@ -42,6 +42,28 @@ def check_format(version: Any, where: Path) -> None:
                               f"(up to {FORMAT_VERSION}): {_upgrade_hint()}")
 
 
+MAX_JSON_BYTES = 32 << 20        # config.json / report.json / preprocessor_config.json: a few KB (1 MB with 22k labels)
+
+
+def read_json_file(file: Union[str, Path]) -> dict:
+    """A JSON object file of a published directory (untrusted): a :class:`CheckpointError` naming the file when it
+    is larger than :data:`MAX_JSON_BYTES`, not JSON or not an object."""
+    file = Path(file)
+    try:
+        size = file.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{file} is {size} bytes, more than a castle-convert JSON file can be "
+                                  f"({MAX_JSON_BYTES}): it was not written by castle-convert")
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except CheckpointError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({error_line(e)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} is not a JSON object (it holds a {type(data).__name__})")
+    return data
+
+
 def read_config(path: Union[str, Path]) -> dict:
     """``config.json`` of a castle-convert output directory, checked."""
     path = Path(path)
@@ -50,11 +72,8 @@ def read_config(path: Union[str, Path]) -> dict:
     file = path / CONFIG_NAME
     if not file.is_file():
         raise CheckpointError(f"{file} is missing: {path} is not a complete castle-convert output directory")
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e})") from e
-    if not isinstance(config, dict) or "castling" not in config or "source" not in config:
+    config = read_json_file(file)
+    if "castling" not in config or "source" not in config:
         raise CheckpointError(f"{file} has no 'castling'/'source' section: {path} was not written by castle-convert "
                               "(load a plain timm or transformers model with those libraries)")
     check_format(config.get("format_version", 1), file)
@@ -104,7 +123,10 @@ def config_from_metadata(metadata: dict[str, str], file: Path) -> dict:
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: the '{METADATA_KEY}' metadata is not valid JSON ({e})") from e
+        raise CheckpointError(f"{file}: the '{METADATA_KEY}' metadata is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("source"), dict):
+        raise CheckpointError(f"{file}: the '{METADATA_KEY}' metadata is not a castle-convert config (no 'source' "
+                              "object): write the model with cc.save_pretrained(model, DIR) and load DIR")
     check_format(config.get("format_version", 1), file)
     return config
 
@@ -112,7 +134,7 @@ def config_from_metadata(metadata: dict[str, str], file: Path) -> dict:
 # config.json keys castle-convert adds around a transformers source's own config fields
 _CASTLE_KEYS = ("model_type", "format_version", "castle_convert_version", "castling", "converted_modules", "source",
                 "castle_headless", "dtype", "architectures", "auto_map", "transformers_version", "timm_vit", "timm_eva",
-                "timm_naflex", "architecture")
+                "timm_naflex", "architecture", "deploy_resolution")
 
 
 def full_source(config: dict) -> dict:
@@ -142,6 +164,56 @@ def build_converted(config: dict, *, device: Any = "cpu") -> nn.Module:
     model = finalize(model, inplace=True, check=False, force=True)
     model.castling_config = castling
     return model.eval()
+
+
+def weights_header(file: Union[str, Path]):
+    """The safetensors header of ``file`` (names and shapes, no tensor read): a :class:`CheckpointError` when it is
+    not a safetensors file or is truncated."""
+    from castle_convert.export.hub.castling_checks import ConfigCheckError, read_header
+    file = Path(file)
+    if file.suffix != ".safetensors":
+        raise CheckpointError(f"{file}: castle-convert loads weights only from .safetensors files (never pickle)")
+    try:
+        return read_header(file)
+    except (OSError, ConfigCheckError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file (corrupt or truncated?): "
+                              f"{error_line(e)}") from None
+
+
+def checked_config(config: dict, header, where: Union[str, Path]) -> None:
+    """The one validation of a published config (``castling`` fields, sizes bounded by the weights ``header``, no
+    loader arguments or names of other files; see ``hub/castling_checks.py``), as a :class:`CheckpointError`."""
+    from castle_convert.attention import KINDS
+    from castle_convert.export.hub.castling_checks import ConfigCheckError, check_config
+    try:
+        check_config(config, header, kinds=list(KINDS), where=str(where))
+    except ConfigCheckError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def build_checked(config: dict, header, file: Path, where: Union[str, Path]) -> nn.Module:
+    """:func:`build_converted` once the weights file's tensors (``header``) are known to be exactly those of the
+    architecture ``config`` describes: first built on the meta device (no memory), compared, then built for real."""
+    from castle_convert.export.hub.castling_checks import ConfigCheckError, check_shapes
+    try:
+        meta = build_converted(config, device="meta")
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - rebuild problems name the config file
+        raise CheckpointError(f"cannot rebuild the architecture described in {where}: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    try:
+        check_shapes({k: tuple(v.shape) for k, v in meta.state_dict().items()}, header, where=str(file))
+    except ConfigCheckError as e:
+        raise CheckpointError(str(e)) from None
+    del meta
+    try:
+        return build_converted(config)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - rebuild problems name the config file
+        raise CheckpointError(f"cannot rebuild the architecture described in {where}: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
@@ -231,19 +303,15 @@ def load(path: Union[str, Path], *, device: Any = "cpu", dtype: Optional[torch.d
     path = resolve_path(path, revision=revision, cache_dir=cache_dir)
     config = read_config(path)
     file = weights_path(path)
+    header = weights_header(file)                       # untrusted config.json: checked before anything is built
+    checked_config(config, header, path / CONFIG_NAME)
+    model = build_checked(config, header, file, path / CONFIG_NAME)
     state, _ = read_safetensors(file)
-    try:
-        model = build_converted(config)
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - rebuild problems name the config file
-        raise CheckpointError(f"cannot rebuild the architecture described in {path / CONFIG_NAME}: "
-                              f"{type(e).__name__}: {e}") from e
     model.to(dtype or _float_dtype(state) or torch.float32)
     load_into(model, state, file)
     processor = path / "preprocessor_config.json"
     if processor.is_file() and config["source"].get("library") == "transformers":
-        model.castle_image_processor = json.loads(processor.read_text())
+        model.castle_image_processor = read_json_file(processor)
     model.castle_source = dict(config["source"])
     if config["source"].get("library") == "timm":
         from castle_convert.export.source import castle_config, converted_pretrained_cfg

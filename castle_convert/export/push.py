@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Optional, Union
 
 from castle_convert.export.card import MARKER, render_card_for_dir, validate_card
-from castle_convert.export.load import CheckpointError, read_config, weights_path
+from castle_convert.export.load import CheckpointError, checked_config, read_config, weights_header, weights_path
 
 REMOTE_CODE_FILES = ("configuration_castling.py", "modeling_castling.py", "modeling_castling_timm.py",
-                     "castling_layers.py", "castling_functional.py")
+                     "castling_layers.py", "castling_functional.py", "castling_checks.py")
 
 
 class PushError(RuntimeError):
@@ -75,8 +75,12 @@ def plan_push(directory: Union[str, Path], repo_id: str, *, private: bool = Fals
             f.keys()
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{weights} is not a readable safetensors file (corrupt or truncated?): {e}") from e
+    checked_config(config, weights_header(weights), directory / "config.json")   # what every loader will check
     if config.get("auto_map"):
-        missing = [n for n in REMOTE_CODE_FILES if not (directory / n).is_file()]
+        layers = directory / "castling_layers.py"           # directories written before castling_checks.py lack it
+        needed = [n for n in REMOTE_CODE_FILES if n != "castling_checks.py" or not layers.is_file()
+                  or "castling_checks" in layers.read_text(errors="replace")]
+        missing = [n for n in needed if not (directory / n).is_file()]
         if missing:
             raise CheckpointError(f"{directory / missing[0]} is missing: config.json's auto_map needs "
                                   f"{', '.join(REMOTE_CODE_FILES)}")

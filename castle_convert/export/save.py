@@ -44,10 +44,11 @@ HUB_FILES = {
     "modeling_castling.py": HUB_DIR / "modeling_castling.py",
     "modeling_castling_timm.py": HUB_DIR / "modeling_castling_timm.py",
     "castling_layers.py": HUB_DIR / "castling_layers.py",
+    "castling_checks.py": HUB_DIR / "castling_checks.py",
     "castling_functional.py": Path(__file__).parents[1] / "attention" / "functional.py",
 }
 # Keys of ``source`` that describe provenance (kept from a loaded model / the caller).
-_PROVENANCE = ("builtin", "model", "base_model", "license")
+_PROVENANCE = ("builtin", "model", "base_model", "license", "teacher")
 TRAINING_ONLY = ("gate", "threshold", "gamma_init", "aux")       # CastlingConfig fields the inference form does not use
 _HF_BASE = {"vit": "ViTModel", "deit": "DeiTModel", "dinov2": "Dinov2Model",
             "dinov2_with_registers": "Dinov2WithRegistersModel"}
@@ -65,7 +66,7 @@ class OutputBusyError(OutputExistsError):
     """Another process (a run or a save) is writing the same output directory: it holds the output's lock."""
 
 
-_HELD_LOCKS: dict[str, list] = {}          # lock file -> [fd, depth] of the locks this process holds
+_HELD_LOCKS: dict[str, object] = {}        # lock file -> the filelock.FileLock this process holds (re-entrant)
 
 
 def _lock_file(path: Path) -> Path:
@@ -73,53 +74,77 @@ def _lock_file(path: Path) -> Path:
     return path.with_name(f".{path.name}.lock")
 
 
+def _write_pid(fd: int) -> None:
+    """filelock's ``on_acquired``: the holder's PID in the lock file, for the message a second process gets."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
 @contextlib.contextmanager
 def output_lock(path: Path) -> Iterator[None]:
-    """Hold ``.NAME.lock`` next to the output ``path`` (``fcntl.flock``; the file holds the PID) while a run or a
-    save writes it. A second process gets an :class:`OutputBusyError` naming the holder's PID. Re-entrant in one
-    process (the run holds it, its final save takes it again); the OS releases it if the holder is killed, so a
-    lock file a killed run left behind is simply taken over. The parent folder is created if needed."""
-    try:
-        import fcntl
-    except ImportError:                     # no flock (Windows): writes are still atomic, runs are not serialised
-        yield
-        return
+    """Hold ``.NAME.lock`` next to the output ``path`` (``filelock.FileLock``, an OS lock; the file holds the PID)
+    while a run or a save writes it. A second process gets an :class:`OutputBusyError` naming the holder's PID at
+    once. Re-entrant in one process (the run holds it, its final save takes it again); the OS releases it if the
+    holder is killed, so a lock file a killed run left behind is simply taken over, and the holder removes the file
+    before releasing it (filelock notices a lock file unlinked under it and takes a new one). The parent folder is
+    created if needed."""
+    from filelock import FileLock, Timeout
+
     lock = _lock_file(path)
     held = _HELD_LOCKS.get(str(lock))
     if held is not None:
-        held[1] += 1
-        try:
+        with held:                              # FileLock counts nested acquisitions
             yield
-        finally:
-            held[1] -= 1
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    _close_quietly(_open_lock(lock, path))      # a regular file with one name, never a link (checked, then locked)
+    file_lock = FileLock(str(lock), timeout=0, on_acquired=_write_pid)
+    try:
+        file_lock.acquire()
+    except Timeout:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise OutputBusyError(f"output {Path(path)} is being written by another castle-convert process (PID "
-                                  f"{holder}, lock {lock}): wait for it to finish, or choose another --output") from None
-        try:                                # the holder before us may have removed the file we opened: retry
-            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _HELD_LOCKS[str(lock)] = [fd, 1]
+            holder = lock.read_text(errors="replace").strip() or "?"
+        except OSError:
+            holder = "?"
+        raise OutputBusyError(f"output {Path(path)} is being written by another castle-convert process (PID "
+                              f"{holder}, lock {lock}): wait for it to finish, or choose another --output") from None
+    _HELD_LOCKS[str(lock)] = file_lock
     try:
         yield
     finally:
         del _HELD_LOCKS[str(lock)]
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)                 # while still holding it: a waiting process then retries on a new file
+            os.unlink(lock)                     # while still holding it: a waiting process then takes a new file
+        file_lock.release(force=True)
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
         os.close(fd)
+
+
+def _open_lock(lock: Path, path: Path) -> int:
+    """The lock file's descriptor: a regular file with no other name, opened without following a link (the PID is
+    written into it: through a link it overwrote the file the link points to)."""
+    import errno
+    import stat
+
+    def refuse(what: str) -> OutputExistsError:
+        return OutputExistsError(f"the output lock {lock} {what}: castle-convert never writes through it; remove "
+                                 f"it (nothing of the output is in it), or choose another --output than {Path(path)}")
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(lock, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP or lock.is_symlink():
+            raise refuse("is a symbolic link") from None
+        raise refuse(f"cannot be opened ({e.strerror or type(e).__name__})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise refuse("is not a regular file" if not stat.S_ISREG(info.st_mode) else
+                     f"is a hard link ({info.st_nlink} names of one file)")
+    return fd
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
@@ -236,16 +261,15 @@ def _labels(model: nn.Module, labels: Optional[list[str]]) -> Optional[list[str]
 
 def _hub_classes(model: nn.Module, source: dict, headless: bool) -> tuple[str, dict]:
     """(architectures[0], auto_map) for config.json; raises RemoteCodeUnsupported."""
-    from castle_convert.export.hub.modeling_castling import HF_CLASSES
+    from castle_convert.export.hub.modeling_castling import HF_CLASSES, HF_HEADS
     cfg = "configuration_castling.CastlingViTConfig"
     if source["library"] == "timm":
         # Eva, NaFlexVit: built with timm on the loading side
         family = "Eva" if is_timm_eva(model) else "NaFlexVit" if is_timm_naflex(model) else "ViT"
-        auto = {"AutoConfig": cfg, "AutoModel": f"modeling_castling_timm.CastlingTimm{family}Model"}
-        if headless:
-            return f"CastlingTimm{family}Model", auto
-        auto["AutoModelForImageClassification"] = f"modeling_castling_timm.CastlingTimm{family}ForImageClassification"
-        return f"CastlingTimm{family}ForImageClassification", auto
+        # a backbone too: AutoModelForImageClassification(..., num_labels=N) puts a new head on it
+        auto = {"AutoConfig": cfg, "AutoModel": f"modeling_castling_timm.CastlingTimm{family}Model",
+                "AutoModelForImageClassification": f"modeling_castling_timm.CastlingTimm{family}ForImageClassification"}
+        return f"CastlingTimm{family}{'Model' if headless else 'ForImageClassification'}", auto
     name = type(model).__name__
     if name not in HF_CLASSES:
         raise RemoteCodeUnsupported(f"transformers {name} is not one of the classes modeling_castling.py "
@@ -253,6 +277,8 @@ def _hub_classes(model: nn.Module, source: dict, headless: bool) -> tuple[str, d
     auto = {"AutoConfig": cfg}
     if headless:
         auto["AutoModel"] = f"modeling_castling.Castling{name}"
+        if name in HF_HEADS:                 # AutoModelForImageClassification(..., num_labels=N): a new head
+            auto["AutoModelForImageClassification"] = f"modeling_castling.Castling{HF_HEADS[name]}"
     else:
         auto["AutoModelForImageClassification"] = f"modeling_castling.Castling{name}"
         base = _HF_BASE.get(source.get("model_type"))
@@ -443,11 +469,42 @@ def verify_directory(model: nn.Module, path: Path, config: dict, *, remote_code:
 
 # -- save_pretrained -----------------------------------------------------------------------------
 
+def check_image_size(model: nn.Module, size: int) -> None:
+    """An :class:`ExportError` when ``model`` cannot take ``size``×``size`` images the way its loaders call it
+    (``model(pixel_values)`` for transformers: ``pipeline()`` and ``AutoModel`` pass nothing else; a timm model as
+    built): publishing a processor at that size would give every user a failing first call."""
+    from castle_convert import adapters
+    off = adapters.off_patch_grid(model, size)
+    if off:
+        raise ExportError(f"image_size={size} is not a multiple of the model's patch size ({off[0]} px): use e.g. "
+                          f"{off[1]}")
+    x = adapters.example_inputs(model, batch=1, img_size=(size, size))
+    p = next(model.parameters())
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            from castle_convert.adapters import hf_siglip2
+            if getattr(model, "config", None) is not None and not hasattr(model, "pretrained_cfg") \
+                    and hf_siglip2.tower(model) is None:
+                model(pixel_values=x.to(p.device, p.dtype))
+            else:
+                adapters.forward(model, x.to(p.device, p.dtype) if isinstance(x, torch.Tensor) else x)
+    except Exception as e:  # noqa: BLE001 - each family words its size check differently
+        native = adapters.adapter_for(model).input_size(model) if adapters.adapter_for(model) else ("?", "?", "?")
+        raise ExportError(f"image_size={size}: {type(model).__name__} does not take {size}x{size} images as its "
+                          f"loaders call it ({type(e).__name__}); publish at its own {native[1]}x{native[2]} "
+                          "(image_size=None) and resize at call time where the model interpolates (transformers: "
+                          "interpolate_pos_encoding=True)") from None
+    finally:
+        model.train(was)
+
+
 def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = None, report: Optional[dict] = None,
                     overwrite: bool = False, labels: Optional[list[str]] = None, base_model: Optional[str] = None,
                     source: Optional[dict] = None, remote_code: Optional[bool] = None, verify: bool = True,
                     repo_id: Optional[str] = None, extra_files: Optional[dict[str, Path]] = None,
-                    resolution: Optional[int] = None) -> Path:
+                    resolution: Optional[int] = None, image_size: Optional[int] = None) -> Path:
     """Write a finalized castling model to ``path`` as a publishable directory (atomically).
 
     Args:
@@ -465,57 +522,22 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
         verify: load the directory back (castle_convert and remote code) and compare outputs
             with ``model`` before it appears (max |Δ| ≤ 1e-5 in fp32).
         repo_id: Hub repo id used in the model card's usage snippets.
-        resolution: the square input size (px) the model was distilled and evaluated at, when not
-            the architecture's own: ``preprocessor_config.json`` and timm's ``input_size`` describe it,
-            ``config.json`` records it as ``distilled_resolution``.
+        resolution: the square input size (px) the model was distilled at, when not the architecture's own:
+            ``config.json`` records it as ``distilled_resolution`` and the model card says so. The published
+            preprocessing does not change with it: the model is deployed at ``image_size``.
+        image_size: the square input size (px) the published preprocessing produces (``preprocessor_config.json``,
+            timm's ``input_size``, the timm route's equivalent of a transformers source); default: the source's own
+            (its processor's, or timm's data config). A size the model cannot take as ``pipeline()`` calls it
+            (transformers ViT / DeiT / CLIP / SigLIP interpolate only with ``interpolate_pos_encoding=True``) is an
+            ``ExportError``.
     """
-    from castle_convert.export.processor import image_processor_config
-    from castle_convert.export.source import features_net
-
     path = Path(path)
     check_output_dir(path, overwrite)
     _check_model(model)
-    auto_remote = remote_code is None
-    if auto_remote:
-        remote_code = features_net(model) is None
-    recipe_yaml = recipe if (recipe is None or isinstance(recipe, str)) else recipe.to_yaml()
-    src = describe_source(model)
-    src.update({k: v for k, v in (getattr(model, "castle_source", None) or {}).items()
-                if k in _PROVENANCE and k not in src})
-    src.update(source or {})
-    if resolution:
-        if not (isinstance(resolution, int) and resolution > 0):
-            raise ExportError(f"resolution={resolution!r}: use a positive input size in pixels")
-        if src.get("library") == "timm":
-            channels = (src.get("pretrained_cfg") or {}).get("input_size", (3,))[0]
-            src["pretrained_cfg"] = {**(src.get("pretrained_cfg") or {}), "input_size": [channels, resolution, resolution]}
-    if base_model:
-        src["base_model"] = base_model
-    elif base_model == "":                      # explicitly none (e.g. the weights are not the Hub model's)
-        src.pop("base_model", None)
-    first = next(model.parameters())
-    try:
-        try:
-            config = build_config(model, source=src, labels=_labels(model, labels), remote_code=remote_code,
-                                  dtype=first.dtype)
-        except RemoteCodeUnsupported as e:
-            if not (auto_remote and remote_code):
-                raise
-            warnings.warn(f"{path}: no transformers remote code for this architecture ({e}); castle_convert.load "
-                          "and timm load the directory", stacklevel=2)
-            remote_code = False
-            config = build_config(model, source=src, labels=_labels(model, labels), remote_code=False,
-                                  dtype=first.dtype)
-    except RemoteCodeUnsupported as e:
-        raise ExportError(f"this architecture cannot be exported as remote code: {e}. Pass remote_code=False "
-                          "to write the directory without the transformers files (castle_convert.load and, "
-                          "for timm, timm.create_model('castle_<arch>') still load it).") from e
-    if resolution:
-        config["distilled_resolution"] = resolution
-    architecture = timm_architecture_field(config)        # transformers sources: timm's local-dir:/hf-hub: entry
-    if architecture:
-        config["architecture"] = architecture
-    processor = image_processor_config(model, resolution)
+    config, remote_code, recipe_yaml, processor = _prepare(model, path, recipe=recipe, labels=labels,
+                                                           base_model=base_model, source=source,
+                                                           remote_code=remote_code, resolution=resolution,
+                                                           image_size=image_size)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -529,12 +551,84 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *, recipe: Any = N
     return path
 
 
+def _prepare(model: nn.Module, path: Path, *, recipe: Any, labels: Optional[list[str]], base_model: Optional[str],
+             source: Optional[dict], remote_code: Optional[bool], resolution: Optional[int],
+             image_size: Optional[int] = None, warn: bool = True) -> tuple[dict, bool, Optional[str], Any]:
+    """``(config.json, remote_code, recipe YAML, preprocessor config)`` of ``model``: everything
+    :func:`save_pretrained` decides before it writes (an :class:`ExportError` names what does not fit)."""
+    from castle_convert.export.processor import image_processor, output_size, processor_dict
+    from castle_convert.export.source import features_net
+
+    auto_remote = remote_code is None
+    if auto_remote:
+        remote_code = features_net(model) is None
+    recipe_yaml = recipe if (recipe is None or isinstance(recipe, str)) else recipe.to_yaml()
+    src = describe_source(model)
+    src.update({k: v for k, v in (getattr(model, "castle_source", None) or {}).items()
+                if k in _PROVENANCE and k not in src})
+    src.update(source or {})
+    for name, value in (("resolution", resolution), ("image_size", image_size)):
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise ExportError(f"{name}={value!r}: use a positive input size in pixels")
+    if image_size:
+        check_image_size(model, image_size)
+        if src.get("library") == "timm":
+            channels = (src.get("pretrained_cfg") or {}).get("input_size", (3,))[0]
+            src["pretrained_cfg"] = {**(src.get("pretrained_cfg") or {}), "input_size": [channels, image_size, image_size]}
+    if base_model:
+        src["base_model"] = base_model
+    elif base_model == "":                      # explicitly none (e.g. the weights are not the Hub model's)
+        src.pop("base_model", None)
+    first = next(model.parameters())
+    try:
+        try:
+            config = build_config(model, source=src, labels=_labels(model, labels), remote_code=remote_code,
+                                  dtype=first.dtype)
+        except RemoteCodeUnsupported as e:
+            if not (auto_remote and remote_code):
+                raise
+            if warn:
+                warnings.warn(f"{path}: no transformers remote code for this architecture ({e}); castle_convert.load "
+                              "and timm load the directory", stacklevel=3)
+            remote_code = False
+            config = build_config(model, source=src, labels=_labels(model, labels), remote_code=False,
+                                  dtype=first.dtype)
+    except RemoteCodeUnsupported as e:
+        raise ExportError(f"this architecture cannot be exported as remote code: {e}. Pass remote_code=False "
+                          "to write the directory without the transformers files (castle_convert.load and, "
+                          "for timm, timm.create_model('castle_<arch>') still load it).") from e
+    if resolution:
+        config["distilled_resolution"] = resolution
+    processor = image_processor(model, image_size)
+    deployed = output_size(processor_dict(processor))
+    if deployed and deployed[0] == deployed[1]:
+        config["deploy_resolution"] = deployed[0]         # what the processor produces: the timm equivalent's size
+    architecture = timm_architecture_field(config)        # transformers sources: timm's local-dir:/hf-hub: entry
+    if architecture:
+        config["architecture"] = architecture
+    return config, remote_code, recipe_yaml, processor
+
+
+def check_savable(model: nn.Module, path: Path, *, labels: Optional[list[str]] = None, source: Optional[dict] = None,
+                  resolution: Optional[int] = None, image_size: Optional[int] = None) -> None:
+    """What :func:`save_pretrained` will decide about ``model`` (converted, training form or finalized) — its
+    source description, class names, config.json, image processor — decided now: the main job calls it before
+    training, so a problem the end would meet is a one-line :class:`ExportError` before any work, not after it.
+    The remote-code decision is left to the end (it only warns)."""
+    from castle_convert.convert import castling_modules
+    if not list(castling_modules(model)):
+        raise ExportError(f"{type(model).__name__} has no castling attention: convert() it first")
+    _prepare(model, Path(path), recipe=None, labels=labels, base_model=None, source=source, remote_code=False,
+             resolution=resolution, image_size=image_size, warn=False)
+
+
 def _write_directory(model: nn.Module, path: Path, *, config: dict, recipe_yaml: Optional[str],
-                     processor: Optional[dict], remote_code: bool, report: Optional[dict], repo_id: Optional[str],
+                     processor: Any, remote_code: bool, report: Optional[dict], repo_id: Optional[str],
                      extra_files: Optional[dict[str, Path]], verify: bool) -> None:
     """Write the directory into a temp folder next to ``path``, verify it, swap it in (the caller holds the lock).
     An OSError (disk full, ...) is an :class:`ExportError` naming it; nothing is left behind."""
     from castle_convert.export.card import render_card
+    from castle_convert.export.processor import processor_dict
     from safetensors.torch import save_file
 
     try:
@@ -547,8 +641,10 @@ def _write_directory(model: nn.Module, path: Path, *, config: dict, recipe_yaml:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata=_metadata(config, recipe_yaml))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
-        if processor:
+        if isinstance(processor, dict):          # a processor class this transformers lacks: its config as it is
             (tmp / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+        elif processor is not None:              # transformers writes what AutoImageProcessor reads
+            processor.save_pretrained(tmp)
         if remote_code:
             for name, src_file in HUB_FILES.items():
                 shutil.copyfile(src_file, tmp / name)
@@ -556,17 +652,23 @@ def _write_directory(model: nn.Module, path: Path, *, config: dict, recipe_yaml:
             (tmp / "recipe.yaml").write_text(recipe_yaml)
         if report is not None:
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        (tmp / "README.md").write_text(render_card(config, report, recipe_yaml, repo_id=repo_id, processor=processor))
         for name, extra in (extra_files or {}).items():
             if Path(extra).is_dir():
-                shutil.copytree(extra, tmp / name)
+                shutil.copytree(extra, tmp / name, symlinks=True)      # a link is copied as a link, never followed
             elif Path(extra).exists():
                 shutil.copy2(extra, tmp / name)
+        from castle_convert.export.card import PICTURES
+        (tmp / "README.md").write_text(render_card(config, report, recipe_yaml, repo_id=repo_id,
+                                                   processor=processor_dict(processor),
+                                                   pictures=tuple(n for n in PICTURES if (tmp / n).is_file())))
         _publish_permissions(tmp)
         if verify:
             diffs = verify_directory(model, tmp, config, remote_code=remote_code)
             logger.info("save_pretrained %s: loaded back, max |Δ| %s", path, diffs)
             model.castle_export_check = diffs
+        kept: list[str] = []
+        if path.is_dir() and not path.is_symlink():     # an output castle-convert wrote (checked): keep the rest
+            kept = _carry_other_files(path, tmp, own=set(OWN_NAMES) | set(extra_files or {}))
         if path.exists() or path.is_symlink():
             old = path.with_name(f".{path.name}.old")
             _remove(old)
@@ -575,12 +677,47 @@ def _write_directory(model: nn.Module, path: Path, *, config: dict, recipe_yaml:
             _remove(old)
         else:
             tmp.rename(path)
+        if kept:
+            warnings.warn(f"{path}: replaced castle-convert's files and kept the {len(kept)} it did not write: "
+                          f"{', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}", stacklevel=3)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):              # e.g. ENOSPC: one line, nothing half-written
             raise ExportError(f"cannot write {path}: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}: "
                               "nothing was written; free space (or choose another output) and save again") from None
         raise
+
+
+# What castle-convert writes into an output directory: ``--overwrite`` replaces these and keeps everything else.
+OWN_NAMES = (WEIGHTS_NAME, CONFIG_NAME, "preprocessor_config.json", "README.md", "recipe.yaml", "report.json", "logs",
+             *HUB_FILES)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link (no copy, the original untouched until the swap), else a copy of a regular file."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        if Path(src).is_file():
+            shutil.copy2(src, dst)
+
+
+def _carry_other_files(old: Path, new: Path, own: set[str]) -> list[str]:
+    """Put every entry of the previous output ``old`` that castle-convert did not write (not in ``own``) into the new
+    output ``new`` as it is (links as links); returns their names. The previous output stays intact until the swap."""
+    kept = []
+    for entry in sorted(old.iterdir(), key=lambda p: p.name):
+        dst = new / entry.name
+        if entry.name in own or dst.exists() or dst.is_symlink():
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), dst)
+        elif entry.is_dir():
+            shutil.copytree(entry, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(entry), str(dst))
+        kept.append(entry.name)
+    return kept
 
 
 def _remove(p: Path) -> None:

@@ -145,7 +145,7 @@ def timm_model_args(model: nn.Module) -> dict:
 
 def timm_data_config(model: nn.Module) -> dict:
     """mean / std / input size / crop of a timm model (what ``timm.data.resolve_data_config`` gives)."""
-    from castle_convert.data import data_config
+    from castle_convert.preprocess import data_config
     cfg = getattr(model, "pretrained_cfg", None) or {}
     d = data_config(model)
     out = {k: cfg[k] for k in _DATA_FIELDS if cfg.get(k) is not None}
@@ -414,25 +414,9 @@ def describe_source(model: nn.Module) -> dict:
 _LOADER_ARGS = {"checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
                 "cache_dir"}
 # Anywhere in a source description (e.g. a transformers TimmWrapper config's model_args, which it passes to
-# timm.create_model) a loader argument with a value is refused; a TimmWrapper's own pretrained_cfg is only data.
-_LOADER_KEYS = _LOADER_ARGS - {"pretrained_cfg"}
-_REMOTE_NAMES = ("hf-hub:", "hf_hub:", "local-dir:", "timm/")     # timm model names that read other files
-
-
-def loader_arguments(source: Any, where: str = "source") -> list[str]:
-    """Paths (``source.config.model_args.checkpoint_path``) of every loader argument with a value in ``source``,
-    and of timm architecture names that would fetch or read files of their own (``hf-hub:``, ``local-dir:``)."""
-    found = []
-    if isinstance(source, dict):
-        for k, v in source.items():
-            here = f"{where}.{k}"
-            if (k in _LOADER_KEYS and v) or (k == "architecture" and isinstance(v, str) and v.startswith(_REMOTE_NAMES)):
-                found.append(here)
-            found += loader_arguments(v, here)
-    elif isinstance(source, list):
-        for i, v in enumerate(source):
-            found += loader_arguments(v, f"{where}[{i}]")
-    return found
+# timm.create_model) a loader argument with a value, or a model name that reads other files, is refused: the one
+# guard of every route (hub/castling_checks.py, which the remote code carries a copy of).
+from castle_convert.export.hub.castling_checks import loader_arguments, names_other_files  # noqa: E402,F401
 
 
 def build_source(source: dict, *, device: Any = "cpu") -> nn.Module:

@@ -19,7 +19,8 @@ same function (or why none does), with its constructor arguments read from the t
 
 Position embeddings: transformers' DINOv2 with registers resamples them like timm (bicubic,
 antialiased); ViT, DeiT, DINOv2, CLIP and SigLIP without antialiasing. For those the timm model is built at the
-directory's own resolution (``distilled_resolution``, else the config's ``image_size``) with the
+directory's own resolution (``deploy_resolution``: what its processor produces; older directories:
+``distilled_resolution``, else the config's ``image_size``) with the
 embedding resampled there the transformers way: equal outputs at that size; at other sizes timm's
 antialiased resampling makes them differ slightly. DINOv3 has no absolute position embedding, and SigLIP2 resizes its
 table per image the way timm's NaFlexVit is built to here: equal at every size.
@@ -87,7 +88,7 @@ def plan(config: dict) -> Union[Equivalent, str]:
     patch, image = _size(config["patch_size"]), _size(config["image_size"])
     if image[0] != image[1] or patch[0] != patch[1]:
         return f"transformers {hf_class} with a non-square image_size / patch_size has no timm equivalent here"
-    resolution = int(config.get("distilled_resolution") or image[0])
+    resolution = int(config.get("deploy_resolution") or config.get("distilled_resolution") or image[0])
     act = config.get("hidden_act", "gelu")
     if hf_class in _TOWERS:
         return _plan_tower(config, hf_class, dim, heads, patch[0], resolution, act)
@@ -175,7 +176,7 @@ def _plan_naflex(config: dict, hf_class: str) -> Union[Equivalent, str]:
                 pos_embed_antialias=True, pos_embed_align_corners=False, pos_embed_ar_preserving=False,
                 pos_embed_use_grid_sample=False, embed_proj_type="linear", patchify_channels_last=True,
                 global_pool="map" if head else "", fc_norm=False)
-    resolution = int(config.get("distilled_resolution") or grid * patch[0])
+    resolution = int(config.get("deploy_resolution") or config.get("distilled_resolution") or grid * patch[0])
     return Equivalent(architecture=_EQUIVALENT[hf_class], model_args=args, resolution=resolution,
                       norm_eps=float(config.get("layer_norm_eps", 1e-6)), hf_class=hf_class, naflex=True,
                       converted_modules=[timm_path(p) for p in config.get("converted_modules") or []])
@@ -365,9 +366,11 @@ def set_norm_eps(model: torch.nn.Module, eps: float) -> None:
 
 def hf_data_config(processor: Optional[dict], resolution: int) -> dict:
     """timm's data-config fields from a ``preprocessor_config.json`` at the equivalent's resolution."""
+    from castle_convert.preprocess import RESAMPLE_NAMES
     out = {"input_size": (3, resolution, resolution), "crop_pct": 1.0}
     if processor:
-        out.update(mean=tuple(processor.get("image_mean", ())) or None, std=tuple(processor.get("image_std", ())) or None)
+        out.update(mean=tuple(processor.get("image_mean", ())) or None, std=tuple(processor.get("image_std", ())) or None,
+                   interpolation=RESAMPLE_NAMES.get(processor.get("resample")))   # as the processor resizes
         size, crop = processor.get("size") or {}, processor.get("crop_size") or {}
         if processor.get("do_center_crop") and "shortest_edge" in size and crop.get("height"):
             out["crop_pct"] = crop["height"] / size["shortest_edge"]

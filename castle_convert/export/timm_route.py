@@ -30,6 +30,9 @@ from castle_convert.export.source import (_NO_WEIGHTS, CFG_KEY, PREFIX, TRANSFOR
 
 from castle_convert.export.timm_archs import PATTERNS, convertible  # noqa: E402
 default_cfgs: dict[str, dict] = {}           # read by timm's register_model
+# key of the config.json embedded (as pretrained_cfg[CFG_KEY]) in the timm equivalent of a transformers source: that
+# model's weights, as timm's save_for_hf writes them, carry timm's names (no renaming on load)
+TIMM_NAMES = "castle_timm_names"
 _registered = False
 _FEATURE_ARGS = ("out_indices", "feature_cls")      # what timm's ViT features_only takes
 
@@ -105,8 +108,9 @@ def create_castle_model(arch: str, pretrained: bool = False, pretrained_cfg: Any
 
     from castle_convert.config import CastlingConfig
     from castle_convert.convert import convert, finalize
-    from castle_convert.export.load import (METADATA_KEY, CheckpointError, build_converted, check_format,
-                                            config_from_metadata, load_into, read_safetensors)
+    from castle_convert.export.load import (METADATA_KEY, CheckpointError, build_checked, check_format,
+                                            checked_config, config_from_metadata, load_into, read_safetensors,
+                                            weights_header)
 
     name = PREFIX + arch
     kwargs.pop("pretrained_model_args", None)
@@ -131,22 +135,26 @@ def create_castle_model(arch: str, pretrained: bool = False, pretrained_cfg: Any
         model.default_cfg = model.pretrained_cfg
         return _features(model, feature_kwargs) if features else model
     file = _weights_file(cfg, cache_dir)
+    _refuse_pickled_directory(file)
     if file is None:
         raise CheckpointError(
             f"{name} has no weights of its own: pass the model.safetensors of a castle-convert output directory, "
             f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='out/model.safetensors'))"
             ", or timm.create_model('local-dir:out', pretrained=True) / ('hf-hub:REPO', pretrained=True)")
-    state, metadata = read_safetensors(file)
-    if METADATA_KEY not in metadata and embedded:
+    header = weights_header(file)              # names, shapes, metadata: nothing is built or read before the checks
+    if METADATA_KEY not in header.metadata and embedded:
         config = embedded                      # timm's save_for_hf: the config travels in pretrained_cfg
+        if not isinstance(config, dict) or not isinstance(config.get("source"), dict):
+            raise CheckpointError(f"{file}: its config.json's '{CFG_KEY}' is not a castle-convert config")
         check_format(config.get("format_version", 1), file)
     else:
-        config = config_from_metadata(metadata, file)
+        config = config_from_metadata(header.metadata, file)
+    checked_config(config, header, f"{file} (its castle-convert config)")
     src = config["source"]
     num_classes = kwargs.pop("num_classes", None)
     img_size = kwargs.pop("img_size", None)
     if src.get("library") == "transformers":          # the equivalent timm ViT, weights renamed
-        model, stored, data_cfg = _from_transformers(arch, file, cfg, state, config, cache_dir)
+        model, stored, data_cfg, config = _from_transformers(arch, file, cfg, header, config, cache_dir)
     else:
         if src.get("library") != "timm" or src.get("architecture") != arch:
             raise CheckpointError(f"{file} holds a converted {src.get('library')} {src.get('architecture') or '?'}, "
@@ -158,10 +166,8 @@ def create_castle_model(arch: str, pretrained: bool = False, pretrained_cfg: Any
                               f"checkpoint {file} ({', '.join(f'{k}={stored.get(k)!r}' for k in changed)}); only "
                               "num_classes (new head) and img_size (resampled position embedding) can change")
     if src.get("library") != "transformers":
-        try:
-            model = build_converted(config)
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"cannot rebuild the architecture described in {file}'s metadata: {e}") from None
+        model = build_checked(config, header, file, f"{file}'s metadata")
+        state, _ = read_safetensors(file)
         load_into(model, state, file)
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)
@@ -170,7 +176,7 @@ def create_castle_model(arch: str, pretrained: bool = False, pretrained_cfg: Any
     model.pretrained_cfg = converted_pretrained_cfg(
         {**model.pretrained_cfg, **{k: v for k, v in cfg.items() if v is not None},
          **{k: tuple(v) if isinstance(v, list) else v for k, v in data_cfg.items()}},
-        arch, castle_config(config) if src.get("library") == "timm" else None)
+        arch, castle_config(config) if src.get("library") == "timm" else {**config, TIMM_NAMES: True})
     if num_classes is not None:
         model.pretrained_cfg["num_classes"] = num_classes
     model.default_cfg = model.pretrained_cfg
@@ -192,43 +198,86 @@ def _directory_file(file: Path, cfg: dict, name: str, cache_dir: Any) -> Optiona
         return None
 
 
-def _from_transformers(arch: str, file: Path, cfg: dict, state: dict, meta_config: dict, cache_dir: Any):
-    """(model, its constructor arguments, data config) of the timm model equivalent to a transformers-source
-    file (:mod:`castle_convert.export.timm_equivalent`), or a one-line error naming the routes that load it."""
+def _refuse_pickled_directory(file: Optional[Path]) -> None:
+    """A directory whose weights are a pickle (timm's ``save_for_hf`` writes ``pytorch_model.bin`` unless told
+    otherwise): one line naming the call that writes safetensors; castle-convert never unpickles weights."""
+    from castle_convert.export.load import PICKLE_NAMES, WEIGHTS_NAME, CheckpointError
+    if file is None or Path(file).is_file() or Path(file).name != WEIGHTS_NAME:
+        return
+    pickle = next((Path(file).parent / n for n in PICKLE_NAMES if (Path(file).parent / n).is_file()), None)
+    if pickle is not None:
+        raise CheckpointError(f"{Path(file).parent} holds {pickle.name}, a pickle, and no {WEIGHTS_NAME}: castle_* "
+                              "models load weights only from safetensors (never unpickled). timm's save_for_hf writes a "
+                              "pickle by default: save with timm.models.save_for_hf(model, DIR, "
+                              "safe_serialization=True), or cc.save_pretrained(model, DIR)")
+
+
+def _from_transformers(arch: str, file: Path, cfg: dict, header, meta_config: dict, cache_dir: Any):
+    """(model, its constructor arguments, data config, the directory's config) of the timm model equivalent to a
+    transformers-source file (:mod:`castle_convert.export.timm_equivalent`), or a one-line error naming the routes
+    that load it. ``meta_config`` with :data:`TIMM_NAMES` is that config embedded in a ``pretrained_cfg`` (timm's
+    ``save_for_hf`` of such a model): its weights carry timm's names already. The config.json beside the weights is
+    checked, and the equivalent built on the meta device and compared with the file's (renamed) tensor shapes,
+    before it is built for real."""
     import json
 
     import timm
+    import torch
 
     from castle_convert.config import CastlingConfig
     from castle_convert.convert import convert, finalize
-    from castle_convert.export.load import CheckpointError, load_into, read_config
+    from castle_convert.export.hub.castling_checks import ConfigCheckError, Header, check_shapes
+    from castle_convert.export.load import CheckpointError, checked_config, load_into, read_config, read_safetensors
     from castle_convert.export.timm_equivalent import hf_data_config, plan, set_norm_eps, timm_state
 
     where = cfg.get("file") or cfg.get("hf_hub_id") or str(file)
-    config_file = _directory_file(file, cfg, "config.json", cache_dir)
-    config = read_config(config_file.parent) if config_file is not None else None
+    timm_names = bool(meta_config.get(TIMM_NAMES))
+    if timm_names:
+        config = {k: v for k, v in meta_config.items() if k != TIMM_NAMES}
+    else:
+        config_file = _directory_file(file, cfg, "config.json", cache_dir)
+        config = read_config(config_file.parent) if config_file is not None else None
+        if config is not None:
+            checked_config(config, header, config_file)
     eq = plan(config) if config is not None else "its config.json is not beside the weights"
     if isinstance(eq, str):
         raise _no_timm(where, eq)
     if eq.architecture != arch:
         raise CheckpointError(f"{where} holds a converted transformers {eq.hf_class}, whose timm equivalent is "
                               f"castle_{eq.architecture}, not castle_{arch}: load it with castle_{eq.architecture}")
-    base = timm.create_model(arch, pretrained=False, **eq.model_args)
-    set_norm_eps(base, eq.norm_eps)
     castling = CastlingConfig.from_dict({"ref_tokens": 0, **meta_config["castling"]})
     converted = set(eq.converted_modules)
-    model = convert(base, castling, inplace=True, filter_fn=(lambda m, fqn: fqn in converted) if converted else None,
-                    gamma_init="one")
-    model = finalize(model, inplace=True, check=False, force=True)
+
+    def build(device: str):
+        base = timm.create_model(arch, pretrained=False, device=device, **eq.model_args)
+        set_norm_eps(base, eq.norm_eps)
+        model = convert(base, castling, inplace=True, gamma_init="one",
+                        filter_fn=(lambda m, fqn: fqn in converted) if converted else None)
+        return finalize(model, inplace=True, check=False, force=True)
+
+    def renamed(state: dict) -> dict:
+        if timm_names:
+            return state
+        try:
+            return timm_state(state, eq, config)
+        except KeyError as e:
+            raise CheckpointError(f"{file}: {e.args[0]}: load it with castle_convert.load({str(where)!r})") from None
+    try:                                        # shapes first: nothing of the config's sizes is allocated before
+        meta = {k: tuple(v.shape) for k, v in build("meta").state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in renamed({k: torch.empty(s, device="meta")
+                                                         for k, s in header.shapes.items()}).items()}
+        check_shapes(meta, Header(shapes), where=str(file))
+    except ConfigCheckError as e:
+        raise CheckpointError(str(e)) from None
+    model = build("cpu")
     model.castling_config = castling
-    try:
-        renamed = timm_state(state, eq, config)
-    except KeyError as e:
-        raise CheckpointError(f"{file}: {e.args[0]}: load it with castle_convert.load({str(where)!r})") from None
-    load_into(model, renamed, file)
+    state, _ = read_safetensors(file)
+    load_into(model, renamed(state), file)
+    if timm_names:                            # saved by timm from this very model: its own names, its own data config
+        return model.eval(), eq.model_args, {}, config
     processor = _directory_file(file, cfg, "preprocessor_config.json", cache_dir)
     data = hf_data_config(json.loads(processor.read_text()) if processor else None, eq.resolution)
-    return model.eval(), eq.model_args, data
+    return model.eval(), eq.model_args, data, config
 
 
 def _norm(v: Any) -> Any:
@@ -257,7 +306,12 @@ def transformers_source(pretrained: bool = False, pretrained_cfg: Any = None, **
     from castle_convert.export.load import CheckpointError, read_config
     from castle_convert.export.timm_equivalent import plan
     cfg = pretrained_cfg if isinstance(pretrained_cfg, dict) else {}
-    where = cfg.get("file") or cfg.get("hf_hub_id") or "this directory"
+    where = cfg.get("file") or cfg.get("hf_hub_id")
+    if not where:
+        raise CheckpointError(f"{TRANSFORMERS_ENTRY} is not a model to create by name: it is what timm's local-dir: / "
+                              "hf-hub: read from a castle-convert directory converted from a transformers class without "
+                              "a timm equivalent; load such a directory with castle_convert.load(DIR) or transformers "
+                              "(AutoModel.from_pretrained(DIR, trust_remote_code=True))")
     try:
         reason = plan(read_config(Path(where)))
     except CheckpointError as e:
@@ -271,6 +325,18 @@ def _no_timm(where: Any, reason: str):
     return CheckpointError(f"{where} holds a converted transformers model that timm cannot build ({reason}): load it "
                            f"with castle_convert.load({str(where)!r}) or transformers (AutoModel.from_pretrained(..., "
                            "trust_remote_code=True))")
+
+
+def _unlisted(name: str) -> None:
+    """Keep ``name`` out of ``timm.list_models()`` while ``timm.create_model`` still finds it: timm lists every
+    registered entry point except its deprecated names. :data:`TRANSFORMERS_ENTRY` is the entry of a directory's
+    config.json (``local-dir:`` / ``hf-hub:`` reach it, and it names the routes that load the directory), not a
+    model anyone builds by name, so no listed ``castle_*`` name fails to create. A timm without that private table
+    lists it; nothing else changes."""
+    from timm.models import _registry
+    hidden = getattr(_registry, "_deprecated_models", None)
+    if isinstance(hidden, dict):
+        hidden[name] = None
 
 
 def register() -> int:
@@ -287,6 +353,7 @@ def register() -> int:
         default_cfgs[TRANSFORMERS_ENTRY] = {}
         fn = globals()[TRANSFORMERS_ENTRY] = _named(transformers_source, TRANSFORMERS_ENTRY)
         register_model(fn)
+        _unlisted(TRANSFORMERS_ENTRY)
         added += 1
     converts = convertible()
     for arch in timm.list_models(list(PATTERNS)):

@@ -14,11 +14,63 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .castling_checks import check_config, read_header
 from .castling_functional import (apply_rope, context_scores, linear_angular_fused, local_global_attention, merge_heads,
                                   padded_grid_dw, patch_grid_dw, resolve_grid, separable_context, token_dw)
 
 SUPPORTED_KINDS = ("linear_angular", "separable", "local_global")
 DW_MODES = ("2d", "1d", "none")
+
+
+def _weights_header(config):
+    """The header (names, shapes) of the ``model.safetensors`` beside this config — its local directory, or the Hub
+    cache — or None when there is none (a config built in memory, sharded weights)."""
+    import os
+    name = str(getattr(config, "_name_or_path", "") or "")
+    if not name:
+        return None
+    file = os.path.join(name, "model.safetensors")
+    if not os.path.isfile(file):
+        try:
+            from transformers.utils import cached_file
+            file = cached_file(name, "model.safetensors", local_files_only=True,
+                               _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except Exception:  # noqa: BLE001 - not a local directory or a cached repo: sizes are bounded without it
+            return None
+    return read_header(file) if file and os.path.isfile(file) else None
+
+
+def _check_published(config) -> None:
+    """config.json is untrusted input: the one validation castle-convert's own routes run too
+    (``castling_checks.py``), before anything is allocated or looked up; a one-line ValueError."""
+    check_config(config.to_dict(), _weights_header(config), kinds=SUPPORTED_KINDS)
+
+
+class _StrictLoading:
+    """``from_pretrained`` that refuses weights that leave part of the model random or are not used: transformers
+    only warns (an edited config.json with more layers than the file loaded with the extra layers random). Tolerated:
+    a whole part the file does not have at all (a base model's pooler) or a part the model does not have (the head of a
+    classifier's file loaded as its base model)."""
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        own = set(model.state_dict())
+        missing = set(info.get("missing_keys") or [])
+        loaded_tops = {k.split(".")[0] for k in own - missing}
+        children = {n for n, _ in model.named_children()} | {k.split(".")[0] for k in own}
+        partly = sorted(k for k in missing if k.split(".")[0] in loaded_tops)
+        unused = sorted(k for k in info.get("unexpected_keys") or [] if k.split(".")[0] in children)
+        mismatched = list(info.get("mismatched_keys") or [])
+        if partly or unused or mismatched:
+            what = (f"{len(partly)} of the model's weights are not in it (e.g. {partly[0]})" if partly else
+                    f"{len(unused)} of its weights fit nothing in the model (e.g. {unused[0]})" if unused else
+                    f"{len(mismatched)} of its weights have another shape (e.g. {list(mismatched)[0]})")
+            raise ValueError(f"the weights do not fit the architecture config.json describes: {what}; the file and "
+                             "config.json come from different models (was config.json edited?)")
+        return (model, info) if want_info else model
 
 
 def _check_castling(castling: dict) -> None:
@@ -112,6 +164,9 @@ class CastlingAttention(_CastlingQKVAttention):
     """Linear-angular attention, inference form. Keys: qkv, q_norm, k_norm, gamma, dw.conv, norm,
     out_gate, proj."""
 
+    def extra_repr(self) -> str:                  # what print(model) shows where PEFT finds no query/value
+        return "qkv: query, key and value fused (PEFT / LoRA: target_modules=['qkv', 'proj'])"
+
     def __init__(self, dim: int, num_heads: int, head_dim: int, num_prefix_tokens: int, castling: dict, *,
                  qkv_bias: bool = True, proj_bias: bool = True, dim_out: Optional[int] = None,
                  qk_norm_eps: Optional[float] = None, out_norm_eps: Optional[float] = None,
@@ -171,6 +226,9 @@ class CastlingSeparableAttention(_CastlingAttentionBase):
     """Separable self-attention (MobileViTv2), inference form. Keys: in_proj ([values | context
     logits], or [values | keys] + k_norm + context_query with qk-norm), context_gain, relu_gain,
     dw.conv, norm, out_gate, proj."""
+
+    def extra_repr(self) -> str:                  # what print(model) shows where PEFT finds no query/value
+        return "in_proj: values and context fused (PEFT / LoRA: target_modules=['in_proj', 'proj'])"
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, num_prefix_tokens: int, castling: dict, *,
                  qkv_bias: bool = True, proj_bias: bool = True, dim_out: Optional[int] = None,

@@ -27,7 +27,8 @@ from transformers import PreTrainedModel
 
 from .castling_functional import patch_grid
 from .castling_layers import (DW_MODES, SUPPORTED_KINDS, CastlingAttention, CastlingSeparableAttention,  # noqa: F401
-                              SoftmaxAttention, _check_castling, _DWConv, _init_castling_weights, make_attention)
+                              SoftmaxAttention, _check_castling, _check_published, _DWConv, _init_castling_weights,
+                              _StrictLoading, make_attention)
 from .configuration_castling import CastlingViTConfig
 from .modeling_castling_timm import (CastlingTimmEvaForImageClassification, CastlingTimmEvaModel,  # noqa: F401
                                      CastlingTimmNaFlexVitForImageClassification, CastlingTimmNaFlexVitModel,
@@ -98,7 +99,28 @@ def _naflex_kwargs(module: nn.Module, args: tuple, kwargs: dict):
         return None
     if mask is None:
         mask = torch.ones(pixels.shape[:2], dtype=torch.bool, device=pixels.device)   # (B, N): no padding
+    _check_padding(mask, shapes)
     return args, {**kwargs, "token_mask": mask.to(torch.bool), "grid_sizes": shapes.to(pixels.device)}
+
+
+def _check_padding(mask: torch.Tensor, shapes: torch.Tensor) -> None:
+    """Raise (one line) unless each image's ``spatial_shapes`` (rows, cols) agree with its ``pixel_attention_mask``
+    (B, N): its rows·cols real patches first, then padding, as the image processor gives them (eager mode only)."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or \
+            mask.device.type == "meta" or isinstance(mask, torch.fx.Proxy):
+        return
+    B, N = mask.shape
+    shapes = shapes.to(mask.device).to(torch.long)
+    pos = torch.arange(N, device=mask.device).unsqueeze(0)                        # (1, N)
+    ok = ((pos < shapes[:, 0:1] * shapes[:, 1:2]) == mask.to(torch.bool)).all(-1) & (shapes > 0).all(-1)   # (B,)
+    if not bool(ok.all()):
+        b = int((~ok).nonzero()[0])
+        rows, cols = (int(v) for v in shapes[b])
+        real = int(mask[b].to(torch.long).sum())
+        raise ValueError(f"SigLIP2 with castling attention: image {b} of this batch has spatial_shapes {rows}x{cols} "
+                         f"({rows * cols} patches) but its pixel_attention_mask marks {real} of {N} positions real"
+                         f"{'' if real != rows * cols else ' (not the first ones)'}: pass each image's mask and "
+                         "shapes as the image processor gives them (its rows·cols patches first, then padding)")
 
 
 def _grid_from_embeddings(module: nn.Module, args: tuple, kwargs: dict):
@@ -219,6 +241,7 @@ def _hf_class(name: str):
     base_cls = getattr(transformers, name)
 
     def __init__(self, config):
+        _check_published(config)                       # untrusted config.json: before anything is built
         base_cls.__init__(self, config)
         _castling_swap_hf(self, config)
         self.register_forward_pre_hook(_refuse_attentions, with_kwargs=True)
@@ -229,10 +252,50 @@ def _hf_class(name: str):
         elif not isinstance(module, CastlingHFAttention):
             base_cls._init_weights(self, module)
 
-    return type(f"Castling{name}", (base_cls,), {
+    return type(f"Castling{name}", (_StrictLoading, base_cls), {
         "config_class": CastlingViTConfig, "__init__": __init__, "_init_weights": _init_weights,
         "__module__": __name__,
         "__doc__": f"transformers {name} with castling linear-angular attention (keys as castle-convert writes)."})
+
+
+def _hf_head_class(base_name: str):
+    """``Castling<Base>ForImageClassification`` for a transformers backbone without a classification class of its
+    own config (CLIP / SigLIP / SigLIP2 vision towers, DINOv3): the castling backbone under ``backbone`` (a backbone
+    directory's keys load into it, as transformers loads a base model's checkpoint into a model with a head) and a
+    new linear head of ``config.num_labels`` on its pooled output (``pooler_output``: CLS after the final norm, or the
+    MAP head; the mean token where there is none)."""
+    from transformers.modeling_outputs import ImageClassifierOutput
+    backbone_cls = globals()[f"Castling{base_name}"]
+
+    def __init__(self, config):
+        PreTrainedModel.__init__(self, config)
+        self.num_labels = int(config.num_labels)
+        self.backbone = backbone_cls(config)
+        width = int(getattr(config, "hidden_size", 0) or self.backbone.config.hidden_size)
+        self.classifier = nn.Linear(width, self.num_labels) if self.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def _init_weights(self, module):
+        if module is self.classifier and isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=float(getattr(self.config, "initializer_range", 0.02)))
+            nn.init.zeros_(module.bias)
+        elif module is not self:
+            self.backbone._init_weights(module)
+
+    def forward(self, pixel_values=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+        out = self.backbone(pixel_values, output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
+        pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None \
+            else out.last_hidden_state.mean(dim=1)
+        logits = self.classifier(pooled)
+        loss = None if labels is None else nn.functional.cross_entropy(logits.float(), labels.to(logits.device))
+        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        return output if use_dict else output.to_tuple()
+
+    return type(f"Castling{base_name}ForImageClassification", (PreTrainedModel,), {
+        "config_class": CastlingViTConfig, "base_model_prefix": "backbone", "main_input_name": "pixel_values",
+        "__init__": __init__, "_init_weights": _init_weights, "forward": forward, "__module__": __name__,
+        "__doc__": f"transformers {base_name} with castling attention and a new image-classification head."})
 
 
 HF_CLASSES = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
@@ -242,3 +305,14 @@ HF_CLASSES = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImag
 for _name in HF_CLASSES:
     if hasattr(transformers, _name):
         globals()[f"Castling{_name}"] = _hf_class(_name)
+
+# a backbone's directory loaded with AutoModelForImageClassification(..., num_labels=N): transformers' own classification
+# class of that config where there is one (DINOv2: CLS + mean patch token, as transformers' Dinov2ForImageClassification),
+# else a new head on the pooled output
+HF_HEADS = {"ViTModel": "ViTForImageClassification", "DeiTModel": "DeiTForImageClassification",
+            "Dinov2Model": "Dinov2ForImageClassification",
+            "Dinov2WithRegistersModel": "Dinov2WithRegistersForImageClassification"}
+for _name in ("CLIPVisionModel", "SiglipVisionModel", "Siglip2VisionModel", "DINOv3ViTModel"):
+    if f"Castling{_name}" in globals():
+        globals()[f"Castling{_name}ForImageClassification"] = _hf_head_class(_name)
+        HF_HEADS[_name] = f"{_name}ForImageClassification"

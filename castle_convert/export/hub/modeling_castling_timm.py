@@ -19,8 +19,9 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
 from .castling_layers import (CastlingAttention, CastlingSeparableAttention, SoftmaxAttention, _CastlingAttentionBase,
-                              _CastlingQKVAttention,
-                              _check_castling, _DWConv, _init_castling_weights, make_attention)
+                              _CastlingQKVAttention, _check_castling, _check_published, _DWConv,
+                              _init_castling_weights, _StrictLoading, make_attention)
+from .castling_checks import names_other_files
 from .configuration_castling import CastlingViTConfig
 
 # -- timm sources: a self-contained timm VisionTransformer ------------------------------------------
@@ -103,17 +104,19 @@ def _resample_pos_embed(pos: torch.Tensor, new_hw: tuple, old_hw: tuple, num_pre
     return torch.cat([prefix, grid], dim=1)
 
 
-class CastlingTimmViTPreTrainedModel(PreTrainedModel):
+class CastlingTimmViTPreTrainedModel(_StrictLoading, PreTrainedModel):
     """A timm ViT (``VisionTransformer`` / DeiT ``VisionTransformerDistilled``) with castling
     attention; parameters carry timm's names (``cls_token``, ``blocks.0.attn.qkv``, ``head``)."""
 
     config_class = CastlingViTConfig
     base_model_prefix = "castling_timm_vit"          # never a key prefix: keys are timm's
+    _castle_head = False                             # ForImageClassification: a head of config.num_labels classes
     main_input_name = "pixel_values"
     _no_split_modules = ["_Block"]
     supports_gradient_checkpointing = True
 
     def __init__(self, config: CastlingViTConfig):
+        _check_published(config)                       # untrusted config.json: before anything is built
         super().__init__(config)
         spec = config.timm_vit
         if not spec:
@@ -145,7 +148,9 @@ class CastlingTimmViTPreTrainedModel(PreTrainedModel):
             else nn.Identity()
         self.fc_norm = nn.LayerNorm(D, eps=eps) if spec.get("final_norm", True) and spec.get("fc_norm") \
             else nn.Identity()
-        n = spec.get("num_classes", 0)
+        # a classifier: config.num_labels (a backbone's directory loaded with AutoModelForImageClassification(...,
+        # num_labels=N) gets a new head of N classes, as transformers' own backbones do)
+        n = int(config.num_labels) if self._castle_head else spec.get("num_classes", 0)
         self.head = nn.Linear(D, n) if n > 0 else nn.Identity()
         if spec.get("distilled"):
             self.head_dist = nn.Linear(D, n) if n > 0 else nn.Identity()
@@ -230,7 +235,9 @@ def _return(return_dict: Optional[bool], config, output):
 
 
 class CastlingTimmViTForImageClassification(CastlingTimmViTPreTrainedModel):
-    """Logits equal the timm model's ``model(x)``."""
+    """Logits equal the timm model's ``model(x)``; on a backbone's directory, a new head of ``num_labels``."""
+
+    _castle_head = True
 
     def forward(self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 return_dict: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
@@ -268,7 +275,6 @@ class CastlingTimmViTModel(CastlingTimmViTPreTrainedModel):
 # timm.create_model arguments that read or fetch weights: never taken from a config.json
 _TIMM_LOADER_ARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
                      "cache_dir")
-_TIMM_REMOTE_NAMES = ("hf-hub:", "hf_hub:", "local-dir:", "timm/")
 
 
 def _import_timm(arch: str):
@@ -289,7 +295,7 @@ def _build_timm(config, spec: dict) -> nn.Module:
     arch = source.get("architecture", "")
     args = dict(source.get("model_args") or {})
     bad = [f"source.model_args.{k}" for k in sorted(set(args) & set(_TIMM_LOADER_ARGS))]
-    if not isinstance(arch, str) or arch.startswith(_TIMM_REMOTE_NAMES):
+    if not isinstance(arch, str) or names_other_files(arch):
         bad.append(f"source.architecture {arch!r}")
     if bad:
         raise ValueError(f"config.json {', '.join(bad)} names weights to load or fetch: a castle-convert checkpoint's "
@@ -329,6 +335,14 @@ def _build_timm(config, spec: dict) -> nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new.to(device=p.device, dtype=p.dtype))
     return model
+
+
+def _head_for_labels(owner: nn.Module, model: nn.Module, config) -> None:
+    """A timm-built classifier (``owner._castle_head``) has ``config.num_labels`` classes: timm's
+    ``reset_classifier`` when the source's head has another count (a backbone's directory given a head)."""
+    n = int(config.num_labels)
+    if getattr(owner, "_castle_head", False) and int(getattr(model, "num_classes", 0) or 0) != n:
+        model.reset_classifier(n)
 
 
 def _build_timm_eva(config) -> nn.Module:
@@ -389,23 +403,26 @@ def _grid_eva_block(cls: type) -> type:
     return _GRID_EVA_BLOCKS[cls]
 
 
-class CastlingTimmEvaPreTrainedModel(PreTrainedModel):
+class CastlingTimmEvaPreTrainedModel(_StrictLoading, PreTrainedModel):
     """A timm Eva (``eva02_*``, ``vit_*_rope_*``, ``vit_*_dinov3``, ``vit_pe_*``) with castling attention, built with
     timm (needs ``pip install timm``): the timm model's modules and parameters are this model's own, under timm's
     names (``blocks.0.attn.qkv``, ``rope.freqs``, ``head``), so one ``model.safetensors`` serves every route."""
 
     config_class = CastlingViTConfig
     base_model_prefix = "castling_timm_eva"          # never a key prefix: keys are timm's
+    _castle_head = False
     main_input_name = "pixel_values"
     _no_split_modules = ["GridEvaBlock", "GridEvaBlockPostNorm"]
     supports_gradient_checkpointing = True
 
     def __init__(self, config: CastlingViTConfig):
+        _check_published(config)                       # untrusted config.json: before anything is built
         super().__init__(config)
         if not getattr(config, "timm_eva", None):
             raise ValueError("config.json has no 'timm_eva' section: this directory was not written for a timm Eva "
                              "source model")
         eva = _build_timm_eva(config)
+        _head_for_labels(self, eva, config)
         self._timm_eva_class = type(eva)
         _adopt_timm(self, eva)
         self.gradient_checkpointing = False          # transformers' gradient_checkpointing_enable() sets it
@@ -451,7 +468,9 @@ class CastlingTimmEvaPreTrainedModel(PreTrainedModel):
 
 
 class CastlingTimmEvaForImageClassification(CastlingTimmEvaPreTrainedModel):
-    """Logits equal the timm model's ``model(x)``."""
+    """Logits equal the timm model's ``model(x)``; on a backbone's directory, a new head of ``num_labels``."""
+
+    _castle_head = True
 
     forward = CastlingTimmViTForImageClassification.forward
 
@@ -535,7 +554,7 @@ def _naflex_inputs(pixel_values, patches, patch_coord, patch_valid, attn_mask):
     return x, patch_coord, patch_valid, attn_mask
 
 
-class CastlingTimmNaFlexVitPreTrainedModel(PreTrainedModel):
+class CastlingTimmNaFlexVitPreTrainedModel(_StrictLoading, PreTrainedModel):
     """timm's ``NaFlexVit`` (``naflexvit_*``) with castling attention, built with timm (needs ``pip install timm``):
     timm's modules and parameter names (``embeds.proj``, ``blocks.0.attn.qkv``, ``head``), so one
     ``model.safetensors`` serves every route. Takes images (B, C, H, W) or a NaFlex batch (``patches`` (B, N, P·P·C),
@@ -543,11 +562,13 @@ class CastlingTimmNaFlexVitPreTrainedModel(PreTrainedModel):
 
     config_class = CastlingViTConfig
     base_model_prefix = "castling_timm_naflexvit"    # never a key prefix: keys are timm's
+    _castle_head = False
     main_input_name = "pixel_values"
     _no_split_modules = ["GridBlock"]
     supports_gradient_checkpointing = True
 
     def __init__(self, config: CastlingViTConfig):
+        _check_published(config)                       # untrusted config.json: before anything is built
         super().__init__(config)
         if not getattr(config, "timm_naflex", None):
             raise ValueError("config.json has no 'timm_naflex' section: this directory was not written for a timm "
@@ -558,6 +579,7 @@ class CastlingTimmNaFlexVitPreTrainedModel(PreTrainedModel):
                              "this directory's config.json was edited; save the model again")
         for blk in model.blocks:                             # every block takes grid= / token_mask=, keys unchanged
             blk.__class__ = _grid_naflex_block(type(blk))
+        _head_for_labels(self, model, config)
         self._timm_naflex_class = type(model)
         _adopt_timm(self, model)
         self.gradient_checkpointing = False          # transformers' gradient_checkpointing_enable() sets it
@@ -620,7 +642,10 @@ class CastlingTimmNaFlexVitPreTrainedModel(PreTrainedModel):
 
 
 class CastlingTimmNaFlexVitForImageClassification(CastlingTimmNaFlexVitPreTrainedModel):
-    """Logits equal the timm model's ``model(x)`` — images, or a NaFlex batch (its dict as ``pixel_values``)."""
+    """Logits equal the timm model's ``model(x)`` — images, or a NaFlex batch (its dict as ``pixel_values``); on a
+    backbone's directory, a new head of ``num_labels``."""
+
+    _castle_head = True
 
     def forward(self, pixel_values=None, patch_coord: Optional[torch.Tensor] = None,
                 patch_valid: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
