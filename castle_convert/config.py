@@ -34,6 +34,10 @@ class ModelLoadError(ValueError):
     and the built-ins of ``castle_convert.zoo``)."""
 
 
+class DataError(ValueError):
+    """A dataset cannot be found or does not fit the teacher; the message says how to fix it."""
+
+
 class ConfigError(ValueError):
     """A CastlingConfig (or recipe) field has a value we cannot use."""
 

@@ -22,35 +22,14 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from castle_convert.config import error_line
+from castle_convert.config import DataError, error_line  # noqa: F401 - castle_convert.data.DataError, as before
 from castle_convert.preprocess import DataConfig, data_config  # noqa: F401 - the teacher's preprocessing
+from castle_convert.runtime import available_memory  # noqa: F401 - castle_convert.data.available_memory, as before
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
-
-
-def available_memory(device: str = "cpu") -> Optional[int]:
-    """Bytes of memory free for new tensors on ``device``: CUDA's free memory, else Linux's MemAvailable
-    (``/proc/meminfo``), else the free physical pages (``os.sysconf``); None when unknown."""
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-class DataError(ValueError):
-    """A dataset cannot be found or does not fit the teacher; the message says how to fix it."""
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from castle_convert import adapters
-from castle_convert.data import available_memory   # a module global: tests replace it
+from castle_convert.runtime import available_memory   # a module global: tests replace it
 
 DEFAULT_RESOLUTIONS = (224, 448, 518)
 # images per resolution, one default for `castle-convert eval` and the main job's block (recipe fidelity.max_images):

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from castle_convert.data import DataError
+from castle_convert.config import DataError
 
 PACKAGES = {
     "mate-backgrounds": "GPL-2+",
@@ -277,7 +277,7 @@ def _check_room(n: int, size: int, folder: Path) -> None:
     either cannot hold them (a recipe's ``data.max_train_samples`` is input too), before any work."""
     import shutil
 
-    from castle_convert.data import available_memory
+    from castle_convert.runtime import available_memory
     need = n * size * size * 3
     free = available_memory()
     if free is not None and need > 0.8 * free:

@@ -1,4 +1,5 @@
-"""Process settings the command line applies before it runs a model: glibc malloc keeps large freed blocks.
+"""Machine facts and process settings: the memory free for new tensors, and glibc malloc keeping large freed
+blocks (the command line applies it before it runs a model).
 
 PyTorch's CPU allocator takes every tensor from ``malloc``. glibc serves allocations above its mmap threshold
 (128 KB to 32 MB) with fresh ``mmap`` pages and returns them on ``free``, so every call that makes multi-megabyte
@@ -16,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from typing import Optional
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3     # glibc's mallopt parameters (malloc.h)
 _applied: list[bool] = []
@@ -47,3 +49,22 @@ def malloc_note() -> str:
         return "malloc: default"
     return "malloc: tuned (castle_convert.runtime; CASTLE_MALLOC=default to measure without)" if _applied[0] \
         else "malloc: default"
+
+
+def available_memory(device: str = "cpu") -> Optional[int]:
+    """Bytes of memory free for new tensors on ``device``: CUDA's free memory, else Linux's MemAvailable
+    (``/proc/meminfo``), else the free physical pages (``os.sysconf``); None when unknown."""
+    import torch
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None

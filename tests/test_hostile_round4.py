@@ -810,14 +810,14 @@ def test_temporary_files_of_killed_writes_are_removed(wallpapers):
 
 
 def test_natural_images_that_do_not_fit_are_refused_before_work(wallpapers, monkeypatch):
-    from castle_convert import data, natural
+    from castle_convert import natural, runtime
     monkeypatch.setattr(natural, "_make_training_images", lambda *a, **k: pytest.fail("images were made"))
-    monkeypatch.setattr(data, "available_memory", lambda device="cpu": 2 ** 30)
+    monkeypatch.setattr(runtime, "available_memory", lambda device="cpu": 2 ** 30)
     with pytest.raises(natural.NaturalDataError, match=r"100000 natural training images at 224 px need 14\.0 GiB of "
                                                        r"memory, more than the 1\.0 GiB available: use at most --set "
                                                        r"data\.max_train_samples=5706$"):
         natural.training_images(n=100_000, size=224, progress=False)
-    monkeypatch.setattr(data, "available_memory", lambda device="cpu": 2 ** 50)
+    monkeypatch.setattr(runtime, "available_memory", lambda device="cpu": 2 ** 50)
     with pytest.raises(natural.NaturalDataError, match=r"need [\d.]+ GiB in the cache .* GiB free: free space there"):
         natural.training_images(n=10 ** 9, size=224, progress=False)
 
