@@ -89,7 +89,7 @@ def main() -> None:
     (Castling-ViT), separable (MobileViTv2 separable self-attention).
 
     \b
-    castle-convert [MODEL] --recipe quick|toy|distill-10ep|distill-30ep [--data ...] [--output ...]
+    castle-convert [MODEL] --recipe quick|quick-castling|toy|distill-10ep|distill-30ep [--data ...] [--output ...]
         runs the main job (the `distill` command, the default when no command is named).
     castle-convert inspect MODEL
         dry run: what would be converted, MACs before/after.
