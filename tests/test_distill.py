@@ -67,12 +67,16 @@ def teacher_dir(tmp_path_factory) -> Path:
 # -- recipes -------------------------------------------------------------------------------------
 
 def test_shipped_recipes_parse():
-    assert {"quick", "toy", "distill-10ep", "distill-30ep"} <= set(available())
-    r30, r10 = load_recipe("distill-30ep"), load_recipe("distill-10ep")
-    assert (r30.epochs, r10.epochs) == (30, 10) and r10.optim.batch_size == r30.optim.batch_size
-    assert r30.castling.anneal.end_epoch < r30.epochs, "a phase at gate 0 follows the anneal"
+    assert {"quick", "quick-castling", "toy", "distill-10ep", "distill-30ep"} <= set(available())
+    r30, r10, quick = load_recipe("distill-30ep"), load_recipe("distill-10ep"), load_recipe("quick")
+    assert r30.epochs == 30 and 0 < r30.castling.anneal.end_epoch < r30.epochs, "a phase at gate 0 follows the anneal"
+    assert {r.castling.kind for r in (r30, r10, quick)} == {"local_global"}        # the default form
+    # the CPU recipes: stage 1 only, on natural images, at every size the model will run at
+    assert (quick.epochs, r10.epochs) == (0, 0) and r10.transfer.steps > quick.transfer.steps > 0
+    assert quick.data.mix_list()[-1] == quick.data.resolution and r10.data.mix_list() == quick.data.mix_list()
+    assert load_recipe("quick-castling").castling.kind == "linear_angular"     # the Castling-ViT form's main job
     assert load_recipe("toy").model == "fmnist_vit"
-    assert load_recipe("quick").model == "dinov2_small" and load_recipe("quick").transfer.steps > 0
+    assert quick.model == "dinov2_small"
 
 
 def test_recipes_ship_inside_the_package():

@@ -73,7 +73,17 @@ KIND_NAMES = {   # kind -> (name in prose, paper, what every converted attention
 
 
 def _kind(config: dict) -> tuple[str, str, str]:
-    kind = (config.get("castling") or {}).get("kind", "linear_angular")
+    castling = config.get("castling") or {}
+    kind = castling.get("kind", "linear_angular")
+    if kind == "local_global":
+        b, r, g, t = (castling.get(k) for k in ("block", "halo", "pool", "topk"))
+        window = f"its {b}×{b} block" + (f" widened by {r}" if r else "")
+        exact = castling.get("exact_tokens") or 0
+        return ("local-global softmax attention", "castle-convert's `local_global` kind",
+                f"one exact softmax per patch query over {window}, the prefix tokens, the {t} tokens the CLS token "
+                f"attends to most and {g}×{g} pooled regions" +
+                (f" (plain softmax for images of up to {exact} tokens)" if exact else "") +
+                ": no N×N attention matrix")
     return KIND_NAMES.get(kind, (f"{kind} attention", "", "a linear attention"))
 
 
@@ -322,7 +332,8 @@ def render_card(config: dict, report: Optional[dict] = None, recipe_yaml: Option
     kept = list((report or {}).get("keep_softmax") or [])
     lines = [f"# {title}", "", MARKER, "",
              f"This {'backbone' if headless else 'image classifier'} is {origin}, converted with "
-             f"castle-convert to {_kind(config)[0]} ({_kind(config)[1]}) and distilled against the original "
+             f"castle-convert to {_kind(config)[0]}" + (f" ({_kind(config)[1]})" if _kind(config)[1] else "") +
+             " and distilled against the original "
              "model (the teacher). " + (
                  "Every softmax self-attention " if not kept else "A hybrid: ") +
              f"{'(' if not kept else ''}{len(config.get('converted_modules') or [])} modules"
