@@ -202,10 +202,12 @@ def _inspect_output(path: Path, img_size: Optional[int], as_json: bool) -> None:
     from castle_convert import adapters
     from castle_convert.config import CastlingConfig
     from castle_convert.convert import inspect
-    from castle_convert.export.load import full_source, read_config
+    from castle_convert.export.load import WEIGHTS_NAME, checked_config, full_source, read_config, weights_header
     from castle_convert.export.source import build_source
 
     config = read_config(path)
+    weights = path / WEIGHTS_NAME                # untrusted input: sizes bounded by the weights before anything is built
+    checked_config(config, weights_header(weights) if weights.is_file() else None, path / "config.json")
     with torch.device("meta"):
         source = build_source(full_source(config))
     if img_size is not None:

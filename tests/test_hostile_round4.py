@@ -288,8 +288,8 @@ def test_eval_batch_shrinks_to_what_fits(wallpapers, monkeypatch):
     seen = []
     real = fidelity.compare_batches
 
-    def recording(t, s, batches):
-        return real(t, s, (seen.append(len(x)) or (x, y) for x, y in batches))
+    def recording(t, s, batches, bar=None):
+        return real(t, s, (seen.append(len(x)) or (x, y) for x, y in batches), bar=bar)
     monkeypatch.setattr(fidelity, "compare_batches", recording)
     r = fidelity.measure(teacher, student, "natural", [64], max_images=5, latency=False, progress=False)
     assert r.rows[0].images == 5 and max(seen) == 2 and sum(seen) == 5

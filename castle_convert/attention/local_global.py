@@ -1,12 +1,13 @@
 """Local-global softmax attention: exact softmax over a sparse key pattern at linear cost.
 
 Every patch query attends, in one softmax, to the prefix tokens (CLS, registers), the keys of a local window
-(its b×b block of the patch grid widened by ``halo`` on each side) and G×G pooled regions of the grid, each
-region one key (the mean of its keys and values) whose logit carries ``+ log(n)``, n = the region's keys
-outside the window: the softmax mass the region would have if its keys were all equal. Prefix queries attend
+(its b×b block of the patch grid widened by ``halo`` on each side), the ``topk`` patch tokens the first prefix
+token (CLS) attends to most (per head) and G×G pooled regions of the grid, each region one key (the mean of its
+keys and values) whose logit carries ``+ log(n)``, n = the region's keys not already exact for the query (outside
+its window, not a top token): the softmax mass the region would have if its keys were all equal. Prefix queries attend
 to every key exactly. See :func:`castle_convert.attention.functional.local_global_attention` and
 ``docs/method.md`` (the per-layer study that chose it). Nothing is N×N at inference; the cost is
-O(N·((b + 2·halo)² + P + G²)·d) for fixed block, halo and G; on a grid of at most G×G patches the pattern is
+O(N·((b + 2·halo)² + P + topk + G²)·d) for fixed block, halo, topk and G; on a grid of at most G×G patches the pattern is
 exactly the teacher's softmax attention.
 
 **Training form: the masked softmax branch anneals to the pattern.** At gate ``g > 0`` the training form
