@@ -218,23 +218,12 @@ def build_checked(config: dict, header, file: Path, where: Union[str, Path]) -> 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
     """Strict load with an error that names ``file`` and the keys that do not fit."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    bad = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if bad:
-            k = bad[0]
-            parts.append(f"{len(bad)} with another shape (e.g. {k}: {tuple(state[k].shape)} in the file, "
-                         f"{tuple(own[k].shape)} in the model)")
-        raise CheckpointError(f"{file} does not fit the architecture in its config: " + "; ".join(parts) +
-                              ". The file and config.json come from different models, or the installed "
-                              "timm/transformers builds this architecture differently.")
+    from castle_convert.export.hub.castling_checks import ConfigCheckError, Header, check_shapes
+    try:                                        # the one shape check (hub/castling_checks.py), named after ``file``
+        check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                     Header({k: tuple(v.shape) for k, v in state.items()}), where=str(file))
+    except ConfigCheckError as e:
+        raise CheckpointError(str(e)) from None
     model.load_state_dict(state, strict=True)
 
 

@@ -203,9 +203,10 @@ class CastlingLocalGlobalAttention(_CastlingQKVAttention):
         super().__init__()
         self._init_qkv(dim, num_heads, head_dim, castling, qkv_bias, qk_norm_eps)
         self.scale = head_dim ** -0.5
-        self.block, self.halo, self.pool, self.topk = (int(castling.get("block", 4)), int(castling.get("halo", 2)),
-                                                       int(castling.get("pool", 8)), int(castling.get("topk", 0)))
-        self.exact_tokens = int(castling.get("exact_tokens", 0))
+        # defaults: castle_convert.config.CastlingConfig's (a config without these fields is the same model everywhere)
+        self.block, self.halo, self.pool, self.topk = (int(castling.get("block", 8)), int(castling.get("halo", 0)),
+                                                       int(castling.get("pool", 8)), int(castling.get("topk", 32)))
+        self.exact_tokens = int(castling.get("exact_tokens", 600))
         self._init_shared(dim, num_heads, head_dim, num_prefix_tokens, castling, proj_bias, dim_out,
                           out_norm_eps, gated, gate_bias)
 
