@@ -891,7 +891,15 @@ def test_backbone_directory_takes_a_classification_head(published, fid):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     inputs = dict(zip(("pixel_values", "pixel_attention_mask", "spatial_shapes"), hf_siglip2.patchify(x, c["patch"]))) \
         if c["naflex"] else {"pixel_values": x}
-    head = AutoModelForImageClassification.from_pretrained(c["dir"], trust_remote_code=True, num_labels=3).eval()
+    head, info = AutoModelForImageClassification.from_pretrained(c["dir"], trust_remote_code=True, num_labels=3,
+                                                                 output_loading_info=True)
+    head = head.eval()
+    new = dict(head.named_parameters())
+    assert info["missing_keys"] and all(k in new for k in info["missing_keys"]), info
+    for k in info["missing_keys"]:          # the new head is initialised (was: uninitialised memory, NaN at times)
+        w = new[k].detach()
+        assert torch.isfinite(w).all(), k
+        assert (0.005 < w.std() < 0.1) if k.endswith("weight") else not w.any(), (k, w)
     base = AutoModel.from_pretrained(c["dir"], trust_remote_code=True).eval()
     with torch.no_grad():
         out = head(**inputs, output_hidden_states=True)
