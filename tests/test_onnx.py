@@ -35,7 +35,10 @@ CASES = ["timm-deit-distilled", "hf-dinov2-registers", "timm-qknorm:separable", 
          "hf-clip-vision", "hf-siglip-vision:separable", "hf-dinov3:hybrid", "timm-eva02", "timm-rope-mixed:separable",
          "timm-dinov3", "timm-rope-mixed:hybrid",
          "timm-vit:hybrid", "hf-dinov2-registers:hybrid", "hf-siglip2-naflex", "hf-siglip2-naflex:separable",
-         "timm-naflexvit", "timm-naflexvit:hybrid"]
+         "timm-naflexvit", "timm-naflexvit:hybrid",
+         # the default kind (the tiny pattern of tests/conftest.py: halo 1, so overlapping windows, and top tokens)
+         "timm-vit:local_global", "hf-dinov2-registers:local_global", "hf-dinov3:local_global",
+         "hf-siglip2-naflex:local_global", "timm-naflexvit:local_global"]
 
 
 @pytest.mark.parametrize("fid", CASES)
@@ -75,19 +78,33 @@ def _dinov2(registers: bool):
 
 
 def test_export_onnx_default_is_dynamic_where_it_verifies(saved, tmp_path):
-    """The default takes any height/width where that verifies (transformers DINOv2: the main job's source), so the
-    graph runs on what the directory's processor produces at another size; where the source fixes its resolution in
-    the graph (DINOv2 with registers: antialiased interpolation), it falls back to the native size and says why."""
+    """The default takes any height/width where that verifies (transformers DINOv2 with local_global: the main job's
+    source and kind), so the graph runs on what the directory's processor produces at another size — with exact
+    softmax up to exact_tokens and the pattern above, as in PyTorch (was: the export failed on the pattern's
+    ``%``; a graph holding only the example's form would be wrong at the other sizes); where the source fixes its
+    resolution in the graph (DINOv2 with registers: antialiased interpolation), it falls back to the native size
+    and says why."""
     import onnxruntime as ort
-    d = cc.save_pretrained(cc.finalize(cc.convert(_dinov2(False)), force=True), tmp_path / "dinov2", verify=False)
+    from conftest import TINY_PATTERN
+    student = cc.convert(_dinov2(False), kind="local_global", **{**TINY_PATTERN, "exact_tokens": 20})
+    d = cc.save_pretrained(cc.finalize(student, force=True), tmp_path / "dinov2", verify=False)
     r = CliRunner().invoke(main, ["export-onnx", str(d), "-o", str(tmp_path / "d.onnx"), "--no-progress"])
     assert r.exit_code == 0, r.output
     assert "'height', 'width'" in r.output and "48x24" in r.output and "fixed" not in r.output
     session = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
-    x = torch.randn(1, 3, 56, 40)
-    with torch.no_grad():
-        ref = cc.load(d)(x).last_hidden_state
-    assert np.abs(session.run(None, {"pixel_values": x.numpy()})[0] - ref.numpy()).max() <= 1e-4
+    loaded = cc.load(d)
+    for hw in ((24, 24), (56, 40)):                    # 10 tokens: exact softmax; 36: the pattern
+        x = torch.randn(1, 3, *hw)
+        with torch.no_grad():
+            ref = loaded(x).last_hidden_state
+        assert np.abs(session.run(None, {"pixel_values": x.numpy()})[0] - ref.numpy()).max() <= 1e-4, hw
+    pattern_only = cc.load(d)
+    for m in pattern_only.modules():
+        if hasattr(m, "exact_tokens"):
+            m.exact_tokens = 0
+    x = torch.randn(1, 3, 24, 24)
+    with torch.no_grad():                              # the two forms differ at 10 tokens: the check can fail
+        assert (pattern_only(x).last_hidden_state - loaded(x).last_hidden_state).abs().max() > 1e-3
     r = CliRunner().invoke(main, ["export-onnx", str(saved["hf-dinov2-registers"]), "-o", str(tmp_path / "r.onnx"),
                                   "--no-progress"])
     assert r.exit_code == 0, r.output

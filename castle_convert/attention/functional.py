@@ -399,6 +399,25 @@ def _eager_inference(t: torch.Tensor) -> bool:
         and not (t.requires_grad and torch.is_grad_enabled())
 
 
+def _symbolic(n: int) -> bool:
+    """Whether ``n`` is a traced size (torch.export / torch.compile with dynamic shapes), not a number."""
+    return isinstance(n, torch.SymInt)
+
+
+@torch.jit.unused
+def _exact_or_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, num_prefix_tokens: int,
+                      grid: Optional[Tuple[int, int]], block: int, halo: int, pool: int, topk: int,
+                      exact_tokens: int) -> torch.Tensor:
+    """``N <= exact_tokens`` decided in the graph (``torch.cond``): plain softmax attention, or the pattern."""
+    def exact(q, k, v):                               # (a branch may not return a view of its inputs: clones)
+        return merge_heads(F.scaled_dot_product_attention(q, k, v, scale=scale)).clone()
+
+    def pattern(q, k, v):
+        return local_global_attention(q, k, v, scale, num_prefix_tokens, grid, block, halo, pool, topk, 0).clone()
+
+    return torch.cond(q.shape[2] <= exact_tokens, exact, pattern, (q.contiguous(), k.contiguous(), v.contiguous()))
+
+
 def local_global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, num_prefix_tokens: int,
                            grid: Optional[Tuple[int, int]], block: int, halo: int, pool: int, topk: int = 0,
                            exact_tokens: int = 0, token_mask: Optional[torch.Tensor] = None,
@@ -426,6 +445,10 @@ def local_global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
             exact = F.scaled_dot_product_attention(q, k, v, attn_mask=real[:, None, None, :], scale=scale)
             out = torch.where((real.sum(-1) <= exact_tokens).view(B, 1, 1, 1), exact, out)
         return merge_heads(out)
+    if exact_tokens > 0 and not torch.jit.is_scripting() and _symbolic(N):
+        # torch.export / torch.compile with a dynamic token count: both forms in the graph, chosen per call
+        # (an ONNX If) — never the one the example input took
+        return _exact_or_pattern(q, k, v, scale, num_prefix_tokens, grid, block, halo, pool, topk, exact_tokens)
     if N <= exact_tokens:                           # exact softmax is cheaper here, and is the teacher's form
         return merge_heads(F.scaled_dot_product_attention(q, k, v, scale=scale))
     P = num_prefix_tokens
@@ -466,8 +489,14 @@ def local_global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
         qb = (qb * scale).reshape(B * h * nb, bb, d)                                         # (B·h·nb, b², d)
     if r == 0:
         kv = buf[:, :, :, 1:].reshape(B, nbh, b, nbw, b, 2, h, d).permute(5, 0, 6, 1, 3, 2, 4, 7)
-    else:
+    elif not traced:
         kv = buf[:, :, :, 1:].unfold(1, w, b).unfold(2, w, b).permute(3, 0, 4, 1, 2, 6, 7, 5)   # (2, B, h, nbh, nbw, w, w, d)
+    else:                                           # overlapping windows gathered by index (ONNX exporters have no
+        off = torch.arange(w, device=q.device)      # unfold of a traced size)
+        wy = (torch.arange(nbh, device=q.device).unsqueeze(1) * b + off).reshape(-1)        # (nbh·w,)
+        wx = (torch.arange(nbw, device=q.device).unsqueeze(1) * b + off).reshape(-1)        # (nbw·w,)
+        kv = buf[:, :, :, 1:].index_select(1, wy).index_select(2, wx)                         # (B, nbh·w, nbw·w, 2, h, d)
+        kv = kv.reshape(B, nbh, w, nbw, w, 2, h, d).permute(5, 0, 6, 1, 3, 2, 4, 7)          # (2, B, h, nbh, nbw, w, w, d)
     kv = kv.reshape(2, B * h * nb, w * w, d)                                                 # (2, B·h·nb, w², d)
     # global keys: the prefix tokens, the top-k tokens, then the pooled regions (separable means: rows, columns)
     ry = (torch.arange(H, device=q.device) * Gh // H == torch.arange(Gh, device=q.device).unsqueeze(1)).to(q.dtype)
@@ -485,7 +514,8 @@ def local_global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
             idx = _top_tokens(lp[:, :, 0, P:], topk)                                         # (B, h, T)
             T = idx.shape[-1]
             parts.append(torch.stack([_gather_tokens(k[:, :, P:], idx), _gather_tokens(v[:, :, P:], idx)]))
-            ty, tx = idx // W, idx % W                                                       # (B, h, T)
+            ty = torch.div(idx, W, rounding_mode="floor")                                    # (B, h, T)
+            tx = idx - ty * W                               # (not idx % W: the ONNX exporter has no tensor % SymInt)
             i_y = torch.arange(nbh, device=q.device) * b
             i_x = torch.arange(nbw, device=q.device) * b
             in_y = (ty.unsqueeze(-1) >= i_y - r) & (ty.unsqueeze(-1) < i_y + b + r)          # (B, h, T, nbh)
