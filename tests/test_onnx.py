@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 import castle_convert as cc
 from castle_convert.cli import main
+from conftest import TINY_PATTERN
 from families import FAMILIES
 
 BY_ID = {f.id: f for f in FAMILIES}
@@ -26,7 +27,8 @@ def saved(tmp_path_factory):
         torch.manual_seed(0)
         keep = [1] if kind == "hybrid" else None               # a hybrid: the second layer stays softmax
         kind = "linear_angular" if kind in ("", "hybrid") else kind
-        model = cc.finalize(cc.convert(BY_ID[base].build(), kind=kind, keep_softmax=keep), force=True)
+        pattern = TINY_PATTERN if kind == "local_global" else {}      # explicit: built before the autouse fixture
+        model = cc.finalize(cc.convert(BY_ID[base].build(), kind=kind, keep_softmax=keep, **pattern), force=True)
         out[fid] = cc.save_pretrained(model, root / fid.replace(":", "-"), verify=False)
     return out
 

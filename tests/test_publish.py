@@ -63,7 +63,9 @@ def _subprocess(script: str, tmp: Path, *, block_castle: bool = False) -> dict:
 
 
 def _finalized(model, kind="linear_angular", keep_softmax=None):
-    return cc.finalize(cc.convert(model, kind=kind, keep_softmax=keep_softmax), force=True)
+    from conftest import TINY_PATTERN              # explicit: a module fixture is built before the autouse one applies
+    pattern = TINY_PATTERN if kind == "local_global" else {}
+    return cc.finalize(cc.convert(model, kind=kind, keep_softmax=keep_softmax, **pattern), force=True)
 
 
 # hybrid models (castling.keep_softmax): the second attention layer stays softmax
@@ -79,7 +81,8 @@ def published(tmp_path_factory):
     builds = [(f.id, f.build, f.size, f.hf, "linear_angular") for f in FAMILIES] + [
         ("fmnist_vit", lambda: zoo.create("fmnist_vit"), 28, False, "linear_angular")] + [
         (f"{f.id}-separable", f.build, f.size, f.hf, "separable") for f in FAMILIES if f.id in SEPARABLE_CASES] + [
-        (f"{f.id}-hybrid", f.build, f.size, f.hf, "linear_angular") for f in FAMILIES if f.id in HYBRID_CASES]
+        (f"{f.id}-hybrid", f.build, f.size, f.hf, "linear_angular") for f in FAMILIES if f.id in HYBRID_CASES] + [
+        (f"{f.id}-lg", f.build, f.size, f.hf, "local_global") for f in FAMILIES]     # the default kind, every family
     for fid, build, size, hf, kind in builds:
         torch.manual_seed(1)
         model = _finalized(build().eval(), kind, keep_softmax=[1] if fid.endswith("-hybrid") else None)
@@ -90,12 +93,12 @@ def published(tmp_path_factory):
         out = root / fid
         kw = dict(labels=FASHION_MNIST_CLASSES, report=REPORT, recipe="epochs: 2.5\n",
                   source={"builtin": "fmnist_vit"}) if fid == "fmnist_vit" else {}
-        base_id = fid.removesuffix("-separable").removesuffix("-hybrid")
+        base_id = _base(fid)
         remote = base_id not in NO_REMOTE_CODE
         cc.save_pretrained(model, out, remote_code=remote, **kw)
         gen = torch.Generator().manual_seed(7)
         x = torch.randn(3, 3, size, size, generator=gen)
-        base_id = fid.removesuffix("-separable").removesuffix("-hybrid")
+        base_id = _base(fid)
         p = FAMILIES[0].patch if fid == "fmnist_vit" else next(f.patch for f in FAMILIES if f.id == base_id)
         x2 = torch.randn(2, 3, 5 * p, 6 * p, generator=gen)          # non-square, not the native size
         with torch.no_grad():
@@ -242,7 +245,12 @@ NO_TIMM_ROUTE: set[str] = set()
 
 
 def _base(fid: str) -> str:
-    return fid.removesuffix("-separable").removesuffix("-hybrid")
+    """The family of a published case: ``timm-vit-separable`` / ``-hybrid`` / ``-lg`` (local_global) -> ``timm-vit``."""
+    return fid.removesuffix("-separable").removesuffix("-hybrid").removesuffix("-lg")
+
+
+def _kind(fid: str) -> str:
+    return "separable" if fid.endswith("-separable") else "local_global" if fid.endswith("-lg") else "linear_angular"
 
 
 def test_route_timm_transformers_sources(published, tmp_path):
@@ -259,7 +267,8 @@ def test_route_timm_transformers_sources(published, tmp_path):
         from safetensors.torch import load_file
         out = {{}}
         for fid, c in json.load(open({str(root / 'cases.json')!r})).items():
-            if not c["hf"] or fid.removesuffix("-separable").removesuffix("-hybrid") in {sorted(NO_TIMM_ROUTE)!r}:
+            if not c["hf"] or fid.removesuffix("-separable").removesuffix("-hybrid").removesuffix("-lg") in \
+                    {sorted(NO_TIMM_ROUTE)!r}:
                 continue
             arch = json.load(open(c["dir"] + "/config.json"))["architecture"]
             t = load_file(c["ref"])
@@ -279,12 +288,12 @@ def test_route_timm_transformers_sources(published, tmp_path):
     """, tmp_path)
     assert set(diffs) == {f for f, c in cases.items() if c["hf"] and _base(f) not in NO_TIMM_ROUTE}
     assert all(v[2] <= TOL for v in diffs.values()), diffs
-    archs = {fid.removesuffix("-separable").removesuffix("-hybrid"): v[:2] for fid, v in diffs.items()}
+    archs = {_base(fid): v[:2] for fid, v in diffs.items()}
     assert archs["hf-clip-vision"] == ["castle_vit_base_patch16_clip_quickgelu_224", "GridVisionTransformer"]
     assert archs["hf-siglip-vision"] == ["castle_vit_base_patch16_siglip_224", "GridVisionTransformer"]
     assert archs["hf-dinov3"] == ["castle_vit_small_patch16_dinov3", "GridEva"]
     assert archs["hf-siglip2-naflex"] == ["castle_naflexvit_base_patch16_siglip", "GridNaFlexVit"]
-    assert {"hf-siglip2-naflex-separable", "hf-siglip2-naflex-hybrid"} <= set(diffs)
+    assert {"hf-siglip2-naflex-separable", "hf-siglip2-naflex-hybrid", "hf-siglip2-naflex-lg"} <= set(diffs)
     print("timm (transformers sources) max |Δ|:", diffs)
 
 
@@ -319,14 +328,14 @@ def test_eva_remote_code_is_written_and_names_timm(published):
     the per-layer facts under timm_eva, no ViT geometry; the card says the remote code needs timm."""
     _, cases = published
     for fid, c in cases.items():
-        if fid.removesuffix("-separable").removesuffix("-hybrid") not in EVA_CASES:
+        if _base(fid) not in EVA_CASES:
             continue
         cfg = json.loads((Path(c["dir"]) / "config.json").read_text())
         family = "Model" if c["headless"] else "ForImageClassification"
         assert cfg["architectures"] == [f"CastlingTimmEva{family}"], fid
         assert cfg["auto_map"]["AutoModel"] == "modeling_castling_timm.CastlingTimmEvaModel", fid
         assert "timm_vit" not in cfg and set(cfg["timm_eva"]["layers"]) == set(cfg["converted_modules"]), fid
-        assert cfg["castling"]["kind"] == ("separable" if fid.endswith("-separable") else "linear_angular"), fid
+        assert cfg["castling"]["kind"] == _kind(fid), fid
         assert len(cfg["converted_modules"]) == (1 if fid.endswith("-hybrid") else 2), fid
         assert "pip install timm" in (Path(c["dir"]) / "README.md").read_text(), fid
 
