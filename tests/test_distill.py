@@ -27,7 +27,9 @@ from castle_convert.run import format_table, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["epochs=2", "optim.batch_size=8", "optim.warmup_epochs=0.5", "castling.anneal.end_epoch=1", "transfer.steps=0",
-            "save_every=2", "log_every=1", "eval_every=1", "data.workers=0", "data.augmentation=light"]
+            "save_every=2", "log_every=1", "eval_every=1", "data.workers=0", "data.augmentation=light",
+            # the fidelity block, cheap: one size, two held-out photos, no latency (tests/test_fidelity.py: the whole block)
+            "fidelity.resolutions=32", "fidelity.max_images=2", "fidelity.latency=false"]
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -303,8 +305,13 @@ def _run(model_dir, folder, out, extra=(), **kw):
 
 def test_run_writes_complete_output_and_refuses_overwrite(teacher_dir, image_folder, tmp_path):
     out = tmp_path / "out"
-    result = _run(teacher_dir, image_folder, out)
+    default_block = ["fidelity.resolutions=224,448,518", "fidelity.latency=true"]     # the recipe's own block at its
+    result = _run(teacher_dir, image_folder, out, default_block)                       # resolutions, 2 photos each
     files = sorted(p.name for p in out.iterdir())
+    block = json.loads((out / "report.json").read_text())["fidelity"]
+    assert block["data"] == "natural" and [r["resolution"] for r in block["rows"]] == [224, 448, 512]
+    assert all(r["images"] == 2 and r["teacher_ms"] > 0 and r["student_ms"] > 0 for r in block["rows"]), block
+    assert "fidelity.png" in files and "](fidelity.png)" in (out / "README.md").read_text()
     assert {"model.safetensors", "config.json", "recipe.yaml", "report.json", "logs"} <= set(files)
     assert {"README.md", "preprocessor_config.json", "modeling_castling.py"} <= set(files), "publishable"
     x = torch.randn(2, 3, 32, 32)

@@ -64,9 +64,11 @@ def skip_unsupported(family, route: str) -> None:
         pytest.skip(f"the original {family.id} fails {route} too: {why}")
 
 
-def final_model(family, kind: str) -> torch.nn.Module:
+def final_model(family, kind: str, layers: int = 2) -> torch.nn.Module:
+    """The inference form of ``family`` (``layers=1`` where only the traced code matters: torch.export / compile /
+    ONNX trace every layer, at a cost that grows with the depth)."""
     torch.manual_seed(0)
-    model = cc.finalize(cc.convert(family.build(), kind=kind), force=True).eval()
+    model = cc.finalize(cc.convert(family.build(layers=layers), kind=kind), force=True).eval()
     with torch.no_grad():                       # non-trivial converted parameters (γ, DW, separable gains)
         for name, p in model.named_parameters():
             if "dw.conv" in name or "relu_gain" in name:
@@ -116,6 +118,7 @@ TIMM_FAMILIES = pytest.mark.parametrize("family", TIMM, ids=[f.id for f in TIMM]
 
 
 @TIMM_FAMILIES
+@pytest.mark.covering
 def test_forward_torchscript(family, kind):
     skip_unsupported(family, "torchscript")
     model = final_model(family, kind)
@@ -127,6 +130,7 @@ def test_forward_torchscript(family, kind):
 
 
 @TIMM_FAMILIES
+@pytest.mark.covering
 def test_forward_fx(family, kind):
     skip_unsupported(family, "fx")
     model = final_model(family, kind)
@@ -138,6 +142,7 @@ def test_forward_fx(family, kind):
 
 
 @TIMM_FAMILIES
+@pytest.mark.covering
 def test_backward_fx(family, kind):
     skip_unsupported(family, "fx")
     model = final_model(family, kind).train()
@@ -155,6 +160,7 @@ def test_backward_fx(family, kind):
 
 
 @TIMM_FAMILIES
+@pytest.mark.covering
 def test_forward_fx_torchscript(family, kind):
     skip_unsupported(family, "fx")
     skip_unsupported(family, "fx-torchscript")
@@ -166,6 +172,7 @@ def test_forward_fx_torchscript(family, kind):
 
 
 @TIMM_FAMILIES
+@pytest.mark.covering
 def test_forward_intermediates_and_features_only(family, kind):
     """timm's test_model_forward_intermediates: NCHW intermediates on the input's (non-square) grid, final
     output == forward_features, and the same with gradient checkpointing."""
@@ -210,6 +217,7 @@ def test_castle_arch_passes_timm_generic_checks(kind):
 # -- torchvision feature extraction ----------------------------------------------------------------
 
 @TIMM_FAMILIES
+@pytest.mark.covering
 def test_torchvision_feature_extractor_intermediate_node(family, kind):
     skip_unsupported(family, "fx")
     from torchvision.models.feature_extraction import create_feature_extractor
@@ -240,9 +248,10 @@ class _Tensor(torch.nn.Module):
         return out(self.family, self.model, x)
 
 
+@pytest.mark.covering
 def test_export_dynamic_height_width(family, kind):
     skip_unsupported(family, "dynamic-size")
-    model = final_model(family, kind)
+    model = final_model(family, kind, layers=1)
     Dim = torch.export.Dim
     shapes = ({0: Dim("b", min=1, max=8), 2: family.patch * Dim("rows", min=2, max=16),
                3: family.patch * Dim("cols", min=2, max=16)},)
@@ -276,6 +285,7 @@ def test_export_dynamic_height_width_transformers_dinov2(kind):
 COMPILE_CASES = ["timm-vit", "timm-deit-distilled", "hf-vit", "hf-dinov2-registers"]
 
 
+@pytest.mark.covering
 @pytest.mark.parametrize("fid", COMPILE_CASES)
 def test_compile_dynamic_across_resolutions(fid, kind):
     """torch.compile(dynamic=True, fullgraph=True): eager's outputs at every resolution, square or not. A
@@ -283,7 +293,7 @@ def test_compile_dynamic_across_resolutions(fid, kind):
     message, which specialises each size (the original recompiles per resolution just the same)."""
     from torch._dynamo.testing import CompileCounterWithBackend
     family = BY_ID[fid]
-    model = final_model(family, kind)
+    model = final_model(family, kind, layers=1)
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(_Tensor(family, model), backend=counter, dynamic=True, fullgraph=True)
@@ -297,7 +307,9 @@ def test_compile_dynamic_across_resolutions(fid, kind):
         assert frames[-1] == frames[0], f"recompiled across resolutions: frame counts {frames}"
 
 
-ONNX_CASES = ["timm-vit:linear_angular", "timm-deit3:separable", "hf-vit:separable", "hf-deit:linear_angular"]
+# the other two in the slow lane: timm and transformers, both kinds, stay in the fast one
+ONNX_CASES = ["timm-vit:linear_angular", pytest.param("timm-deit3:separable", marks=pytest.mark.slow),
+              "hf-vit:separable", pytest.param("hf-deit:linear_angular", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("case", ONNX_CASES)
@@ -307,7 +319,7 @@ def test_onnx_dynamic_resolution(case, tmp_path):
     from castle_convert.export.onnx import export_onnx
     fid, kind = case.split(":")
     family = BY_ID[fid]
-    model = final_model(family, kind)
+    model = final_model(family, kind, layers=1)
     directory = cc.save_pretrained(model, tmp_path / "m", verify=False)
     result = export_onnx(directory, tmp_path / "m.onnx", dynamic_size=True, atol=1e-5)
     assert result.ok and len(result.checked_shapes) == 2
@@ -331,7 +343,7 @@ def test_remote_code_scripts_and_exports_at_any_size(case, tmp_path):
     from castle_convert.export.save import hub_model
     fid, kind = case.split(":")
     family = BY_ID[fid]
-    model = final_model(family, kind)
+    model = final_model(family, kind, layers=1)
     directory = cc.save_pretrained(model, tmp_path / "d", verify=False)
     config = json.loads((directory / "config.json").read_text())
     hub = hub_model(config, read_safetensors(directory / "model.safetensors")[0])
