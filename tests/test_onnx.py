@@ -70,10 +70,10 @@ def test_export_onnx_fails_above_tolerance(saved, tmp_path, monkeypatch):
     assert "FAILED" in r.output and "Error: onnxruntime output differs from PyTorch: max abs difference 0.001" in r.output
 
 
-def _dinov2(registers: bool):
+def _dinov2(registers: bool, layers: int = 2):
     import transformers
     torch.manual_seed(0)
-    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8, mlp_ratio=2)
+    kw = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, image_size=32, patch_size=8, mlp_ratio=2)
     if registers:
         return transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(num_register_tokens=2, **kw))
     return transformers.Dinov2Model(transformers.Dinov2Config(**kw)).eval()
@@ -88,7 +88,7 @@ def test_export_onnx_default_is_dynamic_where_it_verifies(saved, tmp_path):
     and says why."""
     import onnxruntime as ort
     from conftest import TINY_PATTERN
-    student = cc.convert(_dinov2(False), kind="local_global", **{**TINY_PATTERN, "exact_tokens": 20})
+    student = cc.convert(_dinov2(False, layers=1), kind="local_global", **{**TINY_PATTERN, "exact_tokens": 20})
     d = cc.save_pretrained(cc.finalize(student, force=True), tmp_path / "dinov2", verify=False)
     r = CliRunner().invoke(main, ["export-onnx", str(d), "-o", str(tmp_path / "d.onnx"), "--no-progress"])
     assert r.exit_code == 0, r.output
