@@ -24,12 +24,12 @@ from castle_convert.distill.schedule import AnnealSchedule
 from castle_convert.export.save import OutputExistsError
 from castle_convert.recipes import AnnealSection, RecipeError, available, load_recipe
 from castle_convert.run import format_table, run
+from test_hostile import CHEAP_FIDELITY
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["epochs=2", "optim.batch_size=8", "optim.warmup_epochs=0.5", "castling.anneal.end_epoch=1", "transfer.steps=0",
             "save_every=2", "log_every=1", "eval_every=1", "data.workers=0", "data.augmentation=light",
-            # the fidelity block, cheap: one size, two held-out photos, no latency (tests/test_fidelity.py: the whole block)
-            "fidelity.resolutions=32", "fidelity.max_images=2", "fidelity.latency=false"]
+            *CHEAP_FIDELITY]
 
 
 # -- fixtures ------------------------------------------------------------------------------------

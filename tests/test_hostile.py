@@ -29,10 +29,12 @@ import castle_convert as cc
 from castle_convert.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+# the fidelity block, cheap: one size, two held-out photos, no latency (tests/test_fidelity.py: the whole block;
+# test_distill.py: the recipe's own in a run)
+CHEAP_FIDELITY = ["fidelity.resolutions=32", "fidelity.max_images=2", "fidelity.latency=false"]
 TINY_RUN = ["epochs=2", "optim.batch_size=8", "optim.warmup_epochs=0.5", "castling.anneal.end_epoch=1",
             "transfer.steps=0", "save_every=2", "log_every=1", "eval_every=1", "data.workers=0",
-            # the fidelity block, cheap: one size, two held-out photos, no latency (tests/test_fidelity.py: the whole block)
-            "fidelity.resolutions=32", "fidelity.max_images=2", "fidelity.latency=false"]
+            *CHEAP_FIDELITY]
 TINY_ARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
 
 

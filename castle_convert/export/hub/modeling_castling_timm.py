@@ -429,14 +429,11 @@ class CastlingTimmEvaPreTrainedModel(_StrictLoading, PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Freshly built (not loaded) parts: castling modules as for timm ViTs, and a new classifier (a backbone's
-        directory loaded with ``num_labels=N``; transformers leaves unloaded weights as uninitialised memory, NaN
-        included); timm's non-persistent buffers (RoPE tables, EvaAttention's zero k_bias) recomputed, as
-        transformers' TimmWrapperModel does."""
-        heads = [getattr(self, n, None) for n in ("head", "head_dist")]
-        if isinstance(module, (CastlingAttention, CastlingSeparableAttention, _DWConv)) or \
-                (isinstance(module, nn.Linear) and any(module is h for h in heads)):
-            _init_castling_weights(module)
+        """Freshly built (not loaded) parts, as for timm ViTs: linear, conv and norm layers and castling modules —
+        a new classifier too (a backbone's directory loaded with ``num_labels=N``; transformers leaves unloaded
+        weights as uninitialised memory, NaN included); timm's non-persistent buffers (RoPE tables, EvaAttention's
+        zero k_bias) recomputed, as transformers' TimmWrapperModel does."""
+        _init_castling_weights(module)
         if hasattr(module, "init_non_persistent_buffers"):
             module.init_non_persistent_buffers()
 
